@@ -1,0 +1,232 @@
+"""Tokenizers: the project's small offline tokenizer, loading from a local directory, and the frozen id table.
+
+Real Qwen3-VL tokenizers come from a local HF directory (no hub access). For tests and the demo the project
+builds its own small byte-level BPE tokenizer with the Qwen chat/vision special tokens, the `tags` protocol
+tokens and the 1001 coordinate tokens, laid out as in the real expanded tokenizer: the wildcard `<|coord_*|>`
+directly after the base vocabulary, then `<|coord_0|>`..`<|coord_999|>` contiguous
+(`../shared/reference/coordexp_method.md` §1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+NUM_BINS = 1000
+COORD_WILDCARD = "<|coord_*|>"
+
+# Qwen special tokens that the chat format and the vision placeholders use (ids from the tokenizer, never hard-coded).
+QWEN_SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+# Special tokens of the `tags` protocol (coordexp_method.md §3).
+TAG_TOKENS = ("<obj>", "</obj>", "<desc>", "</desc>", "<box>", "</box>")
+
+SMALL_TOKENIZER_DIR = os.path.join(os.path.dirname(__file__), "assets", "small_tokenizer")
+
+
+def coord_token(k: int) -> str:
+    """The text of coordinate token k (0 <= k < 1000)."""
+    return f"<|coord_{k}|>"
+
+
+def coord_tokens() -> list[str]:
+    """All 1001 coordinate tokens in id order: the wildcard, then bins 0..999."""
+    return [COORD_WILDCARD] + [coord_token(k) for k in range(NUM_BINS)]
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenIds:
+    """Ids of every special token the project uses, looked up once from a tokenizer.
+
+    `coord_start` is the id of `<|coord_0|>`; bin k has id `coord_start + k` (contiguous by construction and
+    checked in `token_ids_from_tokenizer`), so coordinate logits are the static slice
+    `logits[..., coord_start:coord_start + 1000]`.
+    """
+
+    vocab_size: int
+    endoftext: int
+    im_start: int
+    im_end: int
+    vision_start: int
+    vision_end: int
+    image_pad: int
+    video_pad: int
+    coord_wildcard: int
+    coord_start: int
+    num_bins: int = NUM_BINS
+    # `tags` protocol tokens; -1 where the tokenizer lacks them (then the tags protocol is unavailable).
+    obj_open: int = -1
+    obj_close: int = -1
+    desc_open: int = -1
+    desc_close: int = -1
+    box_open: int = -1
+    box_close: int = -1
+
+    @property
+    def pad(self) -> int:
+        return self.endoftext
+
+    @property
+    def eos(self) -> int:
+        """End of an assistant turn (the stop token of rollouts)."""
+        return self.im_end
+
+    @property
+    def coord_end(self) -> int:
+        """One past the id of `<|coord_999|>`."""
+        return self.coord_start + self.num_bins
+
+    def coord_id(self, k):
+        """Token id of bin k (int or array)."""
+        return self.coord_start + k
+
+    def is_coord(self, ids):
+        """True where ids are bin tokens `<|coord_0|>`..`<|coord_999|>` (the wildcard is not a bin)."""
+        ids = np.asarray(ids)
+        return (ids >= self.coord_start) & (ids < self.coord_end)
+
+    def bin_of(self, ids):
+        """Bin index of coordinate token ids (undefined for other ids)."""
+        return np.asarray(ids) - self.coord_start
+
+    @property
+    def has_tags(self) -> bool:
+        return min(self.obj_open, self.obj_close, self.desc_open, self.desc_close, self.box_open, self.box_close) >= 0
+
+
+def _vocab_id(tokenizer, token: str, *, required: bool = True) -> int:
+    tid = tokenizer.convert_tokens_to_ids(token)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if tid is None or (unk is not None and tid == unk and token != tokenizer.unk_token):
+        if required:
+            raise ValueError(f"tokenizer has no token {token!r}")
+        return -1
+    return int(tid)
+
+
+def token_ids_from_tokenizer(tokenizer) -> TokenIds:
+    """Looks up every special id; raises naming the token if one is missing or the coord ids are not contiguous."""
+    ids = {k: _vocab_id(tokenizer, t) for k, t in (
+        ("endoftext", "<|endoftext|>"), ("im_start", "<|im_start|>"), ("im_end", "<|im_end|>"),
+        ("vision_start", "<|vision_start|>"), ("vision_end", "<|vision_end|>"),
+        ("image_pad", "<|image_pad|>"), ("video_pad", "<|video_pad|>"))}
+    wildcard = _vocab_id(tokenizer, COORD_WILDCARD)
+    bins = np.array([_vocab_id(tokenizer, coord_token(k)) for k in range(NUM_BINS)])
+    if not np.array_equal(bins, bins[0] + np.arange(NUM_BINS)):
+        raise ValueError("coordinate tokens <|coord_0|>..<|coord_999|> do not form one contiguous id range")
+    tags = {k: _vocab_id(tokenizer, t, required=False) for k, t in zip(
+        ("obj_open", "obj_close", "desc_open", "desc_close", "box_open", "box_close"), TAG_TOKENS)}
+    return TokenIds(vocab_size=len(tokenizer), coord_wildcard=wildcard, coord_start=int(bins[0]), **ids, **tags)
+
+
+def load_tokenizer(path: str):
+    """Loads a tokenizer from a local directory (HF layout). Never touches the network."""
+    from transformers import AutoTokenizer
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"tokenizer directory not found: {path}")
+    if not any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json")):
+        raise FileNotFoundError(f"no tokenizer files (tokenizer.json / vocab.json) in {path}")
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def add_coord_tokens(tokenizer, *, with_tags: bool = False) -> int:
+    """Adds the wildcard and the 1000 bin tokens (and optionally the tag tokens) as special tokens.
+
+    Returns the number of tokens added. Tokens already present are not added twice.
+    """
+    new = [t for t in coord_tokens() if t not in tokenizer.get_vocab()]
+    if with_tags:
+        new += [t for t in TAG_TOKENS if t not in tokenizer.get_vocab()]
+    return tokenizer.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False) if new else 0
+
+
+def _default_corpus() -> list[str]:
+    """Text the small tokenizer is trained on: the words of prompts, referring phrases and the JSON protocol."""
+    colours = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black", "cyan", "magenta", "gray", "brown"]
+    shapes = ["circle", "square", "triangle", "star", "cross", "ring", "diamond", "hexagon", "ellipse", "rectangle"]
+    sizes = ["small", "large", "big", "tiny", "medium"]
+    rel = ["left", "right", "top", "bottom", "leftmost", "rightmost", "topmost", "lowest", "largest", "smallest"]
+    lines = []
+    for c in colours:
+        for s in shapes:
+            lines.append(f'{{"objects": [{{"desc": "{c} {s}", "bbox_2d": [')
+            for z in sizes:
+                lines.append(f"the {z} {c} {s}")
+            for r in rel:
+                lines.append(f"the {r} {c} {s}")
+    lines += [
+        "system\nYou are a helpful assistant.",
+        "user\nDetect all objects in the image. Answer in JSON.",
+        "Locate every object in the image and output its bounding box.",
+        "Find the object described by the phrase and give its bounding box: ",
+        "Count the objects of this category in the image: ",
+        "How many are there? Point to each one.",
+        "assistant\n",
+        '{"objects": []}',
+        '{"count": 0123456789, "points": [',
+        "person cat dog car bus bicycle chair table bottle cup bird horse sheep cow",
+        "the man on the left holding a cup, a woman riding a bike, people, objects, image, photo",
+        "0 1 2 3 4 5 6 7 8 9 10 100 1000 , . : ; ! ? ' \" ( ) [ ] { } - _ / \\ + = * & % $ # @",
+    ]
+    return lines
+
+
+def build_small_tokenizer(out_dir: str | None = None, *, corpus: Iterable[str] | None = None, base_vocab_size: int = 640):
+    """Builds the project's small byte-level BPE tokenizer (deterministic) and returns it as a
+    `transformers.PreTrainedTokenizerFast`; saves it to `out_dir` when given.
+
+    Layout: byte-level BPE base tokens, then the Qwen specials, the tag tokens, `<|coord_*|>` and
+    `<|coord_0|>`..`<|coord_999|>` (contiguous).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=base_vocab_size, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[])
+    tok.train_from_iterator(list(corpus if corpus is not None else _default_corpus()), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        additional_special_tokens=list(QWEN_SPECIAL_TOKENS) + list(TAG_TOKENS) + coord_tokens(),
+        clean_up_tokenization_spaces=False)
+    token_ids_from_tokenizer(fast)  # validates the layout
+    if out_dir is not None:
+        os.makedirs(out_dir, exist_ok=True)
+        fast.save_pretrained(out_dir)
+    return fast
+
+
+def small_tokenizer():
+    """The project's small tokenizer as shipped in `coordexp_jax/data/assets/small_tokenizer`."""
+    return load_tokenizer(SMALL_TOKENIZER_DIR)
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Token ids of plain text with no BOS/EOS added. Special-token strings inside `text` map to their ids."""
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def decode_ids(tokenizer, ids: Sequence[int]) -> str:
+    """Text of token ids, special tokens kept verbatim."""
+    return tokenizer.decode([int(i) for i in ids], skip_special_tokens=False, clean_up_tokenization_spaces=False)
