@@ -1,0 +1,206 @@
+"""Evaluation metrics with the field's own tools (coordexp_method.md §9).
+
+Detection: COCO mAP / AP50 / AP75 with pycocotools under two score rules (VLM answers carry no scores):
+`constant` (every box scores 1.0; AP then depends on emission order) and `logprob` (exp of the mean log-prob of
+the box's four coordinate tokens, CoordExp's rule). Also F1 at IoU 0.5 with greedy 1:1 matching, and the answer
+health rates: parse failures, invalid boxes, duplicates (IoU > 0.9 with an earlier box of the same desc).
+Grounding: Acc@0.5 with IoU >= 0.5. Counting: MAE and RMSE.
+
+All boxes here are in pixels of the original image, (x1, y1, x2, y2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+SCORE_RULES = ("constant", "logprob")
+
+
+@dataclasses.dataclass
+class PredObject:
+    desc: str
+    bbox: tuple[float, float, float, float]  # pixels, xyxy
+    score: float = 1.0  # exp(mean log-prob of the 4 coordinate tokens)
+
+
+@dataclasses.dataclass
+class ImageResult:
+    """Ground truth and prediction for one image."""
+
+    image_id: int
+    width: int
+    height: int
+    gt: list[PredObject]
+    pred: list[PredObject]
+    parsed: bool = True  # False when the answer could not be parsed at all
+
+
+def box_iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of every pair, [N,4] x [M,4] -> [N,M] (boxes xyxy, pixels; zero-area boxes give 0)."""
+    a = np.asarray(a, np.float64).reshape(-1, 4)
+    b = np.asarray(b, np.float64).reshape(-1, 4)
+    ix1 = np.maximum(a[:, None, 0], b[None, :, 0])
+    iy1 = np.maximum(a[:, None, 1], b[None, :, 1])
+    ix2 = np.minimum(a[:, None, 2], b[None, :, 2])
+    iy2 = np.minimum(a[:, None, 3], b[None, :, 3])
+    inter = np.clip(ix2 - ix1, 0, None) * np.clip(iy2 - iy1, 0, None)
+    area_a = np.clip(a[:, 2] - a[:, 0], 0, None) * np.clip(a[:, 3] - a[:, 1], 0, None)
+    area_b = np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+
+
+def is_valid_box(box: Sequence[float], width: int, height: int) -> bool:
+    """A box is valid when finite, x2 > x1, y2 > y1, and inside the image (1 px slack for rounding)."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+        return False
+    return x2 > x1 and y2 > y1 and x1 >= -1 and y1 >= -1 and x2 <= width + 1 and y2 <= height + 1
+
+
+def duplicate_count(objects: Sequence[PredObject], iou_threshold: float = 0.9) -> int:
+    """Objects whose box has IoU > threshold with an EARLIER box of the same desc."""
+    dup = 0
+    for i, o in enumerate(objects):
+        earlier = [p.bbox for p in objects[:i] if p.desc == o.desc]
+        if earlier and box_iou_matrix(np.array([o.bbox]), np.array(earlier)).max() > iou_threshold:
+            dup += 1
+    return dup
+
+
+def greedy_match_f1(results: Sequence[ImageResult], iou_threshold: float = 0.5, match_desc: bool = True) -> dict:
+    """Precision/recall/F1 with greedy 1:1 matching per image: pairs taken in order of decreasing IoU.
+
+    A pair counts when IoU >= threshold (and descs are equal when `match_desc`).
+    """
+    tp = n_pred = n_gt = 0
+    for r in results:
+        n_pred += len(r.pred)
+        n_gt += len(r.gt)
+        if not r.pred or not r.gt:
+            continue
+        iou = box_iou_matrix(np.array([p.bbox for p in r.pred]), np.array([g.bbox for g in r.gt]))
+        if match_desc:
+            same = np.array([[p.desc == g.desc for g in r.gt] for p in r.pred])
+            iou = np.where(same, iou, -1.0)
+        used_p, used_g = set(), set()
+        order = np.argsort(-iou, axis=None, kind="stable")
+        for flat in order:
+            i, j = divmod(int(flat), iou.shape[1])
+            if iou[i, j] < iou_threshold:
+                break
+            if i in used_p or j in used_g:
+                continue
+            used_p.add(i)
+            used_g.add(j)
+            tp += 1
+    precision = tp / n_pred if n_pred else 0.0
+    recall = tp / n_gt if n_gt else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1, "tp": tp, "n_pred": n_pred, "n_gt": n_gt}
+
+
+def to_coco(results: Sequence[ImageResult], categories: Sequence[str], score_rule: str = "logprob"):
+    """COCO ground-truth dict and detection list. Predictions whose desc is not a category are left out
+    (counted in the returned `unknown_desc`)."""
+    if score_rule not in SCORE_RULES:
+        raise ValueError(f"score_rule must be one of {SCORE_RULES}, got {score_rule!r}")
+    cat_id = {name: i + 1 for i, name in enumerate(categories)}
+    images, anns, dets = [], [], []
+    unknown = 0
+    for r in results:
+        images.append({"id": int(r.image_id), "width": int(r.width), "height": int(r.height)})
+        for g in r.gt:
+            if g.desc not in cat_id:
+                raise ValueError(f"ground-truth desc {g.desc!r} of image {r.image_id} is not in the categories")
+            x1, y1, x2, y2 = (float(v) for v in g.bbox)
+            anns.append({"id": len(anns) + 1, "image_id": int(r.image_id), "category_id": cat_id[g.desc],
+                         "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
+        for p in r.pred:
+            if p.desc not in cat_id:
+                unknown += 1
+                continue
+            x1, y1, x2, y2 = (float(v) for v in p.bbox)
+            score = 1.0 if score_rule == "constant" else float(p.score)
+            # An inverted box would get a negative area, which pycocotools treats as outside every area range and
+            # so IGNORES instead of counting a false positive: give it zero size (IoU 0, a false positive).
+            dets.append({"image_id": int(r.image_id), "category_id": cat_id[p.desc],
+                         "bbox": [x1, y1, max(x2 - x1, 0.0), max(y2 - y1, 0.0)], "score": score})
+    gt = {"images": images, "annotations": anns,
+          "categories": [{"id": i, "name": n} for n, i in cat_id.items()]}
+    return gt, dets, unknown
+
+
+def coco_map(results: Sequence[ImageResult], categories: Sequence[str], score_rule: str = "logprob") -> dict:
+    """COCO bbox mAP, AP50, AP75 (pycocotools, maxDets 100, area 'all') under one score rule."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    gt_dict, dets, unknown = to_coco(results, categories, score_rule)
+    out = {"unknown_desc": unknown, "num_dets": len(dets)}
+    if not gt_dict["annotations"] or not dets:
+        return {**out, "AP": 0.0, "AP50": 0.0, "AP75": 0.0}
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO()
+        gt.dataset = gt_dict
+        gt.createIndex()
+        dt = gt.loadRes(dets)
+        ev = COCOeval(gt, dt, "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    # pycocotools reports -1 where a category has no ground truth at all; stats[0..2] = AP, AP50, AP75.
+    ap, ap50, ap75 = (max(float(s), 0.0) for s in ev.stats[:3])
+    return {**out, "AP": ap, "AP50": ap50, "AP75": ap75}
+
+
+def detection_metrics(results: Sequence[ImageResult], categories: Sequence[str]) -> dict:
+    """Everything the detection evaluation reports: mAP under both score rules, F1@0.5 and the health rates."""
+    n_pred = sum(len(r.pred) for r in results)
+    out = {}
+    for rule in SCORE_RULES:
+        m = coco_map(results, categories, rule)
+        out.update({f"{k}_{rule}": v for k, v in m.items() if k in ("AP", "AP50", "AP75")})
+        out["unknown_desc_rate"] = m["unknown_desc"] / n_pred if n_pred else 0.0
+    f1 = greedy_match_f1(results)
+    out.update({"f1@0.5": f1["f1"], "precision@0.5": f1["precision"], "recall@0.5": f1["recall"]})
+    out["parse_failure_rate"] = sum(not r.parsed for r in results) / len(results) if results else 0.0
+    invalid = sum(not is_valid_box(p.bbox, r.width, r.height) for r in results for p in r.pred)
+    out["invalid_box_rate"] = invalid / n_pred if n_pred else 0.0
+    out["duplicate_rate"] = sum(duplicate_count(r.pred) for r in results) / n_pred if n_pred else 0.0
+    out["num_images"] = len(results)
+    out["num_pred"] = n_pred
+    out["num_gt"] = sum(len(r.gt) for r in results)
+    return out
+
+
+def grounding_accuracy(pred_boxes: Sequence[Sequence[float] | None], gt_boxes: Sequence[Sequence[float]],
+                       iou_threshold: float = 0.5) -> float:
+    """Acc@0.5: fraction of referring expressions whose (first) predicted box has IoU >= threshold with the
+    ground truth. A missing prediction (None) counts as wrong."""
+    if len(pred_boxes) != len(gt_boxes):
+        raise ValueError(f"{len(pred_boxes)} predictions for {len(gt_boxes)} ground-truth boxes")
+    if not gt_boxes:
+        return 0.0
+    hits = 0
+    for p, g in zip(pred_boxes, gt_boxes):
+        if p is not None and box_iou_matrix(np.array([p]), np.array([g]))[0, 0] >= iou_threshold:
+            hits += 1
+    return hits / len(gt_boxes)
+
+
+def counting_errors(pred_counts: Sequence[float], gt_counts: Sequence[float]) -> dict:
+    """MAE and RMSE of predicted counts."""
+    p = np.asarray(pred_counts, np.float64)
+    g = np.asarray(gt_counts, np.float64)
+    if p.shape != g.shape:
+        raise ValueError(f"{p.shape[0]} predicted counts for {g.shape[0]} ground-truth counts")
+    if p.size == 0:
+        return {"mae": 0.0, "rmse": 0.0}
+    return {"mae": float(np.abs(p - g).mean()), "rmse": float(np.sqrt(((p - g) ** 2).mean()))}

@@ -1,0 +1,155 @@
+"""Metrics against hand-made cases and an independent brute-force COCO AP."""
+import numpy as np
+import pytest
+
+from coordexp_jax import metrics as M
+
+
+def _brute_ap(results, categories, score_rule, iou_thr):
+    """Independent COCO-style AP: per category, greedy by score within each image (max 100), best unmatched gt
+    with IoU >= thr, then 101-point interpolated precision over the pooled, stably score-sorted detections."""
+    aps = []
+    rec_thrs = np.linspace(0, 1, 101)
+    for cat in categories:
+        pooled, n_gt = [], 0
+        for r in results:
+            gts = [g.bbox for g in r.gt if g.desc == cat]
+            n_gt += len(gts)
+            dets = [p for p in r.pred if p.desc == cat]
+            scores = [1.0 if score_rule == "constant" else p.score for p in dets]
+            order = sorted(range(len(dets)), key=lambda i: -scores[i])[:100]  # sorted() is stable
+            used = [False] * len(gts)
+            for i in order:
+                best, best_iou = -1, min(iou_thr, 1 - 1e-10)
+                for j, g in enumerate(gts):
+                    if used[j]:
+                        continue
+                    iou = M.box_iou_matrix(np.array([dets[i].bbox]), np.array([g]))[0, 0]
+                    if iou >= best_iou:
+                        best, best_iou = j, iou
+                if best >= 0:
+                    used[best] = True
+                pooled.append((scores[i], best >= 0))
+        if n_gt == 0:
+            continue
+        pooled_sorted = sorted(pooled, key=lambda t: -t[0])
+        tp = np.cumsum([m for _, m in pooled_sorted])
+        fp = np.cumsum([not m for _, m in pooled_sorted])
+        rc = tp / n_gt
+        pr = tp / np.maximum(tp + fp, np.spacing(1))
+        pr = list(pr)
+        for k in range(len(pr) - 1, 0, -1):
+            pr[k - 1] = max(pr[k - 1], pr[k])
+        q = np.zeros(101)
+        idx = np.searchsorted(rc, rec_thrs, side="left")
+        for ri, pi in enumerate(idx):
+            if pi < len(pr):
+                q[ri] = pr[pi]
+        aps.append(q.mean())
+    return float(np.mean(aps)) if aps else 0.0
+
+
+def _random_case(rng, n_images=4, cats=("a", "b", "c")):
+    results = []
+    for i in range(n_images):
+        w, h = 100, 80
+        gts = []
+        for _ in range(rng.integers(0, 5)):
+            x1, y1 = rng.uniform(0, 60), rng.uniform(0, 50)
+            gts.append(M.PredObject(str(rng.choice(cats)), (x1, y1, x1 + rng.uniform(5, 40), y1 + rng.uniform(5, 30))))
+        preds = []
+        for g in gts:
+            if rng.random() < 0.7:
+                jit = rng.normal(0, 4, 4)
+                preds.append(M.PredObject(g.desc if rng.random() < 0.85 else str(rng.choice(cats)),
+                                          tuple(np.array(g.bbox) + jit), float(rng.uniform(0.05, 1))))
+        for _ in range(rng.integers(0, 3)):
+            x1, y1 = rng.uniform(0, 60), rng.uniform(0, 50)
+            preds.append(M.PredObject(str(rng.choice(cats)), (x1, y1, x1 + 20, y1 + 15), float(rng.uniform(0.05, 1))))
+        rng.shuffle(preds)
+        results.append(M.ImageResult(i + 1, w, h, gts, preds))
+    return results
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_coco_map_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    cats = ("a", "b", "c")
+    results = _random_case(rng, cats=cats)
+    if not any(r.gt for r in results):
+        results[0].gt.append(M.PredObject("a", (1, 1, 20, 20)))
+    for rule in M.SCORE_RULES:
+        got = M.coco_map(results, cats, rule)
+        if got["num_dets"] == 0:
+            continue
+        want50 = _brute_ap(results, cats, rule, 0.5)
+        want75 = _brute_ap(results, cats, rule, 0.75)
+        want = np.mean([_brute_ap(results, cats, rule, t) for t in np.linspace(0.5, 0.95, 10)])
+        # pycocotools averages per category over all thresholds; equal to the mean over thresholds of per-threshold
+        # means only when the same categories count at every threshold (they do: counting depends on gt only).
+        assert got["AP50"] == pytest.approx(want50, abs=1e-9)
+        assert got["AP75"] == pytest.approx(want75, abs=1e-9)
+        assert got["AP"] == pytest.approx(want, abs=1e-9)
+
+
+def test_hand_made_cases():
+    g = [M.PredObject("cat", (10, 10, 50, 50)), M.PredObject("dog", (60, 10, 90, 40))]
+    perfect = [M.ImageResult(1, 100, 100, g, [M.PredObject(o.desc, o.bbox, 0.9) for o in g])]
+    m = M.coco_map(perfect, ["cat", "dog"])
+    assert m["AP"] == pytest.approx(1.0) and m["AP50"] == pytest.approx(1.0)
+    # Half the objects found exactly: precision 1 up to recall 0.5 in each... only "cat" found: cat AP 1, dog AP 0.
+    half = [M.ImageResult(1, 100, 100, g, [M.PredObject("cat", (10, 10, 50, 50), 0.9)])]
+    assert M.coco_map(half, ["cat", "dog"])["AP50"] == pytest.approx(0.5)
+    # Two cats, one found: 51 of 101 recall points at precision 1.
+    two = [M.ImageResult(1, 100, 100, [g[0], M.PredObject("cat", (60, 60, 90, 90))],
+                         [M.PredObject("cat", (10, 10, 50, 50), 0.9)])]
+    assert M.coco_map(two, ["cat"])["AP50"] == pytest.approx(51 / 101)
+    # A wrong desc is not a hit; no predictions at all gives 0.
+    wrong = [M.ImageResult(1, 100, 100, g[:1], [M.PredObject("dog", (10, 10, 50, 50))])]
+    assert M.coco_map(wrong, ["cat", "dog"])["AP50"] == 0.0
+    assert M.coco_map([M.ImageResult(1, 100, 100, g, [])], ["cat", "dog"])["AP"] == 0.0
+
+
+def test_score_rules_differ_when_order_matters():
+    g = [M.PredObject("cat", (10, 10, 50, 50))]
+    # A false positive emitted first with a low logprob score: the logprob rule ranks the hit first.
+    preds = [M.PredObject("cat", (60, 60, 90, 90), 0.1), M.PredObject("cat", (10, 10, 50, 50), 0.9)]
+    r = [M.ImageResult(1, 100, 100, g, preds)]
+    assert M.coco_map(r, ["cat"], "logprob")["AP50"] == pytest.approx(1.0)
+    assert M.coco_map(r, ["cat"], "constant")["AP50"] == pytest.approx(0.5, abs=0.01)
+    with pytest.raises(ValueError, match="score_rule"):
+        M.coco_map(r, ["cat"], "max")
+
+
+def test_f1_duplicates_validity():
+    g = [M.PredObject("cat", (10, 10, 50, 50)), M.PredObject("cat", (60, 10, 90, 40))]
+    preds = [M.PredObject("cat", (10, 10, 50, 50)), M.PredObject("cat", (11, 10, 50, 50)),
+             M.PredObject("dog", (60, 10, 90, 40)), M.PredObject("cat", (50, 50, 40, 60))]
+    r = [M.ImageResult(1, 100, 100, g, preds)]
+    f = M.greedy_match_f1(r)
+    assert (f["tp"], f["n_pred"], f["n_gt"]) == (1, 4, 2)
+    assert f["f1"] == pytest.approx(2 * 0.25 * 0.5 / 0.75)
+    assert M.greedy_match_f1(r, match_desc=False)["tp"] == 2
+    assert M.duplicate_count(preds) == 1
+    assert not M.is_valid_box((50, 50, 40, 60), 100, 100)
+    assert not M.is_valid_box((0, 0, 150, 10), 100, 100)
+    assert not M.is_valid_box((0, 0, float("nan"), 10), 100, 100)
+    d = M.detection_metrics(r + [M.ImageResult(2, 100, 100, g, [], parsed=False)], ["cat", "dog"])
+    assert d["parse_failure_rate"] == 0.5 and d["invalid_box_rate"] == 0.25 and d["duplicate_rate"] == 0.25
+
+
+def test_grounding_and_counting():
+    gt = [(0, 0, 10, 10), (0, 0, 10, 10), (0, 0, 10, 10)]
+    # IoU exactly 0.5 counts (>=): (0,0,10,5) covers half.
+    assert M.grounding_accuracy([(0, 0, 10, 5), (0, 0, 10, 4.9), None], gt) == pytest.approx(1 / 3)
+    c = M.counting_errors([3, 5, 0], [4, 5, 2])
+    assert c["mae"] == pytest.approx(1.0) and c["rmse"] == pytest.approx(np.sqrt(5 / 3))
+    with pytest.raises(ValueError):
+        M.counting_errors([1], [1, 2])
+
+
+def test_inverted_prediction_is_a_false_positive_not_ignored():
+    g = [M.PredObject("cat", (10, 10, 50, 50))]
+    # The inverted box comes first with the higher score: if pycocotools ignored it, AP50 would be 1.
+    preds = [M.PredObject("cat", (50, 50, 10, 10), 0.9), M.PredObject("cat", (10, 10, 50, 50), 0.5)]
+    assert M.coco_map([M.ImageResult(1, 100, 100, g, preds)], ["cat"])["AP50"] == pytest.approx(0.5, abs=0.01)
