@@ -1,0 +1,77 @@
+"""Converts annotations to the JSONL record contract, or JSONL back to COCO JSON.
+
+  python tools/convert_dataset.py --format coco --input instances_val2017.json --images val2017 --out val.jsonl
+  python tools/convert_dataset.py --format jsonl2coco --input val.jsonl --out val_coco.json
+
+Formats: coco, lvis, odvg, refcoco (--instances, --split), mmkd, fsc147 (--classes), jsonl2coco.
+The output JSONL is read back through the contract's validation and the per-reason counts are printed.
+"""
+import argparse
+import json
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from coordexp_jax.data import converters, records  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--format", required=True, choices=list(converters.FORMATS) + ["jsonl2coco"])
+    p.add_argument("--input", required=True, help="annotation file (JSON / JSONL)")
+    p.add_argument("--images", help="image directory (required except for jsonl2coco)")
+    p.add_argument("--out", required=True, help="output .jsonl (or .json for jsonl2coco)")
+    p.add_argument("--instances", help="refcoco: COCO instances JSON (default: instances.json next to --input)")
+    p.add_argument("--split", help="refcoco: keep only refs of this split (train/val/testA/...)")
+    p.add_argument("--classes", help="fsc147: ImageClasses_FSC147.txt")
+    p.add_argument("--label-map", help="odvg: JSON {label: name} for instances without 'category'")
+    p.add_argument("--categories", help="jsonl2coco: comma-separated category order (default: sorted descs)")
+    p.add_argument("--check-images", default="header", choices=records.CHECK_IMAGES,
+                   help="how the written JSONL's images are checked when it is read back")
+    p.add_argument("--include-crowd", action="store_true", help="coco/lvis: keep iscrowd=1 boxes")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if not os.path.exists(a.input):
+        p.error(f"--input {a.input}: file not found")
+    try:
+        if a.format == "jsonl2coco":
+            recs, report = records.read_jsonl(a.input, check_images=a.check_images)
+            cats = a.categories.split(",") if a.categories else None
+            coco = converters.records_to_coco(recs, cats, image_root=os.path.dirname(os.path.abspath(a.input)))
+            os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+            with open(a.out, "w") as f:
+                json.dump(coco, f)
+            print(f"{len(coco['images'])} images, {len(coco['annotations'])} boxes, "
+                  f"{len(coco['categories'])} categories -> {a.out}")
+            print(report.summary())
+            return
+        if not a.images or not os.path.isdir(a.images):
+            p.error(f"--images {a.images}: not a directory")
+        kw = {}
+        if a.format == "refcoco":
+            kw = {"instances": a.instances, "split": a.split}
+        elif a.format == "fsc147":
+            kw = {"classes": a.classes}
+        elif a.format == "odvg" and a.label_map:
+            with open(a.label_map) as f:
+                kw = {"label_map": json.load(f)}
+        elif a.format in ("coco", "lvis"):
+            kw = {"include_crowd": a.include_crowd}
+        conv_report = records.ValidationReport()
+        out_dir = os.path.dirname(os.path.abspath(a.out))
+        n = records.write_jsonl(converters.convert(a.format, a.input, a.images, out_dir, conv_report, **kw), a.out)
+        print(f"{n} records -> {a.out}")
+        if conv_report.counts:
+            print("left out during conversion:\n" + "\n".join(f"  {k}: {v}" for k, v in sorted(conv_report.counts.items())))
+        _, report = records.read_jsonl(a.out, check_images=a.check_images,
+                                       policy={"size_mismatch": "skip", "degenerate_box": "skip"})
+        print("validation of the output:\n" + report.summary())
+    except (converters.ConversionError, records.RecordError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
