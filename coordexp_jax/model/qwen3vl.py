@@ -1,0 +1,204 @@
+"""The full Qwen3-VL model (Flax NNX): vision tower, DeepStack, text decoder, heads, prefill/decode over a KV cache.
+
+Parameter paths mirror the HF names (`visual.blocks.0.attn.qkv.kernel` <-> `model.visual.blocks.0.attn.qkv.weight`),
+see `coordexp_jax/weights/names.py`. The vocabulary inside the model is padded to `config.padded_vocab_size`;
+logits of padded ids are `PAD_LOGIT` (finfo(float32).min: as good as -inf for softmax/argmax, but 0 * it is 0, not NaN).
+
+KV cache (a plain dict pytree, donate it to the jitted decode step):
+    k, v      : list (one per text layer) of [B, L, nkv, hd] arrays (keys after k_norm and RoPE, values raw)
+    mask      : [B, L] int32, 1 where the key slot holds a real token (prompt padding and unwritten slots are 0)
+    index     : int32 scalar, the next write slot, shared by the whole batch (prompts are left-padded)
+    next_pos  : [B] int32, the rope position of the next token of each row (n_valid + rope_delta)
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .config import ModelConfig, TextConfig
+from .layers import Dense, Embed, RMSNorm
+from .rope import mrope_cos_sin
+from .text import DecoderLayer
+from .vision import VisionModel
+
+PAD_LOGIT = float(np.finfo(np.float32).min)
+
+
+class TextModel(nnx.Module):
+    def __init__(self, cfg: TextConfig, padded_vocab: int, *, dtype, param_dtype, rngs):
+        self.embed_tokens = Embed(padded_vocab, cfg.hidden_size, ("vocab", "embed"), dtype=dtype, param_dtype=param_dtype,
+                                  rngs=rngs)
+        if padded_vocab > cfg.vocab_size:  # padded rows start at zero
+            self.embed_tokens.embedding.set_value(self.embed_tokens.embedding.get_value().at[cfg.vocab_size:].set(0))
+        self.layers = nnx.List([DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                                for _ in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+
+
+def _call_layer(layer, x, cos, sin, mask):
+    return layer(x, cos, sin, mask)
+
+
+class Qwen3VL(nnx.Module):
+    """Qwen3VLForConditionalGeneration. dtype: compute dtype; param_dtype: parameter storage dtype;
+    remat: rematerialise each decoder layer in the backward pass (training)."""
+
+    def __init__(self, config: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs | None = None,
+                 remat: bool = False):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.config = config
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.remat = remat
+        Vp = config.padded_vocab_size
+        self.visual = VisionModel(config.vision, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.language_model = TextModel(config.text, Vp, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        if not config.tie_word_embeddings:
+            self.lm_head = Dense(config.text.hidden_size, Vp, ("embed", "vocab"), bias=False, dtype=dtype,
+                                 param_dtype=param_dtype, rngs=rngs)
+            if Vp > config.vocab_size:
+                self.lm_head.kernel.set_value(self.lm_head.kernel.get_value().at[:, config.vocab_size:].set(0))
+        else:
+            self.lm_head = None
+
+    # ------------------------------------------------------------------ pieces
+    def _cos_sin(self, positions):
+        t = self.config.text
+        return mrope_cos_sin(positions, t.head_dim, t.rope_theta, t.mrope_section, self.dtype)
+
+    def embed(self, input_ids, vision: dict | None = None):
+        """Token embeddings with image features scattered in -> (h [B,S,H], deepstack list of [B,S,H] or None)."""
+        h = self.language_model.embed_tokens(input_ids)
+        if vision is None:
+            return h, None
+        feats, ds = self.visual(vision)
+        vi = vision["visual_index"]
+        sel = (vi >= 0)[..., None]
+        idx = jnp.maximum(vi, 0)
+        h = jnp.where(sel, jnp.take(feats, idx, axis=0).astype(h.dtype), h)
+        ds_tok = [jnp.where(sel, jnp.take(f, idx, axis=0).astype(h.dtype), 0) for f in ds]
+        return h, ds_tok
+
+    def _layers(self, h, cos, sin, mask, ds_tok):
+        """Runs every decoder layer without a cache; DeepStack feature k is added after layer k. Returns (h, ks, vs)."""
+        call = nnx.remat(_call_layer) if self.remat else _call_layer
+        ks, vs = [], []
+        for i, layer in enumerate(self.language_model.layers):
+            h, k, v = call(layer, h, cos, sin, mask)
+            ks.append(k)
+            vs.append(v)
+            if ds_tok is not None and i < len(ds_tok):
+                h = h + ds_tok[i]
+        return h, ks, vs
+
+    @staticmethod
+    def causal_mask(attention_mask):
+        """[B,S] 0/1 -> [B,S,S] bool: causal and key padding."""
+        S = attention_mask.shape[-1]
+        causal = jnp.tril(jnp.ones((S, S), bool))
+        return causal[None] & (attention_mask[:, None, :] > 0)
+
+    def __call__(self, input_ids, positions, attention_mask, vision: dict | None = None):
+        """input_ids [B,S], positions [3,B,S], attention_mask [B,S], vision: the vision arrays + visual_index or None.
+        Returns the hidden states after the final norm [B,S,H]."""
+        h, ds_tok = self.embed(input_ids, vision)
+        cos, sin = self._cos_sin(positions)
+        h, _, _ = self._layers(h, cos, sin, self.causal_mask(attention_mask), ds_tok)
+        return self.language_model.norm(h)
+
+    # ------------------------------------------------------------------ heads
+    def lm_logits(self, hidden):
+        """hidden [..., H] -> float32 logits [..., padded_vocab]; padded ids get PAD_LOGIT."""
+        if self.lm_head is None:
+            w = self.language_model.embed_tokens.embedding[...]
+            logits = jnp.einsum("...h,vh->...v", hidden.astype(self.dtype), w.astype(self.dtype),
+                                preferred_element_type=jnp.float32)
+        else:
+            logits = jnp.einsum("...h,hv->...v", hidden.astype(self.dtype), self.lm_head.kernel[...].astype(self.dtype),
+                                preferred_element_type=jnp.float32)
+        V = self.config.vocab_size
+        if logits.shape[-1] > V:
+            logits = jnp.where(jnp.arange(logits.shape[-1]) < V, logits, PAD_LOGIT)
+        return logits
+
+    def coord_logits(self, hidden, coord_start, num_bins: int = 1000):
+        """hidden [..., H] -> float32 [..., num_bins] = h @ W[coord_start:coord_start+num_bins].T (never the full vocab)."""
+        if self.lm_head is None:
+            w = jax.lax.dynamic_slice_in_dim(self.language_model.embed_tokens.embedding[...], coord_start, num_bins, 0)
+            return jnp.einsum("...h,vh->...v", hidden.astype(self.dtype), w.astype(self.dtype),
+                              preferred_element_type=jnp.float32)
+        w = jax.lax.dynamic_slice_in_dim(self.lm_head.kernel[...], coord_start, num_bins, 1)
+        return jnp.einsum("...h,hv->...v", hidden.astype(self.dtype), w.astype(self.dtype),
+                          preferred_element_type=jnp.float32)
+
+    # ------------------------------------------------------------------ KV cache
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:
+        t = self.config.text
+        dtype = dtype or self.dtype
+        shape = (batch, max_len, t.num_key_value_heads, t.head_dim)
+        n = t.num_hidden_layers
+        return dict(k=[jnp.zeros(shape, dtype) for _ in range(n)], v=[jnp.zeros(shape, dtype) for _ in range(n)],
+                    mask=jnp.zeros((batch, max_len), jnp.int32), index=jnp.zeros((), jnp.int32),
+                    next_pos=jnp.zeros((batch,), jnp.int32))
+
+    def prefill(self, input_ids, positions, attention_mask, vision: dict | None = None, *, cache: dict | None = None,
+                cache_len: int | None = None):
+        """Runs the (left-padded) prompt, DeepStack included, and fills a fresh cache from slot 0.
+
+        input_ids [B,S], positions [3,B,S], attention_mask [B,S]; pass `cache` (from init_cache) or `cache_len` L >= S.
+        Returns (logits of the last position [B, padded_vocab] float32, cache with index = S).
+        """
+        B, S = input_ids.shape
+        if cache is None:
+            cache = self.init_cache(B, cache_len if cache_len is not None else S)
+        h, ds_tok = self.embed(input_ids, vision)
+        cos, sin = self._cos_sin(positions)
+        h, ks, vs = self._layers(h, cos, sin, self.causal_mask(attention_mask), ds_tok)
+        h = self.language_model.norm(h[:, -1])
+        logits = self.lm_logits(h)
+        new = dict(
+            k=[jax.lax.dynamic_update_slice(c, k.astype(c.dtype), (0, 0, 0, 0)) for c, k in zip(cache["k"], ks)],
+            v=[jax.lax.dynamic_update_slice(c, v.astype(c.dtype), (0, 0, 0, 0)) for c, v in zip(cache["v"], vs)],
+            mask=jax.lax.dynamic_update_slice(cache["mask"], attention_mask.astype(jnp.int32), (0, 0)),
+            index=jnp.asarray(S, jnp.int32),
+            # the next token's rope position: max over the 3 axes and valid slots + 1 (= n_valid + rope_delta)
+            next_pos=(jnp.max(jnp.where(attention_mask[None] > 0, positions, -1), axis=(0, 2)) + 1).astype(jnp.int32),
+        )
+        return logits, new
+
+    def decode_step(self, tokens, positions, cache: dict):
+        """One token per row. tokens [B] int; positions [B] or [3,B] (None: use cache["next_pos"]).
+        Returns (logits [B, padded_vocab] float32, updated cache). No DeepStack (text tokens only)."""
+        if positions is None:
+            positions = cache["next_pos"]
+        positions = jnp.asarray(positions, jnp.int32)
+        if positions.ndim == 1:
+            positions = jnp.broadcast_to(positions[None], (3,) + positions.shape)
+        idx = cache["index"]
+        B = tokens.shape[0]
+        h = self.language_model.embed_tokens(tokens[:, None])
+        cos, sin = self._cos_sin(positions[:, :, None])
+        kmask = jax.lax.dynamic_update_slice(cache["mask"], jnp.ones((B, 1), jnp.int32), (0, idx))
+        mask = (kmask > 0)[:, None, :]  # [B,1,L]
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.language_model.layers):
+            h, k, v = layer(h, cos, sin, mask, cache["k"][i], cache["v"][i], idx)
+            new_k.append(k)
+            new_v.append(v)
+        logits = self.lm_logits(self.language_model.norm(h[:, 0]))
+        cache = dict(k=new_k, v=new_v, mask=kmask, index=idx + 1, next_pos=positions[0] + 1)
+        return logits, cache
+
+
+def param_count(config: ModelConfig, *, padded: bool = False) -> int:
+    """Parameters of a model built from `config` (via nnx.eval_shape, no memory); unpadded vocab unless `padded`."""
+    abstract = nnx.eval_shape(lambda: Qwen3VL(config))
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+    if not padded:
+        extra = config.padded_vocab_size - config.vocab_size
+        heads = 1 if config.tie_word_embeddings else 2
+        n -= extra * config.text.hidden_size * heads
+    return n

@@ -1,0 +1,91 @@
+"""The Qwen3 text decoder layer (spec §3.1): q/k RMSNorm per head before RoPE, GQA, SwiGLU MLP."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .config import TextConfig
+from .layers import Dense, RMSNorm
+from .rope import apply_rope
+
+NEG_INF = -1e30
+
+
+def gqa_attention(q, k, v, mask, dtype):
+    """q [B,S,nh,hd]; k, v [B,T,nkv,hd]; mask [B,S,T] bool -> [B,S,nh*hd]. Softmax in float32.
+
+    Query head h uses kv head h // (nh/nkv) (HF repeat_kv). Fully masked rows (left-pad queries) give a uniform
+    average instead of NaN; their outputs are never used.
+    """
+    B, S, nh, hd = q.shape
+    nkv = k.shape[2]
+    g = nh // nkv
+    qg = q.reshape(B, S, nkv, g, hd)
+    scores = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=jnp.float32) * (hd ** -0.5)
+    scores = jnp.where(mask[:, None, None], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    out = jnp.einsum("bkgst,btkd->bskgd", probs, v.astype(dtype))
+    return out.reshape(B, S, nh * hd)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs):
+        H, nh, nkv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        b = cfg.attention_bias
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = Dense(H, nh * hd, ("embed", "q_heads"), bias=b, **kw)
+        self.k_proj = Dense(H, nkv * hd, ("embed", "kv_heads"), bias=b, **kw)
+        self.v_proj = Dense(H, nkv * hd, ("embed", "kv_heads"), bias=b, **kw)
+        self.o_proj = Dense(nh * hd, H, ("q_heads", "embed"), bias=b, **kw)
+        self.q_norm = RMSNorm(hd, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype, name="head_dim")
+        self.k_norm = RMSNorm(hd, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype, name="head_dim")
+        self.nh, self.nkv, self.hd = nh, nkv, hd
+        self.dtype = dtype
+
+    def qkv(self, x, cos, sin):
+        """x [B,S,H] -> q [B,S,nh,hd], k, v [B,S,nkv,hd] (k after k_norm and RoPE, as stored in the cache)."""
+        B, S, _ = x.shape
+        q = self.q_norm(self.q_proj(x).reshape(B, S, self.nh, self.hd))
+        k = self.k_norm(self.k_proj(x).reshape(B, S, self.nkv, self.hd))
+        v = self.v_proj(x).reshape(B, S, self.nkv, self.hd)
+        c, s = cos[:, :, None, :], sin[:, :, None, :]
+        return apply_rope(q, c, s), apply_rope(k, c, s), v
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs):
+        kw = dict(bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = Dense(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), **kw)
+        self.up_proj = Dense(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), **kw)
+        self.down_proj = Dense(cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), **kw)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.self_attn = Attention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.dtype = dtype
+
+    def __call__(self, x, cos, sin, mask, cache_k=None, cache_v=None, index=None):
+        """Without a cache: attention over x itself (mask [B,S,S]); returns (x, k, v) with k, v [B,S,nkv,hd].
+
+        With a cache (cache_k/v [B,L,nkv,hd], write position `index`, mask [B,S,L]): writes the new k, v at
+        `index` with one dynamic_update_slice shared by the batch, attends over the cache and returns the
+        updated cache arrays.
+        """
+        h = self.input_layernorm(x)
+        q, k, v = self.self_attn.qkv(h, cos, sin)
+        if cache_k is not None:
+            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, index, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
+        a = gqa_attention(q, k, v, mask, self.dtype)
+        x = x + self.self_attn.o_proj(a)
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, k, v

@@ -1,0 +1,152 @@
+"""HF safetensors directories <-> Qwen3VL parameters, tensor by tensor.
+
+`load_hf_checkpoint(hf_dir, dtype)` checks every name and shape against config.json before reading any data,
+then reads one tensor at a time into the model's (abstract) state, so peak host memory stays near one copy of the
+weights plus one tensor. `save_hf_checkpoint` streams the other way and writes only the embedding when tied.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ..model.config import ModelConfig
+from ..model.qwen3vl import Qwen3VL
+from .names import TIED_HF_HEAD, WeightsError, hf_shape, name_table, to_hf, to_ours
+from .safetensors_io import index_checkpoint, read_tensor, write_file
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.json", "chat_template.jinja", "preprocessor_config.json",
+                   "video_preprocessor_config.json", "generation_config.json")
+
+
+def abstract_model(config: ModelConfig, dtype=jnp.float32, compute_dtype=None, remat: bool = False):
+    """(graphdef, abstract state) of a Qwen3VL, no memory used."""
+    m = nnx.eval_shape(lambda: Qwen3VL(config, dtype=compute_dtype or dtype, param_dtype=dtype, remat=remat))
+    return nnx.split(m)
+
+
+def flat_params(state) -> dict:
+    """path tuple -> Variable for every parameter of a model state."""
+    return {tuple(p): v for p, v in nnx.to_flat_state(state)}
+
+
+def load_hf_checkpoint(hf_dir: str, dtype=jnp.float32, *, compute_dtype=None, return_state: bool = False,
+                       remat: bool = False):
+    """Reads an HF Qwen3-VL directory (sharded with model.safetensors.index.json, or *.safetensors).
+
+    Returns (ModelConfig, Qwen3VL) or, with return_state=True, (ModelConfig, (graphdef, state)). Parameters are
+    stored in `dtype`; compute dtype defaults to `dtype`. Raises WeightsError naming the tensor on a missing,
+    unexpected or mis-shaped tensor, ConfigError naming the key on a bad config.json.
+    """
+    config = ModelConfig.from_hf(hf_dir)
+    index = index_checkpoint(hf_dir)
+    graphdef, state = abstract_model(config, dtype, compute_dtype, remat)
+    flat = flat_params(state)
+    table = name_table(config)
+    known = {e.hf for e in table}
+    for name in index:
+        if name not in known and not (config.tie_word_embeddings and name == TIED_HF_HEAD):
+            raise WeightsError(f"{index[name][0]}: unexpected tensor {name} (not part of Qwen3-VL with this config.json)")
+    for e in table:  # names and shapes first: fail before reading any data
+        if e.hf not in index:
+            raise WeightsError(f"{hf_dir}: missing tensor {e.hf}")
+        if e.path not in flat:
+            raise WeightsError(f"name table: {e.hf} maps to {e.path}, which the model does not have")
+        want = hf_shape(e, flat[e.path].shape, config)
+        got = tuple(index[e.hf][1]["shape"])
+        if got != want:
+            raise WeightsError(f"{index[e.hf][0]}: tensor {e.hf} has shape {got}, config.json implies {want}")
+    if len(table) != len(flat):
+        raise WeightsError(f"name table covers {len(table)} parameters, the model has {len(flat)}")
+    np_dtype = np.dtype(dtype)
+    for e in table:
+        path, info, start = index[e.hf]
+        arr = to_ours(e, read_tensor(path, info, start, e.hf), flat[e.path].shape, config).astype(np_dtype, copy=False)
+        flat[e.path].set_value(jnp.asarray(arr))
+        del arr
+    state = nnx.from_flat_state(list(flat.items()))
+    if return_state:
+        return config, (graphdef, state)
+    return config, nnx.merge(graphdef, state)
+
+
+def _split_state(model_or_state):
+    if isinstance(model_or_state, nnx.Module):
+        return nnx.state(model_or_state, nnx.Param)
+    if isinstance(model_or_state, tuple) and len(model_or_state) == 2:
+        return model_or_state[1]
+    return model_or_state
+
+
+def hf_tensors(model_or_state, config: ModelConfig):
+    """[(hf_name, shape, dtype, producer)] of the HF tensors of a model, tied head left out."""
+    state = _split_state(model_or_state)
+    flat = flat_params(state)
+    out = []
+    for e in name_table(config):
+        if e.path not in flat:
+            raise WeightsError(f"model state has no parameter {'.'.join(map(str, e.path))} (for {e.hf})")
+        var = flat[e.path]
+        shape = hf_shape(e, var.shape, config)
+        out.append((e.hf, shape, np.dtype(var.dtype),
+                    lambda e=e, var=var: to_hf(e, np.asarray(jax.device_get(var.get_value())), config)))
+    return out
+
+
+def save_hf_checkpoint(model_or_state, config: ModelConfig, out_dir: str, tokenizer_dir: str | None = None, *,
+                       max_shard_bytes: int = 5 * 2**30, dtype=None) -> list[str]:
+    """Writes config.json + safetensors (sharded with an index when larger than max_shard_bytes) + tokenizer files.
+
+    Tied configs write only the embedding (HF re-ties lm_head on load). `dtype` casts on the way out (default: the
+    parameter dtype). Writes into `out_dir` directly; CLIs write to a temp dir and rename. Returns the files written.
+    """
+    tensors = hf_tensors(model_or_state, config)
+    if dtype is not None:
+        dt = np.dtype(dtype)
+        tensors = [(n, s, dt, (lambda f=f: f().astype(dt))) for n, s, _, f in tensors]
+    os.makedirs(out_dir, exist_ok=True)
+    shards: list[list] = [[]]
+    size = 0
+    for t in tensors:
+        n = int(np.prod(t[1])) * t[2].itemsize
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += n
+    written = []
+    weight_map = {}
+    total = 0
+    for i, shard in enumerate(shards):
+        fn = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        producers = {n: f for n, _, _, f in shard}
+        total += write_file(os.path.join(out_dir, fn), [(n, s, d) for n, s, d, _ in shard], lambda n: producers[n]())
+        for n, *_ in shard:
+            weight_map[n] = fn
+        written.append(fn)
+    if len(shards) > 1:
+        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        written.append("model.safetensors.index.json")
+    hf_cfg = config.to_hf()
+    dts = {t[2] for t in tensors}
+    hf_cfg["dtype"] = "bfloat16" if dts == {np.dtype(jnp.bfloat16)} else "float32" if dts == {np.dtype(np.float32)} else str(next(iter(dts)))
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(hf_cfg, f, indent=2)
+    written.append("config.json")
+    if tokenizer_dir is not None:
+        if not os.path.isdir(tokenizer_dir):
+            raise FileNotFoundError(f"tokenizer directory not found: {tokenizer_dir}")
+        for fn in TOKENIZER_FILES:
+            src = os.path.join(tokenizer_dir, fn)
+            if os.path.isfile(src):
+                shutil.copy2(src, os.path.join(out_dir, fn))
+                written.append(fn)
+    return written

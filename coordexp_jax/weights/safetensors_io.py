@@ -1,0 +1,114 @@
+"""Minimal safetensors reading/writing, one tensor at a time (bf16 via ml_dtypes; never pickle).
+
+Format: 8-byte little-endian header length N, N bytes of JSON {name: {dtype, shape, data_offsets}}, raw data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import ml_dtypes
+import numpy as np
+
+from .names import WeightsError
+
+_DT = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "I64": np.int64,
+       "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+_DT_REV = {np.dtype(v): k for k, v in _DT.items()}
+
+
+def read_header(path: str) -> tuple[dict, int]:
+    """(tensor entries without __metadata__, byte offset of the data section)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise WeightsError(f"{path}: not a safetensors file (too short)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > 100_000_000:
+                raise WeightsError(f"{path}: not a safetensors file (header length {n})")
+            header = json.loads(f.read(n))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise WeightsError(f"{path}: cannot read safetensors header ({e})") from None
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def read_tensor(path: str, info: dict, data_start: int, name: str = "") -> np.ndarray:
+    """Reads one tensor into a fresh numpy array."""
+    dt = _DT.get(info["dtype"])
+    if dt is None:
+        raise WeightsError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+    b0, b1 = info["data_offsets"]
+    shape = tuple(info["shape"])
+    count = int(np.prod(shape)) if shape else 1
+    if b1 - b0 != count * np.dtype(dt).itemsize:
+        raise WeightsError(f"{path}: tensor {name} byte range does not match shape {shape} {info['dtype']}")
+    with open(path, "rb") as f:
+        f.seek(data_start + b0)
+        buf = f.read(b1 - b0)
+    if len(buf) != b1 - b0:
+        raise WeightsError(f"{path}: tensor {name} is truncated")
+    return np.frombuffer(buf, dtype=dt).reshape(shape).copy()
+
+
+def index_checkpoint(hf_dir: str) -> dict[str, tuple[str, dict, int]]:
+    """name -> (file, header entry, data start) over `model.safetensors.index.json` or every *.safetensors file."""
+    if not os.path.isdir(hf_dir):
+        raise WeightsError(f"{hf_dir}: not a directory")
+    idx_path = os.path.join(hf_dir, "model.safetensors.index.json")
+    if os.path.exists(idx_path):
+        try:
+            with open(idx_path) as f:
+                wm = json.load(f)["weight_map"]
+        except (OSError, json.JSONDecodeError, KeyError) as e:
+            raise WeightsError(f"{idx_path}: cannot read weight_map ({e})") from None
+        files = sorted(set(wm.values()))
+    else:
+        files = sorted(f for f in os.listdir(hf_dir) if f.endswith(".safetensors"))
+        wm = None
+    if not files:
+        raise WeightsError(f"{hf_dir}: no *.safetensors files (only safetensors checkpoints are read)")
+    out: dict[str, tuple[str, dict, int]] = {}
+    for fn in files:
+        path = os.path.join(hf_dir, fn)
+        if not os.path.exists(path):
+            raise WeightsError(f"{idx_path}: names shard {fn}, which does not exist")
+        header, start = read_header(path)
+        for name, info in header.items():
+            if name in out:
+                raise WeightsError(f"{path}: tensor {name} also appears in {out[name][0]}")
+            if wm is not None and wm.get(name) != fn:
+                raise WeightsError(f"{path}: tensor {name} is not mapped to this file in {idx_path}")
+            out[name] = (path, info, start)
+    if wm is not None:
+        for name, fn in wm.items():
+            if name not in out:
+                raise WeightsError(f"{idx_path}: tensor {name} listed but absent from {fn}")
+    return out
+
+
+def write_file(path: str, tensors: list[tuple[str, tuple, np.dtype]], produce, metadata: dict | None = None) -> int:
+    """Writes a safetensors file streaming one tensor at a time: `produce(name)` returns the array when needed.
+
+    tensors: (name, shape, dtype) in file order. Returns the number of data bytes.
+    """
+    header = {"__metadata__": dict(metadata or {"format": "pt"})}
+    off = 0
+    for name, shape, dt in tensors:
+        n = int(np.prod(shape)) * np.dtype(dt).itemsize
+        header[name] = {"dtype": _DT_REV[np.dtype(dt)], "shape": list(shape), "data_offsets": [off, off + n]}
+        off += n
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    hb += b" " * (-len(hb) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(hb)))
+        f.write(hb)
+        for name, shape, dt in tensors:
+            arr = np.ascontiguousarray(produce(name))
+            if arr.shape != tuple(shape) or arr.dtype != np.dtype(dt):
+                raise WeightsError(f"tensor {name}: produced {arr.shape} {arr.dtype}, header says {tuple(shape)} {np.dtype(dt)}")
+            f.write(arr.tobytes())
+    return off
