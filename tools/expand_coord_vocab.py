@@ -1,0 +1,32 @@
+#!/usr/bin/env python
+"""Add <|coord_*|> and <|coord_0|>..<|coord_999|> to the tokenizer of an HF Qwen3-VL directory and grow the
+embedding (and an untied lm_head). New rows: the mean of the base rows (default) or N(0, 0.02).
+
+    python tools/expand_coord_vocab.py --src DIR --dst DIR [--init mean|normal] [--seed N] [--with_tags]
+"""
+
+import argparse
+import sys
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--src", required=True, help="HF directory with config.json, safetensors and tokenizer files")
+    ap.add_argument("--dst", required=True, help="output HF directory (must not exist or be empty; written atomically)")
+    ap.add_argument("--init", default="mean", choices=["mean", "normal"], help="init rule of the new rows")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the normal init")
+    ap.add_argument("--with_tags", action="store_true", help="also add the tags-protocol tokens <obj> </obj> ...")
+    args = ap.parse_args(argv)
+
+    from coordexp_jax.weights.cli import atomic_dir
+    from coordexp_jax.weights.vocab import expand_hf_dir
+
+    with atomic_dir(args.dst) as tmp:
+        info = expand_hf_dir(args.src, tmp, init=args.init, seed=args.seed, with_tags=args.with_tags)
+    print(f"wrote {args.dst}: " + ", ".join(f"{k}={v}" for k, v in info.items()))
+
+
+if __name__ == "__main__":
+    from coordexp_jax.weights.cli import run
+
+    sys.exit(run(main))

@@ -1,0 +1,41 @@
+#!/usr/bin/env python
+"""Export a checkpoint (ours, or an HF directory) to an HF directory that
+transformers.Qwen3VLForConditionalGeneration.from_pretrained loads unchanged.
+
+    python tools/export_hf.py --checkpoint DIR --out DIR [--tokenizer_dir DIR] [--dtype float32|bfloat16]
+"""
+
+import argparse
+import sys
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True, help="our checkpoint directory (model_config.json + params/) or an HF directory")
+    ap.add_argument("--out", required=True, help="output HF directory (must not exist or be empty; written atomically)")
+    ap.add_argument("--tokenizer_dir", default=None, help="copy tokenizer/processor files from this directory")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="cast tensors (default: as stored)")
+    ap.add_argument("--max_shard_gb", type=float, default=5.0, help="safetensors shard size limit in GiB")
+    args = ap.parse_args(argv)
+
+    import os
+
+    import jax.numpy as jnp
+
+    from coordexp_jax.weights.checkpoint import load_checkpoint
+    from coordexp_jax.weights.cli import atomic_dir
+    from coordexp_jax.weights.hf import save_hf_checkpoint
+
+    if args.tokenizer_dir is not None and not os.path.isdir(args.tokenizer_dir):
+        raise FileNotFoundError(f"--tokenizer_dir {args.tokenizer_dir} is not a directory")
+    with atomic_dir(args.out) as tmp:
+        config, (_, state) = load_checkpoint(args.checkpoint, return_state=True)
+        files = save_hf_checkpoint(state, config, tmp, args.tokenizer_dir, max_shard_bytes=int(args.max_shard_gb * 2**30),
+                                   dtype=getattr(jnp, args.dtype) if args.dtype else None)
+    print(f"wrote {args.out}: {', '.join(files)}")
+
+
+if __name__ == "__main__":
+    from coordexp_jax.weights.cli import run
+
+    sys.exit(run(main))
