@@ -158,7 +158,7 @@ def build_dataset(sources: Mapping[str, Sequence[Any]], weights: Mapping[str, fl
                   per_worker_buffer_size: int = 2):
     """The Grain IterDataset of batches for in-memory sources (name -> list of records).
 
-    `transform(record) -> sample | None` runs per element (in workers when `num_workers > 0`); None drops it.
+    `transform(record) -> sample | None` (or `transform(record, rng)` when it has `needs_rng = True`) runs per element (in workers when `num_workers > 0`); None drops it.
     `batch_fn(list of samples) -> batch` pads to static shapes. Source k is shuffled with seed `seed + k` in the
     sorted order of names, so adding a source does not reshuffle the others.
     """
@@ -172,7 +172,11 @@ def build_dataset(sources: Mapping[str, Sequence[Any]], weights: Mapping[str, fl
         if not len(recs):
             raise ValueError(f"source {name!r} is empty")
         ds = grain.MapDataset.source(list(recs)).shuffle(seed=(seed + k) % 2**32).repeat()
-        ds = ds[shard_index::shard_count].map(transform)
+        ds = ds[shard_index::shard_count]
+        # A transform with `needs_rng` (e.g. random object order) gets Grain's per-element generator, seeded by
+        # the element's index in the repeated stream: deterministic, and different in every epoch.
+        ds = (ds.random_map(transform, seed=(seed + 7919 * (k + 1)) % 2**32) if getattr(transform, "needs_rng", False)
+              else ds.map(transform))
         parts[name] = ds.to_iter_dataset()
     total = float(sum(weights.values()))
     mixed = grain.IterDataset.mix(parts, {n: float(w) / total for n, w in weights.items()})
