@@ -342,6 +342,7 @@ def _clean_ids(ids, token_ids) -> tuple[list[int], int, bool]:
 
 
 _WS = " \t\n\r"
+_DIGITS = "0123456789"  # ASCII only (str.isdigit accepts '¹', which int() rejects)
 
 
 class _Lexer:
@@ -396,9 +397,9 @@ class _Lexer:
                 return ("str", json.loads('"' + "".join(raw) + '"', strict=False))
             except (ValueError, RecursionError):
                 return ("str", None)
-        if x.isdigit():
+        if x in _DIGITS:
             j = self.i
-            while j < n and isinstance(u[j], str) and u[j].isdigit():
+            while j < n and isinstance(u[j], str) and u[j] in _DIGITS:
                 j += 1
             txt = "".join(u[self.i:j])
             self.i = j
