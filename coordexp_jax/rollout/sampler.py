@@ -3,11 +3,12 @@
 Model interface (what `Sampler` calls; `coordexp_jax.model.qwen3vl.Qwen3VL` provides it, tests use stand-ins):
 
     model.init_cache(batch_size, max_len) -> cache                      # preallocated, one shared write index
-    model.prefill(inputs: dict, cache) -> (logits [B, V], cache)        # logits at the last prompt position
+    model.prefill(input_ids [B,S], positions [3,B,S], attention_mask [B,S], vision: dict | None, cache=cache)
+        -> (logits [B, V] float32 at the last prompt position, cache)
     model.decode_step(tokens [B], positions [3, B], cache) -> (logits [B, V], cache)
 
-`inputs` holds the model-input keys of docs/architecture.md (`input_ids`, `attention_mask`, `positions`, vision
-arrays, `visual_index`). Prompts are LEFT-padded, so every row's last prompt token sits at column S-1 and all rows
+The batch holds the model-input keys of docs/architecture.md (`input_ids`, `attention_mask`, `positions`,
+`rope_deltas`, and with images the vision arrays and `visual_index`, which go to the model as the `vision` dict). Prompts are LEFT-padded, so every row's last prompt token sits at column S-1 and all rows
 share one cache write index (prompt in [0, S), generated token k-1 written at S + k - 1 when it is fed).
 
 Per-row positions (qwen3vl_spec.md §7): generated token k (k = 0 comes from prefill) is fed at
@@ -170,9 +171,14 @@ class Sampler:
                  constraint: TokenDFA | None = None, vocab_size: int | None = None):
         self.config = config
         self.ids = token_ids
-        self.graphdef, self.state = nnx.split(model)
+        if isinstance(model, tuple):  # (graphdef, state) as load_checkpoint(..., return_state=True) gives
+            self.graphdef, self.state = model
+        else:
+            self.graphdef, self.state = nnx.split(model)
+        if vocab_size is None:  # the model's logits width (vocabulary padded for tensor parallelism)
+            cfg = getattr(nnx.merge(self.graphdef, self.state), "config", None) if constraint is not None else None
+            vocab_size = getattr(cfg, "padded_vocab_size", None)
         self.constraint = constraint
-        self._vocab = vocab_size
         self._tables = None
         if constraint is not None and vocab_size is not None:
             self._set_tables(vocab_size)
@@ -221,7 +227,9 @@ class Sampler:
         B, S = inputs["input_ids"].shape
         T = self.config.max_new_tokens
         cache = model.init_cache(B, S + T)
-        logits, cache = model.prefill(inputs, cache)
+        vision = {k: inputs[k] for k in VISION_KEYS + ("visual_index",)} if "visual_index" in inputs else None
+        logits, cache = model.prefill(inputs["input_ids"], inputs["positions"], inputs["attention_mask"], vision,
+                                      cache=cache)
         if self._tables is None and self.constraint is not None:
             raise RuntimeError("constraint tables not initialised")
         carry = {

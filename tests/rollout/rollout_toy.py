@@ -61,9 +61,9 @@ class ToyDecoder(nnx.Module):
         z = jnp.zeros((batch_size, max_len, self.hidden), jnp.float32)
         return {"k": z, "v": z, "mask": jnp.zeros((batch_size, max_len), bool), "index": jnp.zeros((), jnp.int32)}
 
-    def prefill(self, inputs, cache):
-        tokens, mask = inputs["input_ids"], inputs["attention_mask"].astype(bool)
-        pos = inputs["positions"][0]
+    def prefill(self, input_ids, positions, attention_mask, vision=None, *, cache):
+        tokens, mask = input_ids, attention_mask.astype(bool)
+        pos = positions[0]
         S = tokens.shape[1]
         x, q, k, v = self._qkv(tokens, pos)
         cache = {
