@@ -1,0 +1,353 @@
+"""The training config schema: every key a config file may set, its type and its allowed range.
+
+A config file (`configs/*.py`) defines `get_config()` returning `base_config()` with some values changed. At start-up
+`validate(cfg)` checks the result against `base_config()`: an unknown key, a value of the wrong type or a value out of
+range raises `ConfigError` naming the dotted key (`optim.lr`). The resolved config is written to the workdir.
+
+Keys whose value is a free-form mapping (`model.overrides`: fields of `model.config.ModelConfig`) are listed in
+`FREE_KEYS`; their contents are checked where they are used.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import ml_collections
+
+# Logical parameter axis names -> mesh axes. `None` replicates. The first matching rule wins; a mesh axis is used at
+# most once per array (a later dimension that would reuse it is replicated).
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("q_heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("vision_embed", "fsdp"),
+    ("vision_mlp", "tensor"),
+    ("vision_heads", "tensor"),
+    ("norm", None),
+    ("lora_rank", None),
+)
+
+# Parameter groups: the first regex (re.search on the '/'-joined parameter path) that matches names the group;
+# parameters matching none belong to 'lm'.
+DEFAULT_GROUP_PATTERNS = (
+    ("merger", r"(^|/)(merger|deepstack_merger\w*)(/|$)"),
+    ("vision", r"(^|/)(vision|visual)\w*(/|$)"),
+)
+
+FREE_KEYS = ("model.overrides",)
+
+
+def _group(lr_mult: float = 1.0, freeze: bool = False) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({"lr_mult": lr_mult, "freeze": freeze})
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every key a training config may set, with its default value (which also fixes its type)."""
+    c = ml_collections.ConfigDict()
+    c.name = "run"
+
+    c.model = ml_collections.ConfigDict()
+    c.model.preset = "tiny"  # a preset of model.config ('tiny', '2b', '4b', ...)
+    c.model.checkpoint = ""  # '' = random init; else a local HF dir or one of our orbax checkpoints
+    c.model.dtype = "float32"  # compute dtype of activations
+    c.model.param_dtype = "float32"
+    c.model.remat = False
+    c.model.overrides = ml_collections.ConfigDict()  # ModelConfig fields (free-form, checked by ModelConfig)
+    c.model.coord_init = "random"  # 'random' | 'sinusoidal': init of the coordinate-token embedding rows
+
+    c.tokenizer = ml_collections.ConfigDict()
+    c.tokenizer.path = ""  # '' = the project's small tokenizer
+
+    c.data = ml_collections.ConfigDict()
+    c.data.kind = "synthetic"  # 'synthetic' | 'jsonl' | 'fusion'
+    c.data.path = ""  # records file/dir (jsonl), fusion preset/yaml (fusion), cache dir (synthetic; '' = workdir)
+    c.data.eval_path = ""
+    c.data.protocol = "coordjson"
+    c.data.image_size = 128  # longest side in pixels after smart_resize (max_pixels = image_size**2)
+    c.data.max_objects = 8
+    c.data.seq_len = 256  # text bucket (power of two)
+    c.data.batch_size = 8  # global batch per micro-batch
+    c.data.num_train = 2048  # synthetic set size
+    c.data.num_eval = 64
+    c.data.num_classes = 3
+    c.data.min_objects = 1
+    c.data.seed = 0
+    c.data.worker_count = 0
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.ce = 1.0
+    c.loss.coord_ce = 0.0
+    c.loss.soft_ce = 0.0
+    c.loss.w1 = 0.0
+    c.loss.gate = 0.0
+    c.loss.text_gate = 0.0
+    c.loss.l1 = 0.0
+    c.loss.giou = 0.0
+    c.loss.smooth_l1 = 0.0
+    c.loss.ciou = 0.0
+    c.loss.tau = 1.0
+    c.loss.sigma = 1.0
+    c.loss.truncate = 8
+    c.loss.ce_chunk = 0  # sequence chunk of the chunked CE (0 = whole sequence)
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 1e-4
+    c.optim.warmup_steps = 0
+    c.optim.schedule = "cosine"  # 'cosine' | 'constant'
+    c.optim.min_lr_ratio = 0.0  # final lr of the cosine as a fraction of lr
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 0.0
+    c.optim.clip_norm = 1.0  # global-norm clipping of the trainable gradients (0 = off)
+    c.optim.lm = _group()
+    c.optim.vision = _group()
+    c.optim.merger = _group()
+    c.optim.coord_rows = _group()  # rows of the coordinate tokens in the embedding (and an untied lm_head)
+    c.optim.group_patterns = DEFAULT_GROUP_PATTERNS
+    c.optim.coord_row_params = (r"embed_tokens", r"lm_head")  # regexes of params whose rows are vocabulary rows
+
+    c.lora = ml_collections.ConfigDict()
+    c.lora.enabled = False
+    c.lora.rank = 8
+    c.lora.alpha = 16.0
+    c.lora.targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    c.lora.include_vision = False
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    c.mesh.rules = DEFAULT_RULES
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 100
+    c.train.grad_accum = 1
+    c.train.seed = 0
+    c.train.log_every = 10
+    c.train.ckpt_every = 100
+    c.train.keep_n = 3
+    c.train.async_checkpoint = True
+    c.train.nan_policy = "stop"  # 'stop' | 'skip'
+    c.train.ema_decay = 0.0  # 0 = no EMA
+    c.train.max_minutes = 0.0  # stop (and checkpoint) after this many minutes of training (0 = no limit)
+    c.train.progress = True
+    c.train.tensorboard = True
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every = 0  # steps between evaluations (0 = only at the end, if eval.at_end)
+    c.eval.at_end = True
+    c.eval.num_images = 64
+    c.eval.batch_size = 16
+    c.eval.max_new_tokens = 128
+    c.eval.num_pictures = 4
+    c.eval.use_ema = True
+    return c
+
+
+class ConfigError(ValueError):
+    """A config value that is unknown, of the wrong type or out of range; the message names the key."""
+
+
+def _positive(v):
+    return v > 0
+
+
+def _non_negative(v):
+    return v >= 0
+
+
+def _mesh_size(v):
+    return v == -1 or v >= 1
+
+
+def _prob(v):
+    return 0.0 <= v < 1.0
+
+
+def _one_of(*choices) -> Callable[[Any], bool]:
+    f = lambda v: v in choices  # noqa: E731
+    f.__doc__ = f"one of {choices}"
+    return f
+
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+# Range checks: dotted key (or '*.suffix' for every group) -> (predicate, description).
+RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "model.dtype": (_one_of(*_DTYPES), f"one of {_DTYPES}"),
+    "model.param_dtype": (_one_of(*_DTYPES), f"one of {_DTYPES}"),
+    "model.coord_init": (_one_of("random", "sinusoidal"), "'random' or 'sinusoidal'"),
+    "data.kind": (_one_of("synthetic", "jsonl", "fusion"), "'synthetic', 'jsonl' or 'fusion'"),
+    "data.image_size": (_positive, "> 0"),
+    "data.max_objects": (_positive, "> 0"),
+    "data.seq_len": (lambda v: v > 0 and (v & (v - 1)) == 0, "a power of two"),
+    "data.batch_size": (_positive, "> 0"),
+    "data.num_train": (_positive, "> 0"),
+    "data.num_eval": (_non_negative, ">= 0"),
+    "data.num_classes": (_positive, "> 0"),
+    "data.min_objects": (_non_negative, ">= 0"),
+    "data.worker_count": (_non_negative, ">= 0"),
+    "loss.tau": (_positive, "> 0"),
+    "loss.sigma": (_positive, "> 0"),
+    "loss.truncate": (_non_negative, ">= 0"),
+    "loss.ce_chunk": (_non_negative, ">= 0"),
+    "optim.lr": (_non_negative, ">= 0"),
+    "optim.warmup_steps": (_non_negative, ">= 0"),
+    "optim.schedule": (_one_of("cosine", "constant"), "'cosine' or 'constant'"),
+    "optim.min_lr_ratio": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+    "optim.b1": (_prob, "in [0, 1)"),
+    "optim.b2": (_prob, "in [0, 1)"),
+    "optim.eps": (_positive, "> 0"),
+    "optim.weight_decay": (_non_negative, ">= 0"),
+    "optim.clip_norm": (_non_negative, ">= 0"),
+    "optim.*.lr_mult": (_non_negative, ">= 0"),
+    "lora.rank": (_positive, "> 0"),
+    "lora.alpha": (_positive, "> 0"),
+    "mesh.data": (_mesh_size, "-1 or >= 1"),
+    "mesh.fsdp": (_mesh_size, "-1 or >= 1"),
+    "mesh.tensor": (_mesh_size, "-1 or >= 1"),
+    "train.steps": (_positive, "> 0"),
+    "train.grad_accum": (_positive, "> 0"),
+    "train.log_every": (_positive, "> 0"),
+    "train.ckpt_every": (_non_negative, ">= 0"),
+    "train.keep_n": (_positive, "> 0"),
+    "train.nan_policy": (_one_of("stop", "skip"), "'stop' or 'skip'"),
+    "train.ema_decay": (_prob, "in [0, 1)"),
+    "train.max_minutes": (_non_negative, ">= 0"),
+    "eval.every": (_non_negative, ">= 0"),
+    "eval.num_images": (_non_negative, ">= 0"),
+    "eval.batch_size": (_positive, "> 0"),
+    "eval.max_new_tokens": (_positive, "> 0"),
+    "eval.num_pictures": (_non_negative, ">= 0"),
+}
+
+_LOSS_WEIGHTS = ("ce", "coord_ce", "soft_ce", "w1", "gate", "text_gate", "l1", "giou", "smooth_l1", "ciou")
+for _k in _LOSS_WEIGHTS:
+    RANGES[f"loss.{_k}"] = (_non_negative, ">= 0")
+
+
+def _type_ok(value: Any, default: Any) -> bool:
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, str):
+        return isinstance(value, str)
+    if isinstance(default, (tuple, list)):
+        return isinstance(value, (tuple, list))
+    return True
+
+
+def _type_name(default: Any) -> str:
+    return {bool: "bool", int: "int", float: "float", str: "str", tuple: "tuple", list: "tuple"}.get(
+        type(default), type(default).__name__
+    )
+
+
+def _range_check(key: str, value: Any) -> None:
+    check = RANGES.get(key)
+    if check is None and key.count(".") == 2:  # optim.<group>.lr_mult
+        head, _, leaf = key.split(".")
+        check = RANGES.get(f"{head}.*.{leaf}")
+    if check is not None and not check[0](value):
+        raise ConfigError(f"config key '{key}' = {value!r} is out of range: must be {check[1]}")
+
+
+def _walk(cfg: Any, schema: Any, prefix: str) -> None:
+    for key in cfg.keys():
+        dotted = f"{prefix}{key}"
+        if key not in schema:
+            close = difflib.get_close_matches(key, list(schema.keys()), n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown config key '{dotted}'{hint}")
+        value, default = cfg[key], schema[key]
+        if isinstance(default, ml_collections.ConfigDict):
+            if not isinstance(value, (ml_collections.ConfigDict, dict)):
+                raise ConfigError(f"config key '{dotted}' must be a section (ConfigDict), got {value!r}")
+            if dotted in FREE_KEYS:
+                continue
+            _walk(value, default, dotted + ".")
+            continue
+        if not _type_ok(value, default):
+            raise ConfigError(
+                f"config key '{dotted}' must be {_type_name(default)}, got {type(value).__name__} {value!r}"
+            )
+        _range_check(dotted, value)
+
+
+def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Checks `cfg` against `base_config()` and cross-key constraints; returns a copy with every default filled in.
+
+    Raises:
+      ConfigError: naming the dotted key that is unknown, of the wrong type or out of range.
+    """
+    schema = base_config()
+    _walk(cfg, schema, "")
+    full = base_config()
+    with full.unlocked():
+        _merge(full, cfg)
+    for name, rule in full.mesh.rules:
+        if not isinstance(name, str):
+            raise ConfigError(f"config key 'mesh.rules': logical name {name!r} must be a string")
+        axes = rule if isinstance(rule, (tuple, list)) else (rule,)
+        for ax in axes:
+            if ax not in (None, "data", "fsdp", "tensor"):
+                raise ConfigError(f"config key 'mesh.rules': rule for '{name}' names unknown mesh axis {ax!r}")
+    groups = {"lm", "vision", "merger"}
+    for g, pattern in full.optim.group_patterns:
+        if g not in groups:
+            raise ConfigError(f"config key 'optim.group_patterns': unknown group {g!r} (groups: {sorted(groups)})")
+    if full.data.min_objects > full.data.max_objects:
+        raise ConfigError("config key 'data.min_objects' must be <= data.max_objects")
+    return full
+
+
+def _merge(dst: ml_collections.ConfigDict, src: Any) -> None:
+    for key in src.keys():
+        if isinstance(dst.get(key), ml_collections.ConfigDict) and isinstance(src[key], (dict, ml_collections.ConfigDict)):
+            if not src[key].keys() and not dst[key].keys():
+                continue
+            with dst[key].unlocked():
+                _merge(dst[key], src[key])
+        else:
+            dst[key] = src[key]
+
+
+def to_dict(cfg: ml_collections.ConfigDict) -> dict:
+    """A plain JSON-able dict of `cfg` (tuples become lists)."""
+    return json.loads(cfg.to_json())
+
+
+def write_resolved(cfg: ml_collections.ConfigDict, workdir: str) -> str:
+    """Writes the resolved config as `workdir/config.json`; returns the path."""
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, "config.json")
+    with open(path, "w") as f:
+        json.dump(to_dict(cfg), f, indent=2, sort_keys=True)
+    return path
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+    """Imports a `get_config()` file and returns its config (not yet validated)."""
+    import importlib.util
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file '{path}' does not exist")
+    spec = importlib.util.spec_from_file_location(f"_coordexp_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file '{path}' defines no get_config()")
+    return module.get_config()

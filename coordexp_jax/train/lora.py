@@ -1,0 +1,85 @@
+"""LoRA on chosen linear layers, with Flax NNX's `nnx.LoRA`, and merging it back into the base weights for export.
+
+`apply_lora` replaces each `nnx.Linear` whose attribute name is in `targets` by an `nnx.LoRA` wrapping it
+(`y = base(x) + (alpha / rank) * x @ A @ B`, B initialised to zero so training starts from the base model). The
+adapter parameters are `nnx.LoRAParam`s, which `optim.trainable_filter` keeps trainable while the base weights are
+frozen (the coordinate-token rows of the embedding stay trainable through `optim.coord_rows`).
+`merge_lora` folds `W <- W + (alpha / rank) A @ B` and puts the plain `nnx.Linear` back.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import jax.numpy as jnp
+from flax import nnx
+
+
+class ScaledLoRA(nnx.LoRA):
+    """`nnx.LoRA` with the usual alpha / rank scale on the adapter path (nnx.LoRA itself has no scale)."""
+
+    def __init__(self, in_features: int, lora_rank: int, out_features: int, *, scale: float, **kwargs):
+        super().__init__(in_features, lora_rank, out_features, **kwargs)
+        self.scale = float(scale)
+
+    def __call__(self, x, **kwargs):
+        base = self.base_module(x, **kwargs)
+        x, a, b = self.promote_dtype((x, self.lora_a[...], self.lora_b[...]), dtype=self.dtype)
+        return base + (self.scale * (x @ a @ b)).astype(base.dtype)
+
+
+def _modules(model: nnx.Module):
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.Module) and path:
+            yield path, node
+
+
+def _set(model: nnx.Module, path: tuple, value) -> None:
+    parent = model
+    for k in path[:-1]:
+        parent = parent[k] if isinstance(k, int) else getattr(parent, k)
+    if isinstance(path[-1], int):
+        parent[path[-1]] = value
+    else:
+        setattr(parent, path[-1], value)
+
+
+def apply_lora(model: nnx.Module, targets: Sequence[str], rank: int, alpha: float, rngs: nnx.Rngs,
+               exclude: str | None = r"(^|/)(vision|visual)\w*(/|$)") -> int:
+    """Wraps every `nnx.Linear` named in `targets` (path not matching `exclude`) in a `ScaledLoRA`, in place.
+
+    Returns the number of layers adapted; raises if none matched (a typo in `lora.targets` would otherwise train
+    nothing).
+    """
+    hits = []
+    for path, mod in list(_modules(model)):
+        name = path[-1]
+        p = "/".join(str(k) for k in path)
+        if name in targets and isinstance(mod, nnx.Linear) and not (exclude and re.search(exclude, p)):
+            hits.append((path, mod))
+    if not hits:
+        raise ValueError(f"lora: no nnx.Linear layer is named any of lora.targets={tuple(targets)}")
+    for path, lin in hits:
+        kernel = lin.kernel[...]
+        wrapped = ScaledLoRA(
+            kernel.shape[0], rank, kernel.shape[1], base_module=lin, scale=alpha / rank,
+            dtype=lin.dtype, param_dtype=lin.param_dtype, rngs=rngs,
+        )
+        _set(model, path, wrapped)
+    return len(hits)
+
+
+def merge_lora(model: nnx.Module) -> int:
+    """Folds every `ScaledLoRA` into its base `nnx.Linear` (W += scale * A @ B) and removes it, in place.
+
+    Returns the number of layers merged.
+    """
+    hits = [(p, m) for p, m in _modules(model) if isinstance(m, ScaledLoRA)]
+    for path, lora in hits:
+        lin = lora.base_module
+        k = lin.kernel[...]
+        delta = lora.scale * (lora.lora_a[...].astype(jnp.float32) @ lora.lora_b[...].astype(jnp.float32))
+        lin.kernel[...] = (k.astype(jnp.float32) + delta).astype(k.dtype)
+        _set(model, path, lin)
+    return len(hits)

@@ -1,0 +1,176 @@
+"""The pure train step on the stand-in model: gradient accumulation by summed counts, parameter groups and
+freezing, coordinate rows, LoRA merge, NaN handling, EMA."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from coordexp_jax.train import config as C, lora as L, optim, sharding as shd
+
+from standin import COORD_START, VOCAB, Objective, StandIn, build, make_batch
+
+
+def _cfg(**kw):
+    cfg = C.base_config()
+    cfg.optim.lr = 1e-2
+    cfg.optim.schedule = "constant"
+    for k, v in kw.items():
+        node = cfg
+        *head, leaf = k.split(".")
+        for h in head:
+            node = node[h]
+        node[leaf] = v
+    return C.validate(cfg)
+
+
+def _flat(state):
+    from coordexp_jax.train.optim import path_str
+
+    return {path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(state)[0]}
+
+
+def _put(b, mesh):
+    return shd.put_batch(b, shd.batch_shardings(b, mesh))
+
+
+def test_grad_accum_equals_big_batch_with_uneven_counts():
+    # a large Adam eps makes the update a smooth function of the gradient (first-step Adam is ~sign(g), which
+    # turns float32 round-off in near-zero gradients into full-size differences)
+    cfg = _cfg(**{"optim.eps": 1.0})
+    big = make_batch(3, 4, micro=1)
+    acc = make_batch(3, 4, micro=2)
+    # the micro-batches really differ in token and box counts (else dividing per micro-batch would also pass)
+    assert acc["loss_mask"][0].sum() != acc["loss_mask"][1].sum()
+    _, s1, _, f1, mesh = build(cfg)
+    _, s2, _, f2, _ = build(cfg)
+    s1, m1 = f1(s1, _put(big, mesh))
+    s2, m2 = f2(s2, _put(acc, mesh))
+    np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6)
+    np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-5)
+    a, b = _flat(s1.params), _flat(s2.params)
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], atol=1e-6, err_msg=k)
+    # independent reference of the loss: per-term means over the whole batch, by numpy from the same model
+    model = StandIn(0)
+    logits = np.asarray(model(jnp.asarray(big["input_ids"][0]), jnp.asarray(big["feat"][0])), np.float64)
+    lp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    nll = -np.take_along_axis(lp, big["targets"][0][..., None], -1)[..., 0]
+    ce = (nll * big["loss_mask"][0]).sum() / big["loss_mask"][0].sum()
+    pred = 1 / (1 + np.exp(-logits[:, 1, :4]))
+    box = (((pred - big["box"][0]) ** 2).sum(-1) * big["box_valid"][0]).sum() / big["box_valid"][0].sum()
+    np.testing.assert_allclose(float(m1["loss"]), ce + 0.5 * box, rtol=1e-5)
+
+
+@functools.lru_cache(maxsize=None)
+def _delta_cached(overrides: tuple):
+    """One step from the same init under `_cfg(**overrides)`: (param deltas, params before, frozen before/after).
+    Cached: each distinct config compiles once for the module."""
+    cfg = _cfg(**dict(overrides))
+    _, s0, _, fn, mesh = build(cfg)
+    before = _flat(jax.tree.map(np.asarray, s0.params))
+    frozen_before = _flat(jax.tree.map(np.asarray, s0.frozen))
+    s1, _ = fn(s0, _put(make_batch(0, 4), mesh))
+    after = _flat(s1.params)
+    return {k: after[k] - before[k] for k in after}, before, frozen_before, _flat(s1.frozen)
+
+
+def _delta(**overrides):
+    return _delta_cached(tuple(sorted(overrides.items())))
+
+
+def test_groups_scale_and_freeze():
+    base, *_ = _delta()
+    half, *_ = _delta(**{"optim.merger.lr_mult": 0.5, "optim.vision.lr_mult": 0.0})
+    for k in base:
+        if k.startswith("merger"):
+            np.testing.assert_allclose(half[k], 0.5 * base[k], rtol=1e-5, atol=1e-9, err_msg=k)
+            assert np.abs(base[k]).max() > 0
+        elif k.startswith("visual"):
+            assert np.all(half[k] == 0), k
+        elif not k.startswith("lm_head") and not k.startswith("embed"):
+            np.testing.assert_allclose(half[k], base[k], rtol=1e-5, atol=1e-9, err_msg=k)
+    # a frozen group is not trainable at all: no gradient, no optimizer state, unchanged
+    d, _, fb, fa = _delta(**{"optim.vision.freeze": True})
+    assert not any(k.startswith("visual") for k in d)
+    assert any(k.startswith("visual") for k in fb)
+    for k in fb:
+        np.testing.assert_array_equal(fb[k], fa[k])
+
+
+def test_coord_rows_own_lr_and_trainable_when_lm_frozen():
+    base, *_ = _delta()
+    rows = np.zeros(VOCAB, bool)
+    rows[COORD_START:COORD_START + 1000] = True
+    d, *_ = _delta(**{"optim.coord_rows.lr_mult": 0.25})
+    np.testing.assert_allclose(d["embed_tokens/embedding"][rows], 0.25 * base["embed_tokens/embedding"][rows],
+                               rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(d["embed_tokens/embedding"][~rows], base["embed_tokens/embedding"][~rows], rtol=1e-5)
+    np.testing.assert_allclose(d["lm_head/kernel"][:, rows], 0.25 * base["lm_head/kernel"][:, rows], rtol=1e-5,
+                               atol=1e-9)
+    # 'lm' frozen: only the coordinate rows of the embedding / lm_head move
+    d, *_ = _delta(**{"optim.lm.freeze": True})
+    assert set(d) == {"embed_tokens/embedding", "lm_head/kernel", "visual/proj/kernel", "visual/proj/bias",
+                      "merger/fc/kernel", "merger/fc/bias"}
+    assert np.all(d["embed_tokens/embedding"][~rows] == 0) and np.all(d["lm_head/kernel"][:, ~rows] == 0)
+    used = np.unique(make_batch(0, 4)["targets"])
+    used = used[(used >= COORD_START) & (used < COORD_START + 1000)]
+    assert np.abs(d["lm_head/kernel"][:, used]).max() > 0
+
+
+def test_lora_trains_adapters_and_coord_rows_only_then_merges_exactly():
+    cfg = _cfg(**{"lora.enabled": True, "lora.rank": 4, "lora.targets": ("q_proj", "v_proj", "up_proj")})
+    g, s0, _, fn, mesh = build(cfg)
+    names = set(_flat(s0.params))
+    assert names == {f"layers/{i}/{p}/{ab}" for i in range(2) for p in ("q_proj", "v_proj", "up_proj")
+                     for ab in ("lora_a", "lora_b")} | {"embed_tokens/embedding", "lm_head/kernel"}
+    frozen0 = _flat(jax.tree.map(np.asarray, s0.frozen))
+    for _ in range(3):
+        s0, _ = fn(s0, _put(make_batch(1, 4), mesh))
+    assert np.abs(_flat(s0.params)["layers/0/q_proj/lora_b"]).max() > 0  # adapters moved (B starts at zero)
+    for k, v in _flat(s0.frozen).items():
+        np.testing.assert_array_equal(v, frozen0[k], err_msg=k)
+    model = nnx.merge(g, s0.params, s0.frozen)
+    b = make_batch(5, 3)
+    ids, feat = jnp.asarray(b["input_ids"][0]), jnp.asarray(b["feat"][0])
+    adapted = np.asarray(model(ids, feat))
+    assert L.merge_lora(model) == 6
+    assert not any(isinstance(m, L.ScaledLoRA) for _, m in nnx.iter_graph(model))
+    assert isinstance(model.layers[0].q_proj, nnx.Linear)
+    np.testing.assert_allclose(np.asarray(model(ids, feat)), adapted, atol=2e-5, rtol=1e-5)
+
+
+def test_lora_unknown_target_is_an_error():
+    with pytest.raises(ValueError, match="no nnx.Linear layer is named"):
+        L.apply_lora(StandIn(0), ("qkv",), 4, 8.0, nnx.Rngs(0))
+
+
+def test_nonfinite_batch_is_skipped_and_counted_and_ema():
+    cfg = _cfg(**{"train.ema_decay": 0.9})
+    _, s, _, fn, mesh = build(cfg)
+    p0 = _flat(jax.tree.map(np.asarray, s.params))
+    s, _ = fn(s, _put(make_batch(0, 4), mesh))
+    p1, e1 = _flat(s.params), _flat(s.ema)
+    for k in p0:  # EMA of the parameters, starting from the initial ones
+        np.testing.assert_allclose(e1[k], 0.9 * p0[k] + 0.1 * p1[k], rtol=1e-5, atol=1e-7)
+    before = jax.tree.map(np.asarray, (s.params, s.opt_state, s.ema))
+    bad = make_batch(1, 4)
+    bad["feat"][0, 1, 0] = np.nan
+    s, m = fn(s, _put(bad, mesh))
+    assert int(m["nonfinite"]) == 1 and int(s.skipped) == 1 and int(s.step) == 2
+    after = jax.tree.map(np.asarray, (s.params, s.opt_state, s.ema))
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+        np.testing.assert_array_equal(a, b)
+    s, m = fn(s, _put(make_batch(2, 4), mesh))
+    assert int(m["nonfinite"]) == 0 and np.isfinite(float(m["loss"]))
+
+
+def test_schedule_warmup_cosine():
+    cfg = _cfg(**{"optim.schedule": "cosine", "optim.warmup_steps": 10, "optim.min_lr_ratio": 0.1})
+    s = optim.schedule(cfg, 110)
+    lr = cfg.optim.lr
+    np.testing.assert_allclose([s(0), s(5), s(10), s(60), s(110)],
+                               [0, lr / 2, lr, lr * (0.1 + 0.9 * 0.5), lr * 0.1], rtol=1e-5, atol=1e-9)
