@@ -1,0 +1,187 @@
+"""Evaluation: roll the model out over records, parse the answers, score them with the field's tools.
+
+`python -m coordexp_jax.evaluate --config FILE --checkpoint DIR --out DIR` writes `metrics.json`,
+`predictions.jsonl` (one line per record: the answer text, parsed objects in pixels of the original image,
+their scores, what the parser dropped) and `index.html` with pictures of predicted and true boxes.
+
+Per task (coordexp_method.md §9):
+- detection: COCO mAP / AP50 / AP75 (pycocotools) under the `constant` and `logprob` score rules, F1@0.5,
+  parse-failure, invalid-box and duplicate rates. Boxes come from the emitted coordinate tokens (k / 999); the
+  same metrics for the expectation boxes (ĉ of each coordinate distribution) are reported with an `exp_` prefix.
+- grounding: Acc@0.5 (IoU >= 0.5) of the first predicted box, for records with one ground-truth box.
+- counting: MAE / RMSE of the stated count.
+A predicted object's score is exp(mean log-prob of its 4 coordinate tokens) under the model at temperature 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from coordexp_jax import metrics as M
+from coordexp_jax.coord import codec, protocols
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    batch_size: int = 16
+    num_pictures: int = 24
+    max_records: int = 0  # 0 = all
+    categories: tuple[str, ...] = ()  # detection categories; () = every gt desc of the detection records
+
+
+def _objects_px(parsed: protocols.ParseResult, rollout_row, width, height, pixel_mode, use_expectation):
+    """Parsed objects -> dicts with boxes in pixels of the original image and logprob scores."""
+    tokens_lp, coord_exp = rollout_row
+    out = []
+    for o in parsed.objects:
+        pos = np.asarray(o.positions)
+        if use_expectation:
+            box = coord_exp[pos].astype(np.float64)
+        else:
+            box = codec.bins_to_box(o.bins).astype(np.float64)
+        box_px = np.asarray(codec.norm_to_pixels(box, width, height, pixel_mode), np.float64)
+        score = float(np.exp(np.mean(tokens_lp[pos])))
+        out.append({"desc": o.desc, "bbox": [round(float(v), 3) for v in box_px], "score": score})
+    return out
+
+
+def evaluate_records(sampler, records: Sequence, encoder, *, config: EvalConfig = EvalConfig(),
+                     out_dir: str | None = None, progress: bool = True) -> dict:
+    """Rolls `sampler` (a `rollout.sampler.Sampler`) out over `records` and returns the metrics dict.
+
+    `encoder` is the `data.prompts.SampleEncoder` used in training (same image preprocessing and prompt).
+    Writes predictions, metrics and pictures to `out_dir` when given.
+    """
+    from coordexp_jax.data.prompts import encode_prompts
+
+    if config.max_records:
+        records = list(records)[: config.max_records]
+    if not records:
+        raise ValueError("no records to evaluate")
+    tok, ids, pcfg = encoder.tokenizer, encoder.token_ids, encoder.cfg
+    rows, failures = [], 0
+    bar = tqdm(total=len(records), desc="evaluate", unit="img", disable=not progress, dynamic_ncols=True)
+    for start in range(0, len(records), config.batch_size):
+        chunk = list(records[start:start + config.batch_size])
+        batch = encode_prompts(chunk, encoder)
+        batch.pop("prompt_lengths", None)
+        ro = sampler.generate(batch)
+        for b, r in enumerate(chunk):
+            answer_ids = ro.row(b)
+            row = {"record": r, "answer_ids": answer_ids, "finished": bool(ro.finished[b])}
+            if r.task == "counting":
+                row["count"] = protocols.parse_count(answer_ids, tok, ids)
+            else:
+                parsed = protocols.parse(answer_ids, tok, ids, pcfg.protocol)
+                row["parsed"] = parsed
+                lp, ce = ro.logprobs[b], ro.coord_expectation[b]
+                row["pred"] = _objects_px(parsed, (lp, ce), r.width, r.height, pcfg.pixel_mode, False)
+                row["pred_exp"] = _objects_px(parsed, (lp, ce), r.width, r.height, pcfg.pixel_mode, True)
+            rows.append(row)
+        bar.update(len(chunk))
+    bar.close()
+
+    out: dict = {}
+    det = [x for x in rows if x["record"].task == "detection"]
+    if det:
+        cats = list(config.categories) or sorted({o.desc for x in det for o in x["record"].objects})
+        for prefix, key in (("", "pred"), ("exp_", "pred_exp")):
+            results = [_image_result(i, x, key, pcfg.pixel_mode) for i, x in enumerate(det)]
+            m = M.detection_metrics(results, cats)
+            if prefix:
+                m = {k: v for k, v in m.items() if k.startswith(("AP", "f1"))}
+            out.update({f"det/{prefix}{k}": v for k, v in m.items()})
+    grd = [x for x in rows if x["record"].task == "grounding" and len(x["record"].objects) == 1]
+    if grd:
+        preds = [x["pred"][0]["bbox"] if x["pred"] else None for x in grd]
+        gts = [x["record"].boxes_px(pcfg.pixel_mode)[0] for x in grd]
+        out["grounding/acc@0.5"] = M.grounding_accuracy(preds, gts)
+        out["grounding/num"] = len(grd)
+        out["grounding/parse_failure_rate"] = float(np.mean([not x["parsed"].objects for x in grd]))
+    cnt = [x for x in rows if x["record"].task == "counting"]
+    if cnt:
+        pc = [x["count"].count if x["count"].count is not None else 0 for x in cnt]
+        gc = [len(x["record"].objects) for x in cnt]
+        out.update({f"counting/{k}": v for k, v in M.counting_errors(pc, gc).items()})
+        out["counting/parse_failure_rate"] = float(np.mean([x["count"].count is None for x in cnt]))
+    out["unfinished_rate"] = float(np.mean([not x["finished"] for x in rows]))
+    out["num_records"] = len(rows)
+    if out_dir is not None:
+        _write_outputs(out_dir, rows, out, encoder, config)
+    return out
+
+
+def _image_result(i: int, x: dict, key: str, pixel_mode: str) -> M.ImageResult:
+    r = x["record"]
+    gt = [M.PredObject(o.desc, tuple(b)) for o, b in zip(r.objects, r.boxes_px(pixel_mode))]
+    pred = [M.PredObject(p["desc"], tuple(p["bbox"]), p["score"]) for p in x[key]]
+    parsed = bool(x["parsed"].objects) or (x["parsed"].closed and not x["parsed"].num_dropped)
+    return M.ImageResult(i + 1, r.width, r.height, gt, pred, parsed=parsed)
+
+
+def _write_outputs(out_dir: str, rows: list[dict], metrics: dict, encoder, config: EvalConfig) -> None:
+    from PIL import Image
+
+    from coordexp_jax.data.tokenizer import decode_ids
+    from coordexp_jax.visualize import draw_prediction, write_html
+
+    os.makedirs(os.path.join(out_dir, "pictures"), exist_ok=True)
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2, sort_keys=True)
+    entries = []
+    with open(os.path.join(out_dir, "predictions.jsonl"), "w") as f:
+        for i, x in enumerate(rows):
+            r = x["record"]
+            line = {"image": r.image, "task": r.task, "source": r.source, "width": r.width, "height": r.height,
+                    "answer": decode_ids(encoder.tokenizer, x["answer_ids"]), "finished": x["finished"]}
+            if "parsed" in x:
+                line.update(objects=x["pred"], objects_expectation=x["pred_exp"], dropped=x["parsed"].dropped,
+                            closed=x["parsed"].closed)
+            else:
+                line.update(count=x["count"].count, dropped=x["count"].dropped)
+            f.write(json.dumps(line) + "\n")
+            if "parsed" in x and len(entries) < config.num_pictures:
+                gt = [{"desc": o.desc, "bbox": list(b)} for o, b in zip(r.objects, r.boxes_px(encoder.cfg.pixel_mode))]
+                with Image.open(r.image) as im:
+                    pic = draw_prediction(im, x["pred"], gt)
+                name = f"pictures/{i:05d}.png"
+                pic.save(os.path.join(out_dir, name))
+                entries.append({"image": name, "caption": f"{os.path.basename(r.image)} [{r.task}]\n"
+                                                          + line["answer"][:300]})
+    write_html(out_dir, entries, summary=metrics)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m coordexp_jax.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="a training config file (its data.eval sources are evaluated)")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint directory: ours, a training workdir, or HF")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--max_records", type=int, default=0)
+    p.add_argument("--batch_size", type=int, default=0, help="0 = the config's eval batch size")
+    args, overrides = p.parse_known_args(argv)
+    try:
+        from coordexp_jax.train.evaluation import build_evaluator
+
+        evaluator = build_evaluator(args.config, overrides, checkpoint=args.checkpoint,
+                                    max_records=args.max_records, batch_size=args.batch_size)
+        metrics = evaluator(args.out)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(metrics, indent=2, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
