@@ -80,13 +80,15 @@ class AnswerObject:
 @dataclasses.dataclass
 class Serialized:
     """`ids`: the answer body (no `<|im_end|>`); `coord_positions [M,4]`: index into `ids` of each coordinate
-    token; `bins [M,4]`; `order [M]`: index into the input list of each emitted object; `descs`: in emitted order."""
+    token; `bins [M,4]`; `order [M]`: index into the input list of each emitted object; `descs`: in emitted order;
+    `spans [M,2]`: [start, end) of each emitted object's tokens in `ids` (separators between objects excluded)."""
 
     ids: list[int]
     coord_positions: np.ndarray
     bins: np.ndarray
     order: np.ndarray
     descs: list[str]
+    spans: np.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,12 +229,14 @@ def serialize(objects: Sequence[AnswerObject], tokenizer, token_ids, protocol: s
     perm = object_order(bins, order, seed)
     cs = int(token_ids.coord_start)
     pos = np.zeros((m, 4), np.int32)
+    spans = np.zeros((m, 2), np.int32)
     ids: list[int] = []
     if protocol == "coordjson":
         ids += p.json_open
         for n, idx in enumerate(perm):
             if n:
                 ids += p.comma
+            spans[n, 0] = len(ids)
             ids += p.obj_head
             ids += p.text(json.dumps(objects[idx].desc, ensure_ascii=False)[1:-1])
             ids += p.desc_tail
@@ -242,10 +246,12 @@ def serialize(objects: Sequence[AnswerObject], tokenizer, token_ids, protocol: s
                 pos[n, j] = len(ids)
                 ids.append(cs + int(bins[idx, j]))
             ids += p.obj_close
+            spans[n, 1] = len(ids)
         ids += p.json_close
     else:
         t = token_ids
         for n, idx in enumerate(perm):
+            spans[n, 0] = len(ids)
             ids += (t.obj_open, t.desc_open)
             ids += p.text(objects[idx].desc)
             ids += (t.desc_close, t.box_open)
@@ -253,8 +259,9 @@ def serialize(objects: Sequence[AnswerObject], tokenizer, token_ids, protocol: s
                 pos[n, j] = len(ids)
                 ids.append(cs + int(bins[idx, j]))
             ids += (t.box_close, t.obj_close)
+            spans[n, 1] = len(ids)
     return Serialized(ids=ids, coord_positions=pos, bins=bins[perm], order=np.asarray(perm, np.int64),
-                      descs=[objects[i].desc for i in perm])
+                      descs=[objects[i].desc for i in perm], spans=spans)
 
 
 def serialize_grounding(phrase: str, boxes, tokenizer, token_ids, protocol: str = "coordjson",
