@@ -1,0 +1,192 @@
+"""Matching: Hungarian vs scipy, Sinkhorn vs Hungarian, FP/FN dummies, gating, greedy IoU matcher."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.optimize import linear_sum_assignment
+
+from coordexp_jax.coord import boxes, matching as M
+
+BUCKETS = (16, 32, 64)
+
+
+def _bucket(k):
+    return next(b for b in BUCKETS if k <= b)
+
+
+def _random_problems(rng, count, max_size=60):
+    """Random rectangular cost problems, grouped by padded size bucket: {P: (costs [B,P,P], rv, cv, sizes)}."""
+    groups = {}
+    for _ in range(count):
+        n, m = (int(x) for x in rng.integers(1, max_size + 1, 2))
+        kind = rng.integers(3)
+        c = rng.random((n, m)) if kind == 0 else (rng.integers(0, 5, (n, m)) if kind == 1 else rng.exponential(3, (n, m)))
+        groups.setdefault(_bucket(max(n, m)), []).append(c.astype(np.float32))
+    out = {}
+    for p, cs in groups.items():
+        costs = rng.random((len(cs), p, p)).astype(np.float32) * 10  # padding holds garbage
+        rv = np.zeros((len(cs), p), bool)
+        cv = np.zeros((len(cs), p), bool)
+        for b, c in enumerate(cs):
+            costs[b, : c.shape[0], : c.shape[1]] = c
+            rv[b, : c.shape[0]] = cv[b, : c.shape[1]] = True
+        out[p] = (costs, rv, cv, cs)
+    return out
+
+
+def _check_assignment(p2g, rv, cv):
+    got = p2g[p2g >= 0]
+    assert len(set(got.tolist())) == len(got)  # 1:1
+    assert np.all(rv[p2g >= 0]) and np.all(cv[got]) and np.all(p2g[~rv] == -1)
+
+
+def test_hungarian_matches_scipy_on_1000_problems():
+    rng = np.random.default_rng(0)
+    groups = _random_problems(rng, 1000)
+    assert sum(len(g[3]) for g in groups.values()) == 1000
+    for p, (costs, rv, cv, cs) in groups.items():
+        p2g = np.asarray(jax.jit(jax.vmap(lambda c, a, b: M.assign(c, a, b, "hungarian")))(costs, rv, cv))
+        for b, c in enumerate(cs):
+            r, col = linear_sum_assignment(c)
+            _check_assignment(p2g[b], rv[b], cv[b])
+            rows = np.nonzero(p2g[b] >= 0)[0]
+            assert len(rows) == min(c.shape)
+            np.testing.assert_allclose(c[rows, p2g[b][rows]].sum(), c[r, col].sum(), rtol=1e-5, atol=1e-4)
+
+
+def _augmented_reference(c, fp, fn):
+    """Independent numpy construction of CoordExp's square FP/FN matrix, solved with scipy."""
+    n, m = c.shape
+    big = 1e6
+    a = np.full((n + m, m + n), big)
+    a[:n, :m] = c
+    a[:n, m:][np.arange(n), np.arange(n)] = fp
+    a[n:, :m][np.arange(m), np.arange(m)] = fn
+    a[n:, m:] = 0
+    r, col = linear_sum_assignment(a)
+    return a[r, col].sum()
+
+
+@pytest.mark.parametrize("method", M.METHODS)
+def test_dummy_fp_fn_option(method):
+    rng = np.random.default_rng(1)
+    p = 12
+    costs, rv, cv, sizes, refs = [], [], [], [], []
+    for _ in range(60):
+        n, m = (int(x) for x in rng.integers(1, p + 1, 2))
+        # well separated: each pred is either a near-copy of a distinct gt (cost ~0.1) or far (cost >= 3)
+        c = 3 + rng.random((n, m))
+        k = int(rng.integers(0, min(n, m) + 1))
+        ii, jj = rng.permutation(n)[:k], rng.permutation(m)[:k]
+        c[ii, jj] = 0.1 + 0.1 * rng.random(k)
+        full = np.full((p, p), 7.0, np.float32)
+        full[:n, :m] = c
+        costs.append(full)
+        rv.append(np.arange(p) < n)
+        cv.append(np.arange(p) < m)
+        sizes.append((n, m))
+        refs.append(_augmented_reference(c, 1.0, 1.2))
+    costs, rv, cv = np.stack(costs), np.stack(rv), np.stack(cv)
+    f = jax.jit(jax.vmap(lambda c, a, b: M.assign(c, a, b, method, dummy=True, epsilon=0.01, num_iters=300)))
+    p2g = np.asarray(f(costs, rv, cv))
+    for b, (n, m) in enumerate(sizes):
+        _check_assignment(p2g[b], rv[b], cv[b])
+        rows = np.nonzero(p2g[b] >= 0)[0]
+        total = costs[b][rows, p2g[b][rows]].sum() + 1.0 * (n - len(rows)) + 1.2 * (m - len(rows))
+        assert total == pytest.approx(refs[b], abs=1e-4)
+
+
+def _separated_box_problem(rng, n, m, p):
+    """gt boxes on a jittered grid; predictions = a subset of gt (shuffled) with small noise, plus extras."""
+    k = min(n, m)
+    cells = rng.permutation(64)[: max(n, m)]
+    base = np.stack([(cells % 8) / 8, (cells // 8) / 8], 1) + rng.uniform(0, 0.02, (len(cells), 2))
+    wh = rng.uniform(0.04, 0.1, (len(cells), 2))
+    allb = np.concatenate([base, base + wh], 1)
+    gt = allb[:m]
+    pred = np.concatenate([gt[rng.permutation(m)[:k]], allb[m:][: n - k]])[rng.permutation(n)]
+    pred = pred + rng.normal(0, 0.004, pred.shape)
+    pad = lambda x, k: np.concatenate([x, rng.random((k - len(x), 4))]).astype(np.float32)  # noqa: E731
+    return pad(pred, p), pad(gt, p), np.arange(p) < n, np.arange(p) < m
+
+
+def test_sinkhorn_agrees_with_hungarian_on_separated_problems():
+    rng = np.random.default_rng(2)
+    p, count = 32, 400
+    probs = [_separated_box_problem(rng, *(int(x) for x in rng.integers(1, p + 1, 2)), p) for _ in range(count)]
+    pred, gt, pv, gv = (np.stack(x) for x in zip(*probs))
+    hung = jax.jit(lambda *a: M.match_batch(*a, method="hungarian"))(pred, gt, pv, gv)
+    sink = jax.jit(lambda *a: M.match_batch(*a, method="sinkhorn", epsilon=0.01, num_iters=200))(pred, gt, pv, gv)
+    h, s = np.asarray(hung.pred_to_gt), np.asarray(sink.pred_to_gt)
+    same = np.all(h == s, axis=1)
+    assert same.mean() >= 0.99, same.mean()
+    for b in np.nonzero(~same)[0]:  # the rest are near-ties: the Sinkhorn pairs cost (almost) no more per pair
+        c = np.asarray(M.box_cost_matrix(pred[b], gt[b]))
+        rows = np.nonzero(s[b] >= 0)[0]
+        assert c[rows, s[b][rows]].mean() <= c[h[b] >= 0, h[b][h[b] >= 0]].mean() + 1e-2
+    for res in (hung, sink):
+        for b in range(count):
+            _check_assignment(np.asarray(res.pred_to_gt[b]), pv[b], gv[b])
+        np.testing.assert_array_equal(res.fp, pv & ~np.asarray(res.matched_pred))
+        np.testing.assert_array_equal(res.fn, gv & ~np.asarray(res.matched_gt))
+
+
+def test_match_gate_masks_desc_and_stop_gradient():
+    gt = jnp.array([[0.1, 0.1, 0.3, 0.3], [0.6, 0.6, 0.9, 0.9], [0.0, 0.0, 0.0, 0.0]])
+    gv = jnp.array([True, True, False])
+    pred = jnp.array([[0.62, 0.6, 0.9, 0.92], [0.1, 0.1, 0.2, 0.2], [jnp.nan, 0.1, 0.2, 0.2], [0.5, 0.5, 0.6, 0.6]])
+    pv = jnp.array([True, True, True, False])
+    for method in M.METHODS:
+        r = jax.jit(lambda p: M.match(p, gt, pv, gv, method=method, iou_threshold=0.5))(pred)
+        # pred 1 vs gt 0 has IoU 0.25 < 0.5: assigned but gated out
+        assert r.pred_to_gt.tolist() == [1, -1, -1, -1]
+        assert r.gt_to_pred.tolist() == [-1, 0, -1]
+        assert r.fp.tolist() == [False, True, True, False] and r.fn.tolist() == [True, False, False]
+        r2 = M.match(pred, gt, pv, gv, method=method)
+        assert r2.pred_to_gt[:2].tolist() == [1, 0]
+        g = jax.grad(lambda p: M.match(p, gt, pv, gv, method=method).cost)(pred)
+        assert float(jnp.abs(jnp.nan_to_num(g)).sum()) == 0.0
+    # description mismatch changes the pairing
+    a = jnp.array([[0.1, 0.1, 0.3, 0.3], [0.12, 0.1, 0.3, 0.3]])
+    d = M.desc_mismatch(["cat", "Dog "], ["dog", "cat"])
+    assert d.tolist() == [[1.0, 0.0], [0.0, 1.0]]
+    assert M.match(a, a, desc_cost=d, desc_weight=5.0).pred_to_gt.tolist() == [1, 0]
+    assert M.match(a, a).pred_to_gt.tolist() == [0, 1]
+    # the cost matrix equals the formula, with NaN replaced by the bound
+    c = np.asarray(M.box_cost_matrix(pred, gt, 2.0, 3.0))
+    can_p, can_g = np.asarray(boxes.canonicalize(np.nan_to_num(np.asarray(pred)))), np.asarray(boxes.canonicalize(gt))
+    ref = 2 * boxes.pairwise_l1(can_p, can_g) + 3 * (1 - boxes.pairwise_giou(can_p, can_g))
+    np.testing.assert_allclose(c[[0, 1, 3]], ref[[0, 1, 3]], atol=1e-5)
+    assert np.all(c[2] == M.cost_bound(2.0, 3.0))
+    with pytest.raises(ValueError, match="method"):
+        M.assign(np.ones((2, 2)), method="auction")
+
+
+def _greedy_reference(pred, gt, thr):
+    """Naive: repeatedly take the globally best remaining pair."""
+    iou = np.array([[float(boxes.iou(np.array(p), np.array(g))) for g in gt] for p in pred]).reshape(len(pred), len(gt))
+    out = -np.ones(len(pred), int)
+    while iou.size and iou.max() >= thr:
+        i, j = np.unravel_index(np.argmax(iou), iou.shape)  # first max in row-major order: lower i, then lower j
+        out[i] = j
+        iou[i, :] = -1
+        iou[:, j] = -1
+    return out
+
+
+def test_greedy_iou_match():
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        n, m = rng.integers(0, 8, 2)
+        gt = rng.integers(0, 10, (m, 2)).astype(float)
+        gt = np.concatenate([gt, gt + rng.integers(1, 5, (m, 2))], 1)
+        pred = np.concatenate([gt[rng.integers(0, max(m, 1), n)] if m else np.zeros((n, 4)), ], 0)
+        pred = pred + rng.integers(-1, 2, pred.shape)
+        out = M.greedy_iou_match(pred, gt, 0.5)
+        np.testing.assert_array_equal(out, _greedy_reference(pred, gt, 0.5))
+    f = M.f1_counts(np.array([0, -1, 2]), num_gt=4)
+    assert (f["tp"], f["fp"], f["fn"]) == (2, 1, 2) and f["f1"] == pytest.approx(2 * (2 / 3) * 0.5 / (2 / 3 + 0.5))
+    # labels must agree
+    b = np.array([[0, 0, 1, 1.0]])
+    assert M.greedy_iou_match(b, b, 0.5, ["a"], ["b"]).tolist() == [-1]
