@@ -1,0 +1,167 @@
+"""Stage-2 target construction on hand-made rollouts, routing, and gradient isolation of false positives."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from coordexp_jax.coord import codec, protocols
+from coordexp_jax.data import prompts, records, synthetic
+from coordexp_jax.data.image import ImageConfig
+from coordexp_jax.data.tokenizer import decode_ids, small_tokenizer, token_ids_from_tokenizer
+from coordexp_jax.rollout.sampler import Rollout
+from coordexp_jax.train import stage2 as S2
+from coordexp_jax.train.objective import Stage1Objective
+
+
+def test_routing_is_deterministic_and_has_the_ratio():
+    steps = [s for s in range(1000) if S2.is_rollout_step(s, 0.05)]
+    assert len(steps) == 50 and steps[:3] == [19, 39, 59]
+    assert all(S2.is_rollout_step(s, 1.0) for s in range(10))
+    assert not any(S2.is_rollout_step(s, 0.0) for s in range(10))
+    assert sum(S2.is_rollout_step(s, 1 / 3) for s in range(300)) == 100
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("syn"))
+    cfg = synthetic.SyntheticConfig(image_size=(64, 64), min_objects=3, max_objects=3, clutter=0)
+    recs, _ = records.read_jsonl(synthetic.write_split(d, "train", 3, seed=5, cfg=cfg)["jsonl"])
+    tok = small_tokenizer()
+    ids = token_ids_from_tokenizer(tok)
+    pcfg = prompts.PromptConfig(image=ImageConfig(min_pixels=64 * 64, max_pixels=64 * 64), max_objects=6,
+                                text_bucket=256)
+    enc = prompts.SampleEncoder(pcfg, tokenizer=tok)
+    batch = prompts.Collator(pcfg, ids)([enc(r) for r in recs])
+    return recs, tok, ids, enc, batch
+
+
+def _rollout(rows, T=160):
+    B = len(rows)
+    tok = np.zeros((B, T), np.int32)
+    for b, r in enumerate(rows):
+        tok[b, :len(r)] = r
+    ids = token_ids_from_tokenizer(small_tokenizer())
+    # A one-hot coordinate distribution's expectation is the emitted bin / 999 (NaN off coordinate tokens).
+    coord = np.where(ids.is_coord(tok), (tok - ids.coord_start) / 999.0, np.nan).astype(np.float32)
+    return Rollout(tokens=tok, logprobs=np.zeros((B, T), np.float32), sample_logprobs=np.zeros((B, T), np.float32),
+                   coord_expectation=coord,
+                   lengths=np.array([len(r) for r in rows], np.int32), finished=np.ones(B, bool))
+
+
+def _gt(rec):
+    order = protocols.object_order(codec.box_to_bins(rec.boxes()))
+    return [(rec.objects[i].desc, rec.boxes()[i]) for i in order]
+
+
+def test_left_padded_prompts_equal_the_prompt_encoder(setup):
+    recs, tok, ids, enc, batch = setup
+    lp = S2.left_padded_prompts(batch, ids.pad)
+    ref = prompts.encode_prompts(recs, enc)
+    L = lp["input_ids"].shape[1]
+    for k in ("input_ids", "attention_mask", "visual_index"):
+        np.testing.assert_array_equal(lp[k], ref[k][:, -L:])
+    np.testing.assert_array_equal(lp["positions"], ref["positions"][:, :, -L:])
+    np.testing.assert_array_equal(lp["rope_deltas"], ref["rope_deltas"])
+
+
+def test_targets_from_a_hand_made_rollout(setup):
+    recs, tok, ids, enc, batch = setup
+    gt0 = _gt(recs[0])
+    # Row 0: the second gt object missed (FN), the third emitted first with bins 3 off (matched), the first exact
+    # (matched), and a false positive "star" in between.
+    off = codec.box_to_bins(gt0[2][1]) + np.array([3, -3, 3, -3])
+    objs = [protocols.AnswerObject(gt0[2][0], bins=tuple(int(v) for v in np.clip(off, 0, 999))),
+            protocols.AnswerObject("star", box=(0.0, 0.0, 0.1, 0.1)),
+            protocols.AnswerObject(gt0[0][0], box=tuple(gt0[0][1]))]
+    row0 = protocols.serialize(objs, tok, ids, order="given").ids + [ids.eos]
+    row1 = [ids.coord_start + 7] * 5 + [ids.eos]  # garbage: falls back to Stage-1
+    row2 = protocols.serialize([protocols.AnswerObject(d, box=tuple(b)) for d, b in _gt(recs[2])], tok, ids).ids \
+        + [ids.eos]
+    new, m = S2.rollout_batch(batch, _rollout([row0, row1, row2]), tok, ids, S2.Stage2Config())
+    assert m["stage2/fallback_malformed"] == 1 and m["stage2/parse_rate"] == pytest.approx(2 / 3)
+    assert m["stage2/matched"] == pytest.approx((2 + 3) / 3) and m["stage2/fn"] == pytest.approx(1 / 3)
+    assert m["stage2/fp"] == pytest.approx(1 / 3)
+
+    # Row 1 is the untouched Stage-1 row.
+    for k in ("input_ids", "targets", "loss_mask", "box_pos", "box_target", "box_valid", "positions"):
+        np.testing.assert_array_equal(np.asarray(new[k])[..., 1, :] if k == "positions" else new[k][1],
+                                      np.asarray(batch[k])[..., 1, :] if k == "positions" else batch[k][1])
+
+    # Row 0: the answer is the rollout's objects in rollout order, then the FN appended, then the closing.
+    P = int(S2.prompt_lengths(batch)[0])
+    n = int(new["attention_mask"][0].sum())
+    answer = decode_ids(tok, new["input_ids"][0, P:n])
+    parsed = protocols.parse(list(new["input_ids"][0, P:n]), tok, ids)
+    assert parsed.descs() == [gt0[2][0], "star", gt0[0][0], gt0[1][0]], answer
+    assert answer.endswith("]}<|im_end|>")
+    np.testing.assert_array_equal(new["input_ids"][0, :P], batch["input_ids"][0, :P])
+    # Inputs at the matched object's coordinates are the emitted bins; its targets are the ground-truth bins.
+    pos0 = P + parsed.objects[0].positions
+    np.testing.assert_array_equal(new["input_ids"][0, pos0] - ids.coord_start, np.clip(off, 0, 999))
+    np.testing.assert_array_equal(new["targets"][0, pos0 - 1] - ids.coord_start, codec.box_to_bins(gt0[2][1]))
+    # The false positive (and the separator that opened it) carries no loss; everything else does.
+    fp = parsed.objects[1].positions
+    lm = new["loss_mask"][0]
+    assert lm[P + fp - 1].sum() == 0
+    assert lm[P + parsed.objects[0].positions - 1].all() and lm[P + parsed.objects[2].positions - 1].all()
+    sup = np.where(lm > 0)[0]
+    assert sup[-1] == n - 2  # the position predicting <|im_end|>
+    assert new["targets"][0, n - 2] == ids.eos
+    # Box slots: the two matched (at rollout coordinates, gt boxes) and the FN (its appended coordinates).
+    assert new["box_valid"][0].sum() == 3
+    np.testing.assert_array_equal(new["box_pos"][0, 0], pos0 - 1)
+    np.testing.assert_allclose(new["box_target"][0, 0], gt0[2][1], atol=1e-6)
+    np.testing.assert_array_equal(new["box_pos"][0, 2], P + parsed.objects[3].positions - 1)
+    np.testing.assert_allclose(new["box_target"][0, 2], gt0[1][1], atol=1e-6)
+    # M-RoPE positions of the new answer continue the prompt's text positions.
+    d = int(batch["rope_deltas"][0])
+    np.testing.assert_array_equal(new["positions"][:, 0, P:n], np.broadcast_to(np.arange(P, n) + d, (3, n - P)))
+    assert (new["coord_mask"][0] == (ids.is_coord(new["targets"][0]) & (lm > 0))).all()
+
+    # Row 2 (a perfect rollout) equals its Stage-1 row.
+    for k in ("input_ids", "targets", "loss_mask", "box_pos", "box_valid"):
+        np.testing.assert_array_equal(new[k][2], batch[k][2])
+    np.testing.assert_allclose(new["box_target"][2], batch["box_target"][2], atol=1e-6)
+
+
+class _FreeHidden:
+    """A 'model' whose hidden states are a free array (to perturb single positions) over a fixed output matrix."""
+
+    def __init__(self, hidden, emb):
+        self.hidden, self.emb = hidden, emb
+
+    def __call__(self, *a, **k):
+        return self.hidden
+
+    def lm_logits(self, h):
+        return h @ self.emb.T
+
+    def coord_logits(self, h, coord_start, num_bins=1000):
+        return h @ self.emb[coord_start:coord_start + num_bins].T
+
+
+def test_false_positive_span_gets_no_gradient(setup):
+    recs, tok, ids, enc, batch = setup
+    gt0 = _gt(recs[0])
+    objs = [protocols.AnswerObject(gt0[0][0], box=tuple(gt0[0][1])),
+            protocols.AnswerObject("star", box=(0.5, 0.5, 0.6, 0.6)),
+            protocols.AnswerObject(gt0[1][0], box=tuple(gt0[1][1])),
+            protocols.AnswerObject(gt0[2][0], box=tuple(gt0[2][1]))]
+    row0 = protocols.serialize(objs, tok, ids, order="given").ids + [ids.eos]
+    new, _ = S2.rollout_batch(batch, _rollout([row0, [ids.eos], [ids.eos]]), tok, ids, S2.Stage2Config())
+    weights = {"ce": 1.0, "coord_ce": 1.0, "soft_ce": 1.0, "w1": 1.0, "gate": 1.0, "text_gate": 1.0, "l1": 1.0,
+               "giou": 1.0}
+    obj = Stage1Objective(weights=weights, coord_start=ids.coord_start, vocab_size=ids.vocab_size)
+    B, S = new["input_ids"].shape
+    rng = np.random.default_rng(0)
+    emb = jnp.asarray(rng.normal(size=(ids.vocab_size, 16)), jnp.float32)
+    hidden = jnp.asarray(rng.normal(size=(B, S, 16)), jnp.float32)
+    jb = {k: jnp.asarray(v) for k, v in new.items()}
+    grad = jax.grad(lambda h: sum(obj.sums(_FreeHidden(h, emb), jb).values()))(hidden)
+    g = np.abs(np.asarray(grad[0])).sum(-1)
+    P = int(S2.prompt_lengths(batch)[0])
+    n = int(new["attention_mask"][0].sum())
+    s = protocols.serialize(objs, tok, ids, order="given")
+    fp_positions = np.arange(P + s.spans[0, 1], P + s.spans[1, 1]) - 1  # separator + the FP object's tokens
+    assert np.all(g[fp_positions] == 0.0)
+    assert np.all(g[P - 1:n - 1][np.isin(np.arange(P - 1, n - 1), fp_positions, invert=True)] > 0)
