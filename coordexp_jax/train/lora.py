@@ -1,10 +1,10 @@
 """LoRA on chosen linear layers, with Flax NNX's `nnx.LoRA`, and merging it back into the base weights for export.
 
-`apply_lora` replaces each `nnx.Linear` whose attribute name is in `targets` by an `nnx.LoRA` wrapping it
+`apply_lora` replaces each linear layer (`nnx.Linear` or the model's `Dense`) whose attribute name is in `targets` by an `nnx.LoRA` wrapping it
 (`y = base(x) + (alpha / rank) * x @ A @ B`, B initialised to zero so training starts from the base model). The
 adapter parameters are `nnx.LoRAParam`s, which `optim.trainable_filter` keeps trainable while the base weights are
 frozen (the coordinate-token rows of the embedding stay trainable through `optim.coord_rows`).
-`merge_lora` folds `W <- W + (alpha / rank) A @ B` and puts the plain `nnx.Linear` back.
+`merge_lora` folds `W <- W + (alpha / rank) A @ B` and puts the plain layer back.
 """
 
 from __future__ import annotations
@@ -35,6 +35,12 @@ def _modules(model: nnx.Module):
             yield path, node
 
 
+def _is_linear(mod) -> bool:
+    """nnx.Linear, or the model's Dense: a module whose `kernel` is a 2-D [in, out] Param and y = x @ kernel (+ b)."""
+    k = getattr(mod, "kernel", None)
+    return isinstance(mod, nnx.Module) and isinstance(k, nnx.Param) and k[...].ndim == 2
+
+
 def _set(model: nnx.Module, path: tuple, value) -> None:
     parent = model
     for k in path[:-1]:
@@ -56,15 +62,21 @@ def apply_lora(model: nnx.Module, targets: Sequence[str], rank: int, alpha: floa
     for path, mod in list(_modules(model)):
         name = path[-1]
         p = "/".join(str(k) for k in path)
-        if name in targets and isinstance(mod, nnx.Linear) and not (exclude and re.search(exclude, p)):
+        if name in targets and _is_linear(mod) and not (exclude and re.search(exclude, p)):
             hits.append((path, mod))
     if not hits:
-        raise ValueError(f"lora: no nnx.Linear layer is named any of lora.targets={tuple(targets)}")
+        raise ValueError(f"lora: no linear layer (nnx.Linear or a module with a 2-D 'kernel') is named any of "
+                         f"lora.targets={tuple(targets)}")
     for path, lin in hits:
         kernel = lin.kernel[...]
+        # adapters inherit the kernel's logical axis names so that the mesh rules shard them like their layer
+        names = lin.kernel.get_metadata().get("out_sharding") or (None, None)
+        meta_a = {"out_sharding": (names[0], "lora_rank"), "eager_sharding": False}
+        meta_b = {"out_sharding": ("lora_rank", names[1]), "eager_sharding": False}
         wrapped = ScaledLoRA(
             kernel.shape[0], rank, kernel.shape[1], base_module=lin, scale=alpha / rank,
-            dtype=lin.dtype, param_dtype=lin.param_dtype, rngs=rngs,
+            dtype=getattr(lin, "dtype", None), param_dtype=kernel.dtype, rngs=rngs, a_metadata=meta_a,
+            b_metadata=meta_b,
         )
         _set(model, path, wrapped)
     return len(hits)

@@ -34,6 +34,8 @@ import math
 
 import numpy as np
 
+from coordexp_jax.coord.boxes import pairwise_iou_exact
+
 from coordexp_jax import metrics as M
 from coordexp_jax.coord import codec, matching, protocols
 
@@ -126,7 +128,7 @@ def plan_row(pred_descs, pred_bins, pred_boxes, gt_descs, gt_boxes, cfg: Stage2C
     objs += [protocols.AnswerObject(gt_descs[j], box=tuple(float(v) for v in gt_boxes[j])) for j in fn]
     gt_index = np.concatenate([p2g, np.asarray(fn, np.int64)])
     is_fp = np.concatenate([p2g < 0, np.zeros(len(fn), bool)])
-    ious = [M.box_iou_matrix(np.array([pred_boxes[i]]), np.array([gt_boxes[p2g[i]]]))[0, 0]
+    ious = [pairwise_iou_exact(np.array([pred_boxes[i]]), np.array([gt_boxes[p2g[i]]]))[0, 0]
             for i in range(n) if p2g[i] >= 0]
     stats = {"matched": len(matched_gt), "fp": int((p2g < 0).sum()), "fn": len(fn), "iou_sum": float(np.sum(ious))}
     return RowPlan(objs, is_fp, gt_index, n), stats

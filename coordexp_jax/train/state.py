@@ -77,6 +77,7 @@ def create_state(
     seed: int,
     ema: bool = False,
     spec_fn: Callable[[Any], Any] | None = None,
+    materialize: bool = False,
 ) -> tuple[nnx.GraphDef, TrainState, TrainState, optax.GradientTransformation]:
     """Builds the model and its TrainState directly in the target shardings (under jit, so a large model is never
     materialised unsharded on one device).
@@ -85,27 +86,43 @@ def create_state(
       make_model: () -> nnx.Module (random init, or loading weights).
       trainable: nnx filter of the trainable variables.
       make_tx: trainable params (abstract) -> optax transformation.
+      materialize: `make_model` reads weights from disk (not traceable): it is called once eagerly and its arrays
+        are placed into the target shardings; otherwise the whole init runs under jit with out_shardings.
     Returns:
       (graphdef, state, shardings of the state, tx).
     """
-    def split():
-        model = make_model()
-        return nnx.split(model, trainable, ...)
+    loaded = None
+    if materialize:
+        loaded = nnx.split(make_model(), trainable, ...)
 
-    graphdef, params_abs, frozen_abs = nnx.eval_shape(split)
+        def split():
+            return loaded
+    else:
+        def split():
+            return nnx.split(make_model(), trainable, ...)
+
+    graphdef, params_abs, frozen_abs = nnx.eval_shape(split) if loaded is None else loaded
     tx = make_tx(params_abs)
 
-    def init():
-        _, params, frozen = split()
+    def init(params, frozen):
         return TrainState(
             step=jnp.zeros((), jnp.int32), params=params, frozen=frozen, opt_state=tx.init(params),
             rng=jax.random.PRNGKey(seed), ema=jax.tree.map(lambda x: x.astype(jnp.float32), params) if ema else None,
             skipped=jnp.zeros((), jnp.int32),
         )
 
-    abstract = jax.eval_shape(init)
+    def init_random():
+        _, params, frozen = split()
+        return init(params, frozen)
+
+    abstract = jax.eval_shape(init_random)
     shardings = state_shardings(abstract, tx, mesh, rules, spec_fn)
-    state = jax.jit(init, out_shardings=shardings)()
+    if loaded is None:
+        state = jax.jit(init_random, out_shardings=shardings)()
+    else:
+        params = jax.device_put(loaded[1], shardings.params)
+        frozen = jax.device_put(loaded[2], shardings.frozen)
+        state = jax.jit(init, out_shardings=shardings, donate_argnums=(0, 1))(params, frozen)
     return graphdef, state, shardings, tx
 
 

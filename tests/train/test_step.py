@@ -144,7 +144,7 @@ def test_lora_trains_adapters_and_coord_rows_only_then_merges_exactly():
 
 
 def test_lora_unknown_target_is_an_error():
-    with pytest.raises(ValueError, match="no nnx.Linear layer is named"):
+    with pytest.raises(ValueError, match="no linear layer"):
         L.apply_lora(StandIn(0), ("qkv",), 4, 8.0, nnx.Rngs(0))
 
 

@@ -1,0 +1,82 @@
+"""`python -m coordexp_jax.train --config configs/NAME.py [--config.key=value ...] [--workdir DIR]`.
+
+Runs (or resumes, from the latest checkpoint in the workdir) Stage-1 training. Several processes
+(multi-host): set COORDEXP_COORDINATOR=host:port, COORDEXP_NUM_PROCESSES, COORDEXP_PROCESS_ID (or
+COORDEXP_DISTRIBUTED=1 on a cluster JAX detects) and start the same command on every process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+
+def main(argv=None) -> int:
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    from coordexp_jax.train import sharding as shd
+
+    shd.maybe_initialize_distributed()  # before any other JAX call
+
+    FLAGS = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "path to a config file (get_config())", flag_values=FLAGS,
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, resolved config); default "
+                        "runs/<config name>", flag_values=FLAGS)
+    flags.DEFINE_bool("export", True, "write the final model (LoRA merged) to WORKDIR/final_model", flag_values=FLAGS)
+    argv = list(sys.argv if argv is None else argv)
+    try:
+        FLAGS(argv)
+    except flags.Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (KeyError, AttributeError, ValueError, TypeError, FileNotFoundError) as e:  # config_flags override errors
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if FLAGS.config is None:
+        print("error: --config is required (e.g. --config configs/demo.py)", file=sys.stderr)
+        return 2
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("absl", "jax._src", "orbax", "grain"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    from coordexp_jax.train import build, checkpoint, config as config_lib, loop
+
+    cfg = FLAGS.config
+    try:
+        cfg = config_lib.validate(cfg)
+    except config_lib.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    workdir = FLAGS.workdir or os.path.join("runs", cfg.name)
+    try:
+        result = loop.train(cfg, workdir)
+    except (config_lib.ConfigError, build.DataPathError, checkpoint.IncompatibleCheckpointError,
+            loop.NonFiniteLossError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if FLAGS.export and result["model_config"] is not None and jax_process_index() == 0:
+        out = os.path.join(workdir, "final_model")
+        if os.path.isdir(out):  # our own output of an earlier finish of this run
+            import shutil
+
+            shutil.rmtree(out)
+        loop.export_model(result, out)
+        print(f"final model: {out} (to HF: python tools/export_hf.py --checkpoint {out} --out OUT_DIR)")
+    m = result["metrics"]
+    print(f"done: step {result['step']}, loss {m.get('loss', float('nan')):.4f}, skipped {result['skipped']}, "
+          f"compiles {result['compiles']}" + (f", eval {result['eval']}" if result["eval"] else ""))
+    return 0
+
+
+def jax_process_index() -> int:
+    import jax
+
+    return jax.process_index()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""The training loop: resume, step, log, checkpoint, evaluate.
+
+`train(cfg, workdir)` validates the config, writes it to the workdir, builds the components (build.py), creates
+the TrainState in its shardings, resumes from the latest checkpoint in the workdir (or starts fresh), and runs
+`train.steps` steps with a tqdm bar (loss, ETA). Metrics go to `workdir/metrics.jsonl` (one JSON object per logged
+step, appended across restarts) and TensorBoard (`workdir/tb`). Non-finite losses: `train.nan_policy = 'stop'`
+raises `NonFiniteLossError` naming the step; 'skip' leaves the state unchanged, counts the batch and goes on.
+Recompiles of the train step are counted and logged (the data is bucketed to static shapes, so there should be
+one compile per bucket).
+
+Evaluation is a hook: `eval_hook(model, step, workdir) -> dict of floats`, called every `eval.every` steps and at
+the end. The default hook reports the teacher-forced validation loss of the objective on the eval split.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from coordexp_jax.train import checkpoint as ckpt_lib, config as config_lib, optim, sharding as shd, state as state_lib
+from coordexp_jax.train import step as step_lib
+from coordexp_jax.train.build import Components, build_components, num_params
+
+log = logging.getLogger(__name__)
+
+EvalHook = Callable[[nnx.Module, int, str], dict]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss (or gradient norm) was NaN/inf at a step and `train.nan_policy` is 'stop'."""
+
+
+class MetricsWriter:
+    """metrics.jsonl (appended) and TensorBoard in the workdir; only process 0 writes."""
+
+    def __init__(self, workdir: str, tensorboard: bool = True):
+        self.enabled = jax.process_index() == 0
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.tb = None
+        if self.enabled and tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+
+                self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+            except Exception as e:  # noqa: BLE001 - logging must not stop training
+                log.warning("TensorBoard disabled: %s", e)
+
+    def write(self, step: int, metrics: dict[str, float], kind: str = "train") -> None:
+        if not self.enabled:
+            return
+        rec = {"step": int(step), "kind": kind, **{k: float(v) for k, v in metrics.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self.tb is not None:
+            for k, v in metrics.items():
+                self.tb.add_scalar(f"{kind}/{k}", float(v), int(step))
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(workdir: str, kind: str = "train") -> dict[int, dict]:
+    """step -> the last record of that step in metrics.jsonl (a restarted run re-logs steps after its checkpoint)."""
+    out = {}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            r = json.loads(line)
+            if r.get("kind") == kind:
+                out[r["step"]] = r
+    return out
+
+
+def _stack(batches: list[dict]) -> dict:
+    """A list of micro-batches (dicts of numpy arrays of equal shapes) -> one dict with a leading [A] axis."""
+    keys = batches[0].keys()
+    for b in batches[1:]:
+        for k in keys:
+            if b[k].shape != batches[0][k].shape:
+                raise ValueError(f"micro-batches of one step differ in shape for '{k}': {batches[0][k].shape} vs "
+                                 f"{b[k].shape}; use a fixed data.seq_len / image size with train.grad_accum > 1")
+    return {k: np.stack([np.asarray(b[k]) for b in batches]) for k in keys}
+
+
+def _global_shapes(batch: dict) -> dict:
+    n = jax.process_count()
+    out = {}
+    for k, v in batch.items():
+        shape = list(v.shape)
+        dim = 1 + shd._BATCH_DIM.get(k, 0)
+        if n > 1 and len(shape) > dim:
+            shape[dim] *= n
+        out[k] = tuple(shape)
+    return out
+
+
+def default_eval_hook(graphdef, objective, eval_iter_fn, mesh, max_batches: int = 4) -> EvalHook | None:
+    """Teacher-forced validation loss of the objective on up to `max_batches` eval batches."""
+    if eval_iter_fn is None:
+        return None
+    eval_loss = jax.jit(lambda params, batch: step_lib.make_eval_loss(graphdef, objective)(*params, batch))
+
+    def hook(model, step, workdir):
+        _, params, frozen = nnx.split(model, nnx.Param, ...)
+        it = eval_iter_fn()
+        tot, n = {}, 0
+        for _, b in zip(range(max_batches), it):
+            b = _stack([b])
+            gb = shd.put_batch(b, shd.batch_shardings(b, mesh), _global_shapes(b))
+            m = jax.device_get(eval_loss((params, frozen), gb))
+            for k, v in m.items():
+                tot[k] = tot.get(k, 0.0) + float(v)
+            n += 1
+        return {f"val_{k}": v / max(n, 1) for k, v in tot.items()}
+
+    return hook
+
+
+def train(cfg, workdir: str, *, components: Components | None = None, eval_hook: EvalHook | None = None,
+          stop_after: int | None = None) -> dict[str, Any]:
+    """Runs (or resumes) training in `workdir`. Returns a summary dict (final step, last metrics, skipped, ...).
+
+    `components`: injected pieces (tests); default `build_components(cfg)`. `stop_after`: return after this many
+    steps of this call (tests of resume), saving a checkpoint first.
+    """
+    cfg = config_lib.validate(cfg)
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        config_lib.write_resolved(cfg, workdir)
+    comps = components or build_components(cfg)
+    mesh = shd.make_mesh(cfg.mesh)
+    T = cfg.train
+    log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
+
+    sched_box = {}
+
+    def make_tx(params_abs):
+        tx, sched_box["s"] = optim.make_optimizer(cfg, params_abs, T.steps, comps.vocab_size, comps.coord_start)
+        return tx
+
+    graphdef, state, shardings, tx = state_lib.create_state(
+        comps.make_model, optim.trainable_filter(cfg), make_tx, mesh, cfg.mesh.rules, T.seed,
+        ema=T.ema_decay > 0, spec_fn=comps.spec_fn, materialize=comps.materialize)
+    trainable_names = [optim.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(state.params)[0]]
+    n_train, n_frozen = num_params(state.params), num_params(state.frozen)
+    log.info("parameters: %d trainable, %d frozen", n_train, n_frozen)
+
+    ckpt = ckpt_lib.Checkpointer(workdir, ckpt_lib.fingerprint(cfg, comps.vocab_size, trainable_names),
+                                 keep_n=T.keep_n, async_save=T.async_checkpoint)
+    restored = ckpt.restore(state_lib.abstract_state(state, shardings), comps.data_iter)
+    if restored is not None:
+        state = restored[0]
+    start = int(jax.device_get(state.step))
+    if restored is not None:
+        log.info("resumed from step %d", start)
+
+    step_fn = step_lib.jit_train_step(
+        step_lib.make_train_step(graphdef, comps.objective, tx, sched_box["s"], T.ema_decay), shardings, mesh)
+    writer = MetricsWriter(workdir, T.tensorboard)
+    hook = eval_hook if eval_hook is not None else default_eval_hook(graphdef, comps.objective, comps.eval_iter_fn,
+                                                                     mesh)
+
+    def next_batch():
+        micro = [next(comps.data_iter) for _ in range(T.grad_accum)]
+        b = _stack(micro)
+        return shd.put_batch(b, shd.batch_shardings(b, mesh), _global_shapes(b))
+
+    def run_eval(step):
+        if hook is None:
+            return {}
+        params = state.ema if (state.ema is not None and cfg.eval.use_ema) else state.params
+        params = jax.tree.map(lambda e, p: e.astype(p.dtype), params, state.params)
+        model = nnx.merge(graphdef, params, state.frozen)
+        res = hook(model, step, workdir)
+        writer.write(step, res, kind="eval")
+        log.info("eval at step %d: %s", step, {k: round(float(v), 4) for k, v in res.items()})
+        return res
+
+    pbar = None
+    if T.progress and jax.process_index() == 0:
+        from tqdm import tqdm
+
+        pbar = tqdm(total=T.steps, initial=start, desc="train", dynamic_ncols=True)
+    t0 = time.time()
+    compiles = 0
+    skipped = 0
+    last: dict[str, float] = {}
+    eval_res: dict[str, float] = {}
+    step = start
+    done_here = 0
+    batch = next_batch() if start < T.steps else None
+    try:
+        while step < T.steps:
+            state, metrics = step_fn(state, batch)
+            step += 1
+            done_here += 1
+            if T.ckpt_every and step % T.ckpt_every == 0 and step < T.steps:
+                ckpt.save(step, state, comps.data_iter)  # the iterator is exactly at this step's boundary
+            out_of_time = T.max_minutes and (time.time() - t0) / 60 >= T.max_minutes
+            finishing = step >= T.steps or out_of_time or (stop_after is not None and done_here >= stop_after)
+            if not finishing:
+                batch = next_batch()  # host work overlaps the asynchronously dispatched step
+            m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            n_comp = step_fn._cache_size()
+            if n_comp != compiles:
+                if compiles:
+                    log.warning("train step recompiled at step %d (%d compiles): batch shapes changed", step, n_comp)
+                compiles = n_comp
+            if m["nonfinite"]:
+                if T.nan_policy == "stop":
+                    ckpt.wait()
+                    raise NonFiniteLossError(
+                        f"non-finite loss {m['loss']} (grad norm {m['grad_norm']}) at step {step}; the state was not "
+                        "updated. Set train.nan_policy='skip' to skip such batches.")
+                skipped += 1
+                log.warning("step %d: non-finite loss, batch skipped (%d so far)", step, skipped)
+            last = m
+            if step % T.log_every == 0 or finishing:
+                elapsed = time.time() - t0
+                rec = dict(m, compiles=compiles, skipped=float(jax.device_get(state.skipped)),
+                           elapsed_s=elapsed, steps_per_s=done_here / max(elapsed, 1e-9))
+                writer.write(step, rec)
+            if pbar is not None:
+                pbar.update(1)
+                pbar.set_postfix(loss=f"{m['loss']:.4f}", skipped=skipped)
+            if cfg.eval.every and step % cfg.eval.every == 0 and step < T.steps:
+                eval_res = run_eval(step)
+            if finishing:
+                break
+        ckpt.save(step, state, comps.data_iter, force=True)
+        ckpt.wait()
+        if step >= T.steps and cfg.eval.at_end:
+            eval_res = run_eval(step)
+    finally:
+        if pbar is not None:
+            pbar.close()
+        writer.close()
+        ckpt.close()
+    return {"step": step, "metrics": last, "eval": eval_res, "skipped": skipped, "compiles": compiles,
+            "trainable_params": n_train, "frozen_params": n_frozen, "graphdef": graphdef, "state": state,
+            "model_config": comps.model_config}
+
+
+def export_model(result: dict, out_dir: str, use_ema: bool = False) -> str:
+    """Writes the trained model in the weights package's checkpoint format (model_config.json + params/), LoRA
+    merged, for `tools/export_hf.py`. Returns out_dir."""
+    from coordexp_jax.train.lora import merge_lora
+    from coordexp_jax.weights.checkpoint import save_checkpoint
+
+    st = result["state"]
+    params = st.ema if (use_ema and st.ema is not None) else st.params
+    params = jax.tree.map(lambda e, p: e.astype(p.dtype), params, st.params)
+    model = nnx.merge(result["graphdef"], params, st.frozen)
+    merge_lora(model)
+    save_checkpoint(out_dir, model, result["model_config"])
+    return out_dir
+
+
+__all__ = ["train", "export_model", "read_metrics", "NonFiniteLossError", "MetricsWriter"]

@@ -1,0 +1,114 @@
+"""The Stage-1 objective of CoordExp (`../shared/reference/coordexp_method.md` §5) on the Qwen3-VL model.
+
+total = ce + sum_t w_t * term_t over coord_ce, soft_ce, w1, gate, text_gate, l1, giou, smooth_l1, ciou (weights from
+`config.loss`). Each term is averaged over its own count: text tokens (ce, text_gate), coordinate tokens (coord_ce,
+soft_ce, w1, gate) or valid boxes (l1, giou, smooth_l1, ciou). `counts` reads them from the batch masks, so the train
+step can sum them over micro-batches and devices before dividing (step.py). Terms with weight 0 are not computed,
+except ce, which is always reported.
+
+The geometry terms use the expectation box b_hat at `box_pos` (softmax over the 1000 coordinate logits at tau).
+Vocabulary statistics (ce, gate, text_gate) come from full logits, or, with `loss.ce_chunk > 0`, from
+`chunked_vocab_stats` so that `[B, S, V]` logits are never materialised.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from coordexp_jax.coord import expectation as cexp, losses as L
+
+TERMS = ("ce", "coord_ce", "soft_ce", "w1", "gate", "text_gate", "l1", "giou", "smooth_l1", "ciou")
+TEXT_TERMS = ("ce", "text_gate")
+COORD_TERMS = ("coord_ce", "soft_ce", "w1", "gate")
+BOX_TERMS = ("l1", "giou", "smooth_l1", "ciou")
+VISION_KEYS = ("pixel_values", "vision_segment_ids", "vision_pos_taps", "vision_pos_weights", "vision_rope_rc",
+               "visual_index")
+
+
+def vision_inputs(batch: dict) -> dict | None:
+    """The model's `vision` dict from a batch (None for a text-only batch)."""
+    if "pixel_values" not in batch:
+        return None
+    return {k: batch[k] for k in VISION_KEYS}
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage1Objective:
+    """`weights`: term -> weight (ce always present); coord_start: id of <|coord_0|>; vocab_size: the real vocabulary
+    (padded rows excluded); tau, sigma, truncate: §5; ce_chunk: sequence chunk of the vocabulary statistics (0 =
+    materialise the logits)."""
+
+    weights: dict
+    coord_start: int
+    vocab_size: int
+    tau: float = 1.0
+    sigma: float = 1.0
+    truncate: float = 8.0
+    ce_chunk: int = 0
+
+    @classmethod
+    def from_config(cls, loss_cfg, coord_start: int, vocab_size: int) -> "Stage1Objective":
+        w = {t: float(loss_cfg[t]) for t in TERMS if t == "ce" or float(loss_cfg[t]) > 0}
+        return cls(weights=w, coord_start=int(coord_start), vocab_size=int(vocab_size), tau=float(loss_cfg.tau),
+                   sigma=float(loss_cfg.sigma), truncate=float(loss_cfg.truncate), ce_chunk=int(loss_cfg.ce_chunk))
+
+    def counts(self, batch: dict) -> dict:
+        """Token/box counts of each active term over the whole batch (any leading axes)."""
+        lm = batch["loss_mask"].astype(jnp.float32)
+        cm = batch["coord_mask"].astype(jnp.float32) * (lm > 0)
+        n = {"text": jnp.sum(lm * (1.0 - cm)), "coord": jnp.sum(cm),
+             "box": jnp.sum(batch["box_valid"].astype(jnp.float32))}
+        kind = {**{t: "text" for t in TEXT_TERMS}, **{t: "coord" for t in COORD_TERMS}, **{t: "box" for t in BOX_TERMS}}
+        return {t: n[kind[t]] for t in self.weights}
+
+    def sums(self, model: nnx.Module, batch: dict, rng=None) -> dict:
+        """Summed loss of each active term on one micro-batch `[B, ...]` (float32 scalars)."""
+        del rng
+        w = self.weights
+        hidden = model(batch["input_ids"], batch["positions"], batch["attention_mask"], vision_inputs(batch))
+        targets, lm = batch["targets"], batch["loss_mask"]
+        cm = batch["coord_mask"].astype(jnp.float32) * (lm > 0)
+        need_gates = "gate" in w or "text_gate" in w
+        cs = self.coord_start if need_gates else None
+        if self.ce_chunk > 0:
+            emb = output_embedding(model)
+            stats = L.chunked_vocab_stats(hidden, emb, targets, cs, self.tau, self.ce_chunk, self.vocab_size)
+        else:
+            stats = L.vocab_stats(model.lm_logits(hidden), targets, cs, self.tau, self.vocab_size)
+        out = {"ce": L.ce_from_stats(stats, lm, cm)[0]}
+        if "gate" in w:
+            out["gate"] = L.gate_from_stats(stats, cm)[0]
+        if "text_gate" in w:
+            out["text_gate"] = L.text_gate_from_stats(stats, lm, cm)[0]
+        if any(t in w for t in COORD_TERMS + BOX_TERMS):
+            s = model.coord_logits(hidden, self.coord_start)  # [B, S, 1000] float32, never the full vocabulary
+            bins = targets - self.coord_start
+            if "coord_ce" in w:
+                out["coord_ce"] = L.coord_ce(s, bins, cm)[0]
+            if "soft_ce" in w:
+                out["soft_ce"] = L.soft_ce(s, bins, cm, self.tau, self.sigma, self.truncate)[0]
+            if "w1" in w:
+                out["w1"] = L.w1(s, bins, cm, self.tau, self.sigma, self.truncate)[0]
+            if any(t in w for t in BOX_TERMS):
+                pred = cexp.expectation_boxes(s, batch["box_pos"], "exp", self.tau)  # [B, M, 4]
+                tgt, valid = batch["box_target"], batch["box_valid"]
+                if "l1" in w:
+                    out["l1"] = L.l1(pred, tgt, valid)[0]
+                if "giou" in w:
+                    out["giou"] = L.giou(pred, tgt, valid)[0]
+                if "smooth_l1" in w:
+                    out["smooth_l1"] = L.smooth_l1(pred, tgt, valid)[0]
+                if "ciou" in w:
+                    out["ciou"] = L.ciou(pred, tgt, valid)[0]
+        return {k: v.astype(jnp.float32) for k, v in out.items()}
+
+
+def output_embedding(model) -> jax.Array:
+    """The output projection as `[V_padded, H]` (the tied embedding, or lm_head's kernel transposed)."""
+    if getattr(model, "lm_head", None) is None:
+        return model.language_model.embed_tokens.embedding[...]
+    return model.lm_head.kernel[...].T
