@@ -218,3 +218,21 @@ def coordjson_sequences(render: Callable[[list[tuple[str, list[int]]]], list[int
     if k == 0:
         raise ValueError("coordjson serialiser: no common token sequence opens a box")
     return a[-k:], sep
+
+
+def protocol_constraint(protocol: str, tokenizer, tid: TokenIds, vocab_size: int | None = None) -> TokenDFA:
+    """The constraint of an answer protocol for this tokenizer: `tags_dfa` or `coordjson_dfa` (box opening and
+    separator token sequences taken from `coord.protocols.serialize`, so they are the ids training used)."""
+    from coordexp_jax.coord import protocols
+
+    V = int(vocab_size) if vocab_size is not None else tid.vocab_size
+    if protocol == "tags":
+        return tags_dfa(tid, V, tokenizer.all_special_ids)
+    if protocol == "coordjson":
+        def render(objs):
+            return protocols.serialize([protocols.AnswerObject(d, bins=tuple(b)) for d, b in objs], tokenizer, tid,
+                                       "coordjson", order="given").ids
+
+        open_seq, sep = coordjson_sequences(render, tid)
+        return coordjson_dfa(tid, V, open_seq, sep)
+    raise ValueError(f"no constraint for protocol {protocol!r} (choose coordjson or tags)")

@@ -282,7 +282,8 @@ class Sampler:
         if cfg.max_prompt_len and int(n_valid.max()) > cfg.max_prompt_len:
             b = int(np.argmax(n_valid))
             raise PromptTooLongError(
-                f"prompt row {b} has {int(n_valid[b])} tokens, more than max_prompt_len={cfg.max_prompt_len}")
+                f"prompt row {b} has {int(n_valid[b])} tokens, more than max_prompt_len={cfg.max_prompt_len} "
+                f"(the cache must hold the prompt plus max_new_tokens={cfg.max_new_tokens})")
         bucketed, B = bucket_inputs(inputs, pad_id=self.ids.pad, min_prompt_len=cfg.min_prompt_len,
                                     bucket_batch=cfg.bucket_batch)
         if self.constraint is not None and self._tables is None:
