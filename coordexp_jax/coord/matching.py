@@ -233,7 +233,7 @@ def greedy_iou_match(pred, gt, iou_threshold: float = 0.5, pred_labels=None, gt_
     out = np.full(n, -1, np.int64)
     if n == 0 or m == 0:
         return out
-    iou = np.asarray(box_ops.pairwise_iou(pred, gt, eps=0.0 + 1e-12))
+    iou = box_ops.pairwise_iou_exact(pred, gt)  # exact: IoU == threshold must be accepted
     ok = iou >= iou_threshold
     if pred_labels is not None and gt_labels is not None:
         ok &= np.asarray(pred_labels, object)[:, None] == np.asarray(gt_labels, object)[None, :]

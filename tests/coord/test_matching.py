@@ -121,8 +121,9 @@ def test_sinkhorn_agrees_with_hungarian_on_separated_problems():
     h, s = np.asarray(hung.pred_to_gt), np.asarray(sink.pred_to_gt)
     same = np.all(h == s, axis=1)
     assert same.mean() >= 0.99, same.mean()
+    costs = np.asarray(jax.jit(jax.vmap(M.box_cost_matrix))(pred, gt))
     for b in np.nonzero(~same)[0]:  # the rest are near-ties: the Sinkhorn pairs cost (almost) no more per pair
-        c = np.asarray(M.box_cost_matrix(pred[b], gt[b]))
+        c = costs[b]
         rows = np.nonzero(s[b] >= 0)[0]
         assert c[rows, s[b][rows]].mean() <= c[h[b] >= 0, h[b][h[b] >= 0]].mean() + 1e-2
     for res in (hung, sink):
@@ -143,18 +144,19 @@ def test_match_gate_masks_desc_and_stop_gradient():
         assert r.pred_to_gt.tolist() == [1, -1, -1, -1]
         assert r.gt_to_pred.tolist() == [-1, 0, -1]
         assert r.fp.tolist() == [False, True, True, False] and r.fn.tolist() == [True, False, False]
-        r2 = M.match(pred, gt, pv, gv, method=method)
+        r2 = jax.jit(lambda p: M.match(p, gt, pv, gv, method=method))(pred)
         assert r2.pred_to_gt[:2].tolist() == [1, 0]
-        g = jax.grad(lambda p: M.match(p, gt, pv, gv, method=method).cost)(pred)
+        g = jax.jit(jax.grad(lambda p: M.match(p, gt, pv, gv, method=method).cost))(pred)
         assert float(jnp.abs(jnp.nan_to_num(g)).sum()) == 0.0
     # description mismatch changes the pairing
     a = jnp.array([[0.1, 0.1, 0.3, 0.3], [0.12, 0.1, 0.3, 0.3]])
     d = M.desc_mismatch(["cat", "Dog "], ["dog", "cat"])
     assert d.tolist() == [[1.0, 0.0], [0.0, 1.0]]
-    assert M.match(a, a, desc_cost=d, desc_weight=5.0).pred_to_gt.tolist() == [1, 0]
-    assert M.match(a, a).pred_to_gt.tolist() == [0, 1]
+    with_desc = jax.jit(lambda a, d: M.match(a, a, desc_cost=d, desc_weight=5.0).pred_to_gt)
+    assert with_desc(a, d).tolist() == [1, 0]
+    assert with_desc(a, np.zeros_like(d)).tolist() == [0, 1]
     # the cost matrix equals the formula, with NaN replaced by the bound
-    c = np.asarray(M.box_cost_matrix(pred, gt, 2.0, 3.0))
+    c = np.asarray(jax.jit(lambda p, g: M.box_cost_matrix(p, g, 2.0, 3.0))(pred, gt))
     can_p, can_g = np.asarray(boxes.canonicalize(np.nan_to_num(np.asarray(pred)))), np.asarray(boxes.canonicalize(gt))
     ref = 2 * boxes.pairwise_l1(can_p, can_g) + 3 * (1 - boxes.pairwise_giou(can_p, can_g))
     np.testing.assert_allclose(c[[0, 1, 3]], ref[[0, 1, 3]], atol=1e-5)
@@ -165,7 +167,13 @@ def test_match_gate_masks_desc_and_stop_gradient():
 
 def _greedy_reference(pred, gt, thr):
     """Naive: repeatedly take the globally best remaining pair."""
-    iou = np.array([[float(boxes.iou(np.array(p), np.array(g))) for g in gt] for p in pred]).reshape(len(pred), len(gt))
+    def iou1(p, g):  # exact scalar IoU (no epsilon: IoU exactly 0.5 happens with integer boxes)
+        iw = max(0.0, min(p[2], g[2]) - max(p[0], g[0]))
+        ih = max(0.0, min(p[3], g[3]) - max(p[1], g[1]))
+        u = max(p[2] - p[0], 0) * max(p[3] - p[1], 0) + (g[2] - g[0]) * (g[3] - g[1]) - iw * ih
+        return iw * ih / u if u > 0 else 0.0
+
+    iou = np.array([[iou1(p, g) for g in gt] for p in pred]).reshape(len(pred), len(gt))
     out = -np.ones(len(pred), int)
     while iou.size and iou.max() >= thr:
         i, j = np.unravel_index(np.argmax(iou), iou.shape)  # first max in row-major order: lower i, then lower j
