@@ -19,6 +19,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from coordexp_jax.coord.boxes import pairwise_iou_exact
+from coordexp_jax.coord.matching import greedy_iou_match
+
 SCORE_RULES = ("constant", "logprob")
 
 
@@ -41,21 +44,6 @@ class ImageResult:
     parsed: bool = True  # False when the answer could not be parsed at all
 
 
-def box_iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of every pair, [N,4] x [M,4] -> [N,M] (boxes xyxy, pixels; zero-area boxes give 0)."""
-    a = np.asarray(a, np.float64).reshape(-1, 4)
-    b = np.asarray(b, np.float64).reshape(-1, 4)
-    ix1 = np.maximum(a[:, None, 0], b[None, :, 0])
-    iy1 = np.maximum(a[:, None, 1], b[None, :, 1])
-    ix2 = np.minimum(a[:, None, 2], b[None, :, 2])
-    iy2 = np.minimum(a[:, None, 3], b[None, :, 3])
-    inter = np.clip(ix2 - ix1, 0, None) * np.clip(iy2 - iy1, 0, None)
-    area_a = np.clip(a[:, 2] - a[:, 0], 0, None) * np.clip(a[:, 3] - a[:, 1], 0, None)
-    area_b = np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
-
-
 def is_valid_box(box: Sequence[float], width: int, height: int) -> bool:
     """A box is valid when finite, x2 > x1, y2 > y1, and inside the image (1 px slack for rounding)."""
     x1, y1, x2, y2 = (float(v) for v in box)
@@ -69,37 +57,22 @@ def duplicate_count(objects: Sequence[PredObject], iou_threshold: float = 0.9) -
     dup = 0
     for i, o in enumerate(objects):
         earlier = [p.bbox for p in objects[:i] if p.desc == o.desc]
-        if earlier and box_iou_matrix(np.array([o.bbox]), np.array(earlier)).max() > iou_threshold:
+        if earlier and pairwise_iou_exact(np.array([o.bbox]), np.array(earlier)).max() > iou_threshold:
             dup += 1
     return dup
 
 
 def greedy_match_f1(results: Sequence[ImageResult], iou_threshold: float = 0.5, match_desc: bool = True) -> dict:
-    """Precision/recall/F1 with greedy 1:1 matching per image: pairs taken in order of decreasing IoU.
-
-    A pair counts when IoU >= threshold (and descs are equal when `match_desc`).
-    """
+    """Precision/recall/F1 pooled over images, with `coord.matching.greedy_iou_match` per image (pairs in order
+    of decreasing IoU, accepted when IoU >= threshold and, with `match_desc`, descs are equal)."""
+    
     tp = n_pred = n_gt = 0
     for r in results:
         n_pred += len(r.pred)
         n_gt += len(r.gt)
-        if not r.pred or not r.gt:
-            continue
-        iou = box_iou_matrix(np.array([p.bbox for p in r.pred]), np.array([g.bbox for g in r.gt]))
-        if match_desc:
-            same = np.array([[p.desc == g.desc for g in r.gt] for p in r.pred])
-            iou = np.where(same, iou, -1.0)
-        used_p, used_g = set(), set()
-        order = np.argsort(-iou, axis=None, kind="stable")
-        for flat in order:
-            i, j = divmod(int(flat), iou.shape[1])
-            if iou[i, j] < iou_threshold:
-                break
-            if i in used_p or j in used_g:
-                continue
-            used_p.add(i)
-            used_g.add(j)
-            tp += 1
+        labels = ([p.desc for p in r.pred], [g.desc for g in r.gt]) if match_desc else (None, None)
+        p2g = greedy_iou_match([p.bbox for p in r.pred], [g.bbox for g in r.gt], iou_threshold, *labels)
+        tp += int(np.sum(p2g >= 0))
     precision = tp / n_pred if n_pred else 0.0
     recall = tp / n_gt if n_gt else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
@@ -190,7 +163,7 @@ def grounding_accuracy(pred_boxes: Sequence[Sequence[float] | None], gt_boxes: S
         return 0.0
     hits = 0
     for p, g in zip(pred_boxes, gt_boxes):
-        if p is not None and box_iou_matrix(np.array([p]), np.array([g]))[0, 0] >= iou_threshold:
+        if p is not None and pairwise_iou_exact(np.array([p]), np.array([g]))[0, 0] >= iou_threshold:
             hits += 1
     return hits / len(gt_boxes)
 

@@ -1,5 +1,7 @@
 """Metrics against hand-made cases and an independent brute-force COCO AP."""
 import numpy as np
+
+from coordexp_jax.coord.boxes import pairwise_iou_exact
 import pytest
 
 from coordexp_jax import metrics as M
@@ -24,7 +26,7 @@ def _brute_ap(results, categories, score_rule, iou_thr):
                 for j, g in enumerate(gts):
                     if used[j]:
                         continue
-                    iou = M.box_iou_matrix(np.array([dets[i].bbox]), np.array([g]))[0, 0]
+                    iou = pairwise_iou_exact(np.array([dets[i].bbox]), np.array([g]))[0, 0]
                     if iou >= best_iou:
                         best, best_iou = j, iou
                 if best >= 0:
@@ -153,3 +155,9 @@ def test_inverted_prediction_is_a_false_positive_not_ignored():
     # The inverted box comes first with the higher score: if pycocotools ignored it, AP50 would be 1.
     preds = [M.PredObject("cat", (50, 50, 10, 10), 0.9), M.PredObject("cat", (10, 10, 50, 50), 0.5)]
     assert M.coco_map([M.ImageResult(1, 100, 100, g, preds)], ["cat"])["AP50"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_iou_exactly_at_threshold_counts_for_f1():
+    g = [M.PredObject("cat", (0, 0, 10, 10))]
+    r = [M.ImageResult(1, 20, 20, g, [M.PredObject("cat", (0, 0, 10, 5))])]  # IoU exactly 0.5
+    assert M.greedy_match_f1(r)["tp"] == 1

@@ -132,6 +132,20 @@ def pairwise_iou(a, b, eps: float = EPS):
     return iou(xp.asarray(a)[..., :, None, :], xp.asarray(b)[..., None, :, :], eps)
 
 
+def pairwise_iou_exact(a, b) -> np.ndarray:
+    """Host-side IoU with no epsilon, for thresholds that must hold exactly (IoU >= 0.5 in evaluation):
+    `[N, 4], [M, 4] -> [N, M]` float64; pairs with zero union give 0. Inverted boxes have zero area."""
+    a = np.asarray(a, np.float64).reshape(-1, 4)
+    b = np.asarray(b, np.float64).reshape(-1, 4)
+    iw = np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0])
+    ih = np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1])
+    inter = np.clip(iw, 0, None) * np.clip(ih, 0, None)
+    area_a = np.clip(a[:, 2] - a[:, 0], 0, None) * np.clip(a[:, 3] - a[:, 1], 0, None)
+    area_b = np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+
+
 def pairwise_giou(a, b, eps: float = EPS):
     """`[..., N, 4], [..., M, 4] -> [..., N, M]`."""
     xp = _xp(a, b)
