@@ -33,7 +33,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (KeyError, AttributeError, ValueError, TypeError, FileNotFoundError) as e:  # config_flags override errors
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_override_message(e, argv)}", file=sys.stderr)
         return 2
     if FLAGS.config is None:
         print("error: --config is required (e.g. --config configs/demo.py)", file=sys.stderr)
@@ -70,6 +70,21 @@ def main(argv=None) -> int:
     print(f"done: step {result['step']}, loss {m.get('loss', float('nan')):.4f}, skipped {result['skipped']}, "
           f"compiles {result['compiles']}" + (f", eval {result['eval']}" if result["eval"] else ""))
     return 0
+
+
+def _override_message(e: Exception, argv: list[str]) -> str:
+    """One readable line for a failed `--config.a.b=v` override (ml_collections raises a bare KeyError)."""
+    import re
+
+    text = str(e.args[0]) if e.args else str(e)
+    hint = re.search(r'Did you mean "([^"]+)"', text)
+    for a in argv:
+        if a.startswith("--config.") and "=" in a:
+            key = a[len("--config."):].split("=", 1)[0]
+            if re.search(r"'\\?'?" + re.escape(key.split(".")[-1]) + r"\\?'", text):
+                return (f"unknown config key '{key}' (from {a.split('=')[0]})"
+                        + (f"; did you mean '{key.rsplit('.', 1)[0]}.{hint.group(1)}'?" if hint and "." in key else ""))
+    return f"{type(e).__name__}: {text}"
 
 
 def jax_process_index() -> int:

@@ -151,3 +151,34 @@ def build(cfg, mesh=None, seed=0, steps=10, lora=False, model_seed=0):
                                    ema=cfg.train.ema_decay > 0, spec_fn=spec_fn)
     fn = ST.jit_train_step(ST.make_train_step(g, Objective(), tx, sched["s"], cfg.train.ema_decay), sh, mesh)
     return g, st, sh, fn, mesh
+
+
+class ListIterator:
+    """An in-memory data iterator with Grain-like get_state/set_state: batch i is `make_batch(seed + i, ...)`,
+    except indices in `bad` get a NaN feature."""
+
+    def __init__(self, batch: int = 4, seed: int = 100, bad=()):
+        self.i, self.batch, self.seed, self.bad = 0, batch, seed, set(bad)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        b = {k: v[0] for k, v in make_batch(self.seed + self.i, self.batch).items()}
+        if self.i in self.bad:
+            b["feat"][0, 0] = np.nan
+        self.i += 1
+        return b
+
+    def get_state(self):
+        return {"i": self.i}
+
+    def set_state(self, s):
+        self.i = s["i"]
+
+
+def components(batch: int = 4, bad=(), model_seed: int = 0):
+    from coordexp_jax.train.build import Components
+
+    return Components(make_model=lambda: StandIn(model_seed), objective=Objective(), data_iter=ListIterator(batch, bad=bad),
+                      vocab_size=VOCAB, coord_start=COORD_START, spec_fn=spec_fn)
