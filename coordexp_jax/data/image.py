@@ -17,6 +17,7 @@ Boxes are stored normalised to the image (`coord/codec.py`), so resizing never c
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import numpy as np
@@ -150,11 +151,22 @@ def resize_image(img: np.ndarray, height: int, width: int) -> np.ndarray:
 
 def normalize(img: np.ndarray, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) -> np.ndarray:
     """uint8 `[H, W, 3]` -> float32 `[3, H, W]`: x/255 (in float64, then float32), then (x - mean)/std in float32."""
+    if img.dtype == np.uint8:
+        # A per-channel lookup table of the same float32 arithmetic: bit-identical and ~10x faster on big images.
+        lut = _normalize_lut(tuple(float(v) for v in mean), tuple(float(v) for v in std))  # [3, 256]
+        hwc = np.moveaxis(img, -1, 0)  # [3, H, W] view
+        return np.stack([lut[c][hwc[c]] for c in range(hwc.shape[0])])
     x = (img.astype(np.float64) * (1 / 255)).astype(np.float32)
     x = np.moveaxis(x, -1, 0)
     m = np.asarray(mean, np.float32)[:, None, None]
     s = np.asarray(std, np.float32)[:, None, None]
     return (x - m) / s
+
+
+@functools.lru_cache(maxsize=8)
+def _normalize_lut(mean: tuple, std: tuple) -> np.ndarray:
+    v = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)
+    return np.stack([(v - np.float32(m)) / np.float32(s) for m, s in zip(mean, std)]).astype(np.float32)
 
 
 def patchify(img: np.ndarray, patch_size: int = 16, merge_size: int = 2,

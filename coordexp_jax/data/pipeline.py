@@ -155,7 +155,7 @@ class DataIterator:
 def build_dataset(sources: Mapping[str, Sequence[Any]], weights: Mapping[str, float], *, transform: Callable,
                   batch_size: int, batch_fn: Callable | None = None, seed: int = 0, shard_index: int = 0,
                   shard_count: int = 1, num_workers: int = 0, drop_remainder: bool = True,
-                  per_worker_buffer_size: int = 2):
+                  per_worker_buffer_size: int = 2, read_options: grain.ReadOptions | None = None):
     """The Grain IterDataset of batches for in-memory sources (name -> list of records).
 
     `transform(record) -> sample | None` (or `transform(record, rng)` when it has `needs_rng = True`) runs per element (in workers when `num_workers > 0`); None drops it.
@@ -164,6 +164,9 @@ def build_dataset(sources: Mapping[str, Sequence[Any]], weights: Mapping[str, fl
     """
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
+    # The transforms are CPU-bound Python: a few threads suffice (Grain's default 16 threads x 500 prefetched
+    # elements per source only burn CPU that the training step needs).
+    read_options = read_options or grain.ReadOptions(num_threads=2, prefetch_buffer_size=16)
     if set(sources) != set(weights):
         raise ValueError(f"sources {sorted(sources)} and weights {sorted(weights)} name different datasets")
     parts = {}
@@ -177,7 +180,7 @@ def build_dataset(sources: Mapping[str, Sequence[Any]], weights: Mapping[str, fl
         # the element's index in the repeated stream: deterministic, and different in every epoch.
         ds = (ds.random_map(transform, seed=(seed + 7919 * (k + 1)) % 2**32) if getattr(transform, "needs_rng", False)
               else ds.map(transform))
-        parts[name] = ds.to_iter_dataset()
+        parts[name] = ds.to_iter_dataset(read_options)
     total = float(sum(weights.values()))
     mixed = grain.IterDataset.mix(parts, {n: float(w) / total for n, w in weights.items()})
     ds = mixed.filter(_not_none).batch(batch_size, drop_remainder=drop_remainder, batch_fn=batch_fn)
@@ -206,3 +209,17 @@ def build_pipeline(specs: Sequence[SourceSpec] | Any, *, transform: Callable, ba
                        batch_size=batch_size, batch_fn=batch_fn, seed=seed, shard_index=shard_index,
                        shard_count=shard_count, num_workers=num_workers)
     return DataIterator(ds, {n: v[1] for n, v in loaded.items()})
+
+
+def make_train_iterator(specs, prompt_cfg, *, batch_size: int, tokenizer=None, tokenizer_dir: str | None = None,
+                        seed: int = 0, num_workers: int = 0, model_config=None, shard_index: int | None = None,
+                        shard_count: int | None = None) -> DataIterator:
+    """The training input: sources (fusion config or SourceSpecs) -> `SampleEncoder` -> `Collator` batches with
+    the training-batch contract of docs/architecture.md. Pass `tokenizer_dir` (loaded once per worker) when
+    `num_workers > 0`."""
+    from coordexp_jax.data.prompts import Collator, SampleEncoder
+
+    enc = SampleEncoder(prompt_cfg, tokenizer=tokenizer, tokenizer_dir=tokenizer_dir, seed=seed)
+    coll = Collator(prompt_cfg, enc.token_ids, model_config)
+    return build_pipeline(specs, transform=enc, batch_size=batch_size, batch_fn=coll, seed=seed,
+                          shard_index=shard_index, shard_count=shard_count, num_workers=num_workers)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import zlib
 from collections.abc import Sequence
 
@@ -33,6 +34,9 @@ from coordexp_jax.data.records import Record
 from coordexp_jax.data.tokenizer import TokenIds, encode_text, token_ids_from_tokenizer
 
 log = logging.getLogger(__name__)
+# Grain runs transforms in threads; the first `transformers` import is not thread-safe (lazy module), so loading
+# the tokenizer is serialised.
+_LOAD_LOCK = threading.Lock()
 
 DEFAULT_INSTRUCTIONS = {
     ("detection", "coordjson"): "Detect all objects in the image. Answer in JSON.",
@@ -167,7 +171,9 @@ class SampleEncoder:
         if self._tok is None:
             from coordexp_jax.data.tokenizer import load_tokenizer
 
-            self._tok = load_tokenizer(self.tokenizer_dir)
+            with _LOAD_LOCK:
+                if self._tok is None:
+                    self._tok = load_tokenizer(self.tokenizer_dir)
         return self._tok
 
     @property
@@ -286,6 +292,21 @@ class Collator:
     def __init__(self, cfg: PromptConfig, token_ids: TokenIds, model_config=None):
         self.cfg, self.ids = cfg, token_ids
         self.model_config = _model_config(cfg, token_ids, model_config)
+        self._shared_memory = False
+
+    def enable_shared_memory_output(self) -> None:
+        """Called by Grain inside worker processes: big arrays then travel through shared memory, not pickles."""
+        self._shared_memory = True
+
+    def _to_shared_memory(self, out: dict) -> dict:
+        from grain.python import SharedMemoryArray
+
+        for k, v in out.items():
+            if isinstance(v, np.ndarray) and v.nbytes >= (1 << 20):
+                shm = SharedMemoryArray(v.shape, dtype=v.dtype)
+                np.copyto(shm, v, casting="no")
+                out[k] = shm
+        return out
 
     def patches_per_slot(self, sizes: Sequence[int]) -> int:
         if self.cfg.patches_per_slot is not None:
@@ -317,7 +338,7 @@ class Collator:
                    coord_mask=(loss_mask > 0) & self.ids.is_coord(targets),
                    box_pos=box_pos, box_target=box_target, box_valid=box_valid,
                    num_objects=np.asarray([s["num_objects"] for s in samples], np.int32))
-        return out
+        return self._to_shared_memory(out) if self._shared_memory else out
 
 
 def encode_prompts(records: Sequence[Record], encoder: SampleEncoder, *, model_config=None,

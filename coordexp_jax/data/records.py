@@ -268,14 +268,15 @@ def _parse_object(i: int, o, rec: Mapping, ctx: _Ctx, *, box_format, pixel_mode,
         if r is None:
             return None
         c = np.clip(c, 0.0, 1.0)
-        if c[2] <= c[0] or c[3] <= c[1]:  # clipping left nothing inside the image
-            ctx.report.add("degenerate_box", ctx.where, f"{key}.bbox_2d {o['bbox_2d']} lies outside the image")
-            if ctx.policy["degenerate_box"] == "drop":
-                return None
-            ctx.fail("degenerate_box", f"{key}.bbox_2d {o['bbox_2d']} lies outside the image")
     elif np.any(c < 0) or np.any(c > 1):
         ctx.report.add("box_clamped", ctx.where, f"{key}.bbox_2d {o['bbox_2d']} (within {tolerance_px} px)")
         c = np.clip(c, 0.0, 1.0)
+    if c[2] <= c[0] or c[3] <= c[1]:  # clipping to the image left an empty box
+        detail = f"{key}.bbox_2d {o['bbox_2d']} is empty once clipped to the image"
+        if ctx.policy["degenerate_box"] == "drop":
+            ctx.report.add("degenerate_box", ctx.where, detail + " (object dropped)")
+            return None
+        ctx.fail("degenerate_box", detail)
     return Object(desc=desc, box=tuple(float(v) for v in c), extra=extra)
 
 
