@@ -63,3 +63,34 @@ def test_resolve_spec_rules():
     assert shd.resolve_spec(P("batch", None), (8, 3), m, rules) == P(("data", "fsdp"), None)
     with pytest.raises(ValueError, match="'nope' of 'w' has no rule"):
         shd.resolve_spec(P("nope"), (4,), m, rules, "w")
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_with_jax_distributed_agree_with_one(tmp_path):
+    script = os.path.join(HERE, "_multiproc_check.py")
+    ref = subprocess.run([sys.executable, script, str(tmp_path / "one")], env=_subprocess_env(1), capture_output=True,
+                         text=True, timeout=600)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    one = json.loads(ref.stdout.split("RESULT ", 1)[1])
+    port = _free_port()
+    procs = []
+    for pid in range(2):
+        env = _subprocess_env(1)
+        env.update(COORDEXP_COORDINATOR=f"127.0.0.1:{port}", COORDEXP_NUM_PROCESSES="2", COORDEXP_PROCESS_ID=str(pid))
+        procs.append(subprocess.Popen([sys.executable, script, str(tmp_path / "two")], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    two = json.loads(outs[0][0].split("RESULT ", 1)[1])
+    assert (one["processes"], two["processes"], two["devices"]) == (1, 2, 2)
+    assert len(two["losses"]) == 4
+    np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-6)
