@@ -310,7 +310,7 @@ def parse_record(rec, *, where: str = "<memory>", image_root: str | None = None,
         raise ValueError(f"box_format must be one of {BOX_FORMATS}, got {box_format!r}")
     if check_images not in CHECK_IMAGES:
         raise ValueError(f"check_images must be one of {CHECK_IMAGES}, got {check_images!r}")
-    pol = policy if isinstance(policy, dict) and policy.keys() == DEFAULT_POLICY.keys() else _check_policy(policy)
+    pol = _check_policy(policy)
     report = report if report is not None else ValidationReport()
     ctx = _Ctx(where, pol, report)
     report.records_read += 1
