@@ -34,9 +34,48 @@ def run(sizes, devices, accum):
     return losses, jax.tree.map(np.asarray, (st.params, st.opt_state, st.ema)), specs
 
 
+def run_real(sizes, devices, data_dir):
+    """The real tiny Qwen3-VL with the Stage-1 objective (all terms) on synthetic batches, 2 micro-batches."""
+    from coordexp_jax.train import build as B, optim, state as S, step as ST
+
+    cfg = C.base_config()
+    cfg.data.path = data_dir
+    cfg.data.num_train, cfg.data.num_eval, cfg.data.batch_size, cfg.data.max_objects = 16, 1, 8, 3
+    cfg.data.seq_len = 256
+    for t in ("coord_ce", "soft_ce", "w1", "gate", "text_gate", "l1", "giou"):
+        cfg.loss[t] = 0.5
+    cfg.optim.lr, cfg.optim.eps = 1e-2, 1.0
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = sizes
+    cfg = C.validate(cfg)
+    comps = B.build_components(cfg)
+    mesh = shd.make_mesh(cfg.mesh, devices)
+    box = {}
+
+    def make_tx(p):
+        tx, box["s"] = optim.make_optimizer(cfg, p, 10, comps.vocab_size, comps.coord_start)
+        return tx
+
+    g, st, sh, tx = S.create_state(comps.make_model, optim.trainable_filter(cfg), make_tx, mesh, cfg.mesh.rules, 0)
+    fn = ST.jit_train_step(ST.make_train_step(g, comps.objective, tx, box["s"]), sh, mesh)
+    losses = []
+    for _ in range(2):
+        micro = [next(comps.data_iter) for _ in range(2)]
+        b = {k: np.stack([m[k] for m in micro]) for k in micro[0]}
+        st, m = fn(st, shd.put_batch(b, shd.batch_shardings(b, mesh)))
+        losses.append({k: float(v) for k, v in m.items()})
+    specs = {jax.tree_util.keystr(p): str(s.spec) for p, s in jax.tree_util.tree_flatten_with_path(sh.params)[0]}
+    return losses, jax.tree.map(np.asarray, (st.params, st.opt_state)), specs
+
+
 if __name__ == "__main__":
     assert jax.device_count() == 8, jax.device_count()
     out = {}
+    if len(sys.argv) > 1:  # the real model
+        l1, p1, _ = run_real((1, 1, 1), jax.devices()[:1], sys.argv[1])
+        l8, p8, specs = run_real((2, 2, 2), jax.devices(), sys.argv[1])
+        diff = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)))
+        print("RESULT " + json.dumps({"loss1": l1, "loss8": l8, "max_state_diff": diff, "specs": specs}))
+        sys.exit(0)
     for accum in (1, 2):
         l1, p1, _ = run((1, 1, 1), jax.devices()[:1], accum)
         l8, p8, specs = run((2, 2, 2), jax.devices(), accum)

@@ -94,3 +94,20 @@ def test_two_processes_with_jax_distributed_agree_with_one(tmp_path):
     assert (one["processes"], two["processes"], two["devices"]) == (1, 2, 2)
     assert len(two["losses"]) == 4
     np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-6)
+
+
+def test_real_model_sharded_step_equals_single_device(tmp_path):
+    """The tiny Qwen3-VL with images, every Stage-1 term and 2 micro-batches: (2,2,2) mesh == 1 device."""
+    r = subprocess.run([sys.executable, os.path.join(HERE, "_sharded_check.py"), str(tmp_path / "syn")],
+                       env=_subprocess_env(8), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.split("RESULT ", 1)[1])
+    for m1, m8 in zip(res["loss1"], res["loss8"]):
+        assert m1["count/l1"] > 0 and m1["count/gate"] > 0
+        for k in m1:
+            np.testing.assert_allclose(m8[k], m1[k], rtol=5e-6, atol=1e-7, err_msg=k)
+    assert res["max_state_diff"] < 5e-6, res["max_state_diff"]
+    specs = res["specs"]
+    emb = [v for k, v in specs.items() if "embed_tokens" in k][0]
+    assert emb == str(P("tensor", "fsdp")), specs
+    assert any("'tensor'" in v for k, v in specs.items() if "visual" in k)
