@@ -98,7 +98,8 @@ def model_config(cfg, ids: TokenIds):
         path = _check_path("model.checkpoint", cfg.model.checkpoint)
         from coordexp_jax.weights.checkpoint import CONFIG_NAME
 
-        src = os.path.join(path, CONFIG_NAME) if os.path.isfile(os.path.join(path, CONFIG_NAME)) else path
+        src = next((os.path.join(path, n) for n in (CONFIG_NAME, "config.json")
+                    if os.path.isfile(os.path.join(path, n))), path)
         mc = ModelConfig.from_hf(src)
         if mc.vocab_size != ids.vocab_size:
             raise ValueError(f"model.checkpoint {path} has vocab_size {mc.vocab_size} but the tokenizer has "

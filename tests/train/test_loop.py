@@ -82,3 +82,9 @@ def test_cli_unknown_key_and_missing_data(tmp_path):
     assert r.returncode == 1 and "config key 'data.path': path '/no/such.jsonl' does not exist" in r.stderr, r.stderr[-2000:]
     # the resolved config was written before the failure
     assert json.load(open(tmp_path / "config.json"))["data"]["path"] == "/no/such.jsonl"
+
+
+def test_fusion_preset_missing_source_is_named():
+    cfg = C.validate(_cfg(**{"data.kind": "fusion", "data.path": os.path.join(ROOT, "configs/fusion/coco_refcoco.py")}))
+    with pytest.raises(build.DataPathError, match=r"source 'coco'.*'data/coco/train2017\.jsonl' does not exist"):
+        build.data_specs(cfg)
