@@ -162,19 +162,89 @@ def _write_outputs(out_dir: str, rows: list[dict], metrics: dict, encoder, confi
     write_html(out_dir, entries, summary=metrics)
 
 
+def _eval_setup(cfg, model_config, max_records: int = 0):
+    """Records, encoder and EvalConfig of a training config's evaluation data."""
+    from coordexp_jax.data.prompts import SampleEncoder
+    from coordexp_jax.data.records import read_jsonl
+    from coordexp_jax.train import build
+
+    _, eval_specs = build.data_specs(cfg)
+    if not eval_specs:
+        raise ValueError("the config has no evaluation data (set data.eval_path, or use data.kind='synthetic')")
+    recs = []
+    for spec in eval_specs:
+        recs += read_jsonl(spec.path)[0]
+    n = max_records or cfg.eval.num_images
+    recs = recs[:n] if n else recs
+    encoder = SampleEncoder(build.prompt_config(cfg, model_config), tokenizer_dir=build.tokenizer_dir(cfg))
+    ecfg = EvalConfig(batch_size=cfg.eval.batch_size, num_pictures=cfg.eval.num_pictures)
+    return recs, encoder, ecfg
+
+
+def make_sampler(model_or_split, token_ids, cfg):
+    from coordexp_jax.rollout.sampler import Sampler, SamplerConfig
+
+    return Sampler(model_or_split, token_ids, SamplerConfig(max_new_tokens=cfg.eval.max_new_tokens))
+
+
+def training_eval_hook(cfg, model_config):
+    """`hook(model, step, workdir) -> metrics` for the training loop: rolls out the evaluation records with the
+    current weights and writes `workdir/eval/step_N/` (metrics.json, predictions.jsonl, pictures, index.html).
+    The sampler is built once; later calls swap in the new weights (same shapes: no recompilation)."""
+    from flax import nnx
+
+    recs, encoder, ecfg = _eval_setup(cfg, model_config)
+    box: dict = {}
+
+    def hook(model, step, workdir):
+        graphdef, state = nnx.split(model)
+        if "sampler" not in box:
+            box["sampler"] = make_sampler((graphdef, state), encoder.token_ids, cfg)
+        box["sampler"].state = state
+        out = os.path.join(workdir, "eval", f"step_{step}")
+        m = evaluate_records(box["sampler"], recs, encoder, config=ecfg, out_dir=out, progress=False)
+        return {k: float(v) for k, v in m.items() if isinstance(v, (int, float))}
+
+    return hook
+
+
+def build_evaluator(config_path: str, *, checkpoint: str, max_records: int = 0, batch_size: int = 0):
+    """`evaluate(out_dir) -> metrics` for a training config file and a checkpoint (ours, a training workdir with
+    `final_model/`, or an HF directory)."""
+    from coordexp_jax.train import build
+    from coordexp_jax.train.config import load_config_file, validate
+    from coordexp_jax.weights.checkpoint import load_checkpoint
+
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"config file not found: {config_path}")
+    cfg = validate(load_config_file(config_path))
+    if batch_size:
+        cfg.eval.batch_size = batch_size
+    if os.path.isdir(os.path.join(checkpoint, "final_model")):
+        checkpoint = os.path.join(checkpoint, "final_model")
+    if not os.path.isdir(checkpoint):
+        raise FileNotFoundError(f"checkpoint directory not found: {checkpoint}")
+    model_config, model = load_checkpoint(checkpoint)
+    recs, encoder, ecfg = _eval_setup(cfg, model_config, max_records)
+    if model_config.vocab_size != encoder.token_ids.vocab_size:
+        raise ValueError(f"checkpoint {checkpoint} has vocab_size {model_config.vocab_size} but the config's "
+                         f"tokenizer has {encoder.token_ids.vocab_size} ids")
+    sampler = make_sampler(model, encoder.token_ids, cfg)
+    return lambda out_dir: evaluate_records(sampler, recs, encoder, config=ecfg, out_dir=out_dir)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m coordexp_jax.evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True, help="a training config file (its data.eval sources are evaluated)")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint directory: ours, a training workdir, or HF")
+    p.add_argument("--config", required=True, help="a training config file (its evaluation data is used)")
+    p.add_argument("--checkpoint", required=True, help="ours, a training workdir (final_model/) or an HF directory")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--max_records", type=int, default=0)
-    p.add_argument("--batch_size", type=int, default=0, help="0 = the config's eval batch size")
-    args, overrides = p.parse_known_args(argv)
+    p.add_argument("--max_records", type=int, default=0, help="0 = the config's eval.num_images")
+    p.add_argument("--batch_size", type=int, default=0, help="0 = the config's eval.batch_size")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
     try:
-        from coordexp_jax.train.evaluation import build_evaluator
-
-        evaluator = build_evaluator(args.config, overrides, checkpoint=args.checkpoint,
-                                    max_records=args.max_records, batch_size=args.batch_size)
+        evaluator = build_evaluator(args.config, checkpoint=args.checkpoint, max_records=args.max_records,
+                                    batch_size=args.batch_size)
         metrics = evaluator(args.out)
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)

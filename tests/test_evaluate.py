@@ -83,3 +83,12 @@ def test_corrupted_answers(setup):
     assert m["det/parse_failure_rate"] == pytest.approx(1 / len(recs))  # only the garbage one yields nothing
     assert 0.0 < m["det/AP50_constant"] < 1.0
     assert m["det/recall@0.5"] < 1.0
+
+
+def test_cli_bad_inputs(tmp_path, capsys):
+    assert E.main(["--config", str(tmp_path / "nope.py"), "--checkpoint", str(tmp_path), "--out",
+                   str(tmp_path / "o")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+    assert E.main(["--config", "configs/demo.py", "--checkpoint", str(tmp_path / "missing"), "--out",
+                   str(tmp_path / "o")]) == 2
+    assert "checkpoint directory not found" in capsys.readouterr().err
