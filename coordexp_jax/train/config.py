@@ -144,6 +144,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.tensorboard = True
 
     c.eval = ml_collections.ConfigDict()
+    c.eval.kind = "detection"  # 'detection' (rollouts + COCO AP) | 'loss' (teacher-forced validation loss)
     c.eval.every = 0  # steps between evaluations (0 = only at the end, if eval.at_end)
     c.eval.at_end = True
     c.eval.num_images = 64
@@ -225,6 +226,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.ema_decay": (_prob, "in [0, 1)"),
     "train.max_minutes": (_non_negative, ">= 0"),
     "eval.every": (_non_negative, ">= 0"),
+    "eval.kind": (_one_of("detection", "loss"), "'detection' or 'loss'"),
     "eval.num_images": (_non_negative, ">= 0"),
     "eval.batch_size": (_positive, "> 0"),
     "eval.max_new_tokens": (_positive, "> 0"),

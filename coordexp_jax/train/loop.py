@@ -9,7 +9,8 @@ Recompiles of the train step are counted and logged (the data is bucketed to sta
 one compile per bucket).
 
 Evaluation is a hook: `eval_hook(model, step, workdir) -> dict of floats`, called every `eval.every` steps and at
-the end. The default hook reports the teacher-forced validation loss of the objective on the eval split.
+the end. With `eval.kind = 'detection'` (default) it is `eval_hook.detection_eval_hook` (rollouts scored by
+`coordexp_jax.evaluate`: AP, AP50, pictures); with 'loss' the teacher-forced validation loss of the objective.
 """
 
 from __future__ import annotations
@@ -165,8 +166,13 @@ def train(cfg, workdir: str, *, components: Components | None = None, eval_hook:
     step_fn = step_lib.jit_train_step(
         step_lib.make_train_step(graphdef, comps.objective, tx, sched_box["s"], T.ema_decay), shardings, mesh)
     writer = MetricsWriter(workdir, T.tensorboard)
-    hook = eval_hook if eval_hook is not None else default_eval_hook(graphdef, comps.objective, comps.eval_iter_fn,
-                                                                     mesh)
+    hook = eval_hook
+    if hook is None and cfg.eval.kind == "detection":
+        from coordexp_jax.train.eval_hook import detection_eval_hook
+
+        hook = detection_eval_hook(cfg, comps)
+    if hook is None:
+        hook = default_eval_hook(graphdef, comps.objective, comps.eval_iter_fn, mesh)
 
     def next_batch():
         micro = [next(comps.data_iter) for _ in range(T.grad_accum)]
