@@ -187,27 +187,6 @@ def make_sampler(model_or_split, token_ids, cfg):
     return Sampler(model_or_split, token_ids, SamplerConfig(max_new_tokens=cfg.eval.max_new_tokens))
 
 
-def training_eval_hook(cfg, model_config):
-    """`hook(model, step, workdir) -> metrics` for the training loop: rolls out the evaluation records with the
-    current weights and writes `workdir/eval/step_N/` (metrics.json, predictions.jsonl, pictures, index.html).
-    The sampler is built once; later calls swap in the new weights (same shapes: no recompilation)."""
-    from flax import nnx
-
-    recs, encoder, ecfg = _eval_setup(cfg, model_config)
-    box: dict = {}
-
-    def hook(model, step, workdir):
-        graphdef, state = nnx.split(model)
-        if "sampler" not in box:
-            box["sampler"] = make_sampler((graphdef, state), encoder.token_ids, cfg)
-        box["sampler"].state = state
-        out = os.path.join(workdir, "eval", f"step_{step}")
-        m = evaluate_records(box["sampler"], recs, encoder, config=ecfg, out_dir=out, progress=False)
-        return {k: float(v) for k, v in m.items() if isinstance(v, (int, float))}
-
-    return hook
-
-
 def build_evaluator(config_path: str, *, checkpoint: str, max_records: int = 0, batch_size: int = 0):
     """`evaluate(out_dir) -> metrics` for a training config file and a checkpoint (ours, a training workdir with
     `final_model/`, or an HF directory)."""
