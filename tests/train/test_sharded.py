@@ -1,4 +1,5 @@
-"""The sharded train step on 8 simulated CPU devices (data=2, fsdp=2, tensor=2) equals the 1-device step, and mesh
+"""The sharded train step on 8 simulated CPU devices (data=2, fsdp=2, tensor=2) equals the 1-device step (stand-in
+with 2 micro-batches and EMA; the tiny Qwen3-VL with images and every Stage-1 term), two processes agree with one, and mesh
 construction / spec resolution rules."""
 
 import json
@@ -29,10 +30,9 @@ def test_sharded_step_equals_single_device():
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.split("RESULT ", 1)[1])
-    for accum in ("accum1", "accum2"):
-        np.testing.assert_allclose(res[accum]["loss8"], res[accum]["loss1"], rtol=2e-6)
-        assert res[accum]["max_state_diff"] < 2e-6, res[accum]
-    np.testing.assert_allclose(res["accum1"]["loss1"], res["accum2"]["loss1"], rtol=2e-6)
+    res2 = res["accum2"]
+    np.testing.assert_allclose(res2["loss8"], res2["loss1"], rtol=2e-6)
+    assert res2["max_state_diff"] < 2e-6, res2
     specs = res["specs"]
     # the parameters really are sharded over every mesh axis
     assert specs["['embed_tokens']['embedding'].value"] == str(P("tensor", "fsdp"))
