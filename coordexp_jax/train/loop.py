@@ -202,6 +202,7 @@ def train(cfg, workdir: str, *, components: Components | None = None, eval_hook:
     eval_res: dict[str, float] = {}
     step = start
     done_here = 0
+    out_of_time = False
     batch = next_batch() if start < T.steps else None
     try:
         while step < T.steps:
@@ -243,7 +244,7 @@ def train(cfg, workdir: str, *, components: Components | None = None, eval_hook:
                 break
         ckpt.save(step, state, comps.data_iter, force=True)
         ckpt.wait()
-        if step >= T.steps and cfg.eval.at_end:
+        if cfg.eval.at_end and (step >= T.steps or out_of_time):  # the run's end (steps or train.max_minutes)
             eval_res = run_eval(step)
     finally:
         if pbar is not None:
