@@ -27,6 +27,11 @@ def main(argv=None) -> int:
                         "runs/<config name>", flag_values=FLAGS)
     flags.DEFINE_bool("export", True, "write the final model (LoRA merged) to WORKDIR/final_model", flag_values=FLAGS)
     argv = list(sys.argv if argv is None else argv)
+    if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
+        print(__doc__.strip() + "\n\nflags:\n" + FLAGS.get_help())
+        print("\nEvery config key can be overridden: --config.optim.lr=3e-4 --config.lora.enabled=True "
+              "(keys and their meaning: docs/training.md).")
+        return 0
     try:
         FLAGS(argv)
     except flags.Error as e:

@@ -74,6 +74,8 @@ def _cli(*args, timeout=120):
 
 
 def test_cli_unknown_key_and_missing_data(tmp_path):
+    r = _cli("--help")
+    assert r.returncode == 0 and "--workdir" in r.stdout and "--config" in r.stdout
     r = _cli("--config", "configs/demo.py", "--config.optim.lrr=1e-3", "--workdir", str(tmp_path))
     assert r.returncode == 2 and "unknown config key 'optim.lrr'" in r.stderr and "'optim.lr'?" in r.stderr, \
         r.stderr[-2000:]
