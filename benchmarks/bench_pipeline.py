@@ -23,8 +23,10 @@ from coordexp_jax.data import tokenizer as T  # noqa: E402
 
 def run(path, img_cfg, workers, batches, bs, patches):
     cfg = Pr.PromptConfig(image=img_cfg, max_text_len=4096, patches_per_slot=patches)
+    ids = T.token_ids_from_tokenizer(T.small_tokenizer())
     it = P.make_train_iterator([P.SourceSpec("bench", path)], cfg, batch_size=bs, tokenizer_dir=T.SMALL_TOKENIZER_DIR,
-                               num_workers=workers, shard_index=0, shard_count=1)
+                               num_workers=workers, shard_index=0, shard_count=1,
+                               model_config=Pr.released_model_config(cfg, ids))
     next(it)  # worker start-up and first batch are not counted
     next(it)
     t = time.perf_counter()

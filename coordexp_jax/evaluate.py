@@ -56,11 +56,12 @@ def _objects_px(parsed: protocols.ParseResult, rollout_row, width, height, pixel
     return out
 
 
-def evaluate_records(sampler, records: Sequence, encoder, *, config: EvalConfig = EvalConfig(),
+def evaluate_records(sampler, records: Sequence, encoder, *, model_config, config: EvalConfig = EvalConfig(),
                      out_dir: str | None = None, progress: bool = True) -> dict:
     """Rolls `sampler` (a `rollout.sampler.Sampler`) out over `records` and returns the metrics dict.
 
-    `encoder` is the `data.prompts.SampleEncoder` used in training (same image preprocessing and prompt).
+    `encoder` is the `data.prompts.SampleEncoder` used in training (same image preprocessing and prompt);
+    `model_config` the sampled model's config (its vision table shapes the vision inputs).
     Writes predictions, metrics and pictures to `out_dir` when given.
     """
     from coordexp_jax.data.prompts import encode_prompts
@@ -74,7 +75,7 @@ def evaluate_records(sampler, records: Sequence, encoder, *, config: EvalConfig 
     bar = tqdm(total=len(records), desc="evaluate", unit="img", disable=not progress, dynamic_ncols=True)
     for start in range(0, len(records), config.batch_size):
         chunk = list(records[start:start + config.batch_size])
-        batch = encode_prompts(chunk, encoder)
+        batch = encode_prompts(chunk, encoder, model_config=model_config)
         batch.pop("prompt_lengths", None)
         ro = sampler.generate(batch)
         for b, r in enumerate(chunk):
@@ -209,7 +210,8 @@ def build_evaluator(config_path: str, *, checkpoint: str, max_records: int = 0, 
         raise ValueError(f"checkpoint {checkpoint} has vocab_size {model_config.vocab_size} but the config's "
                          f"tokenizer has {encoder.token_ids.vocab_size} ids")
     sampler = make_sampler(model, encoder.token_ids, cfg)
-    return lambda out_dir: evaluate_records(sampler, recs, encoder, config=ecfg, out_dir=out_dir)
+    return lambda out_dir: evaluate_records(sampler, recs, encoder, model_config=model_config, config=ecfg,
+                                            out_dir=out_dir)
 
 
 def main(argv=None) -> int:

@@ -43,7 +43,7 @@ def setup(tmp_path_factory):
     ids = token_ids_from_tokenizer(tok)
     enc = prompts.SampleEncoder(prompts.PromptConfig(image=ImageConfig(min_pixels=64 * 64, max_pixels=64 * 64)),
                                 tokenizer=tok)
-    return recs, tok, ids, enc
+    return recs, tok, ids, enc, prompts.released_model_config(enc.cfg, ids)
 
 
 def _answer(rec, tok, ids, boxes=None):
@@ -53,9 +53,9 @@ def _answer(rec, tok, ids, boxes=None):
 
 
 def test_perfect_answers_score_one_and_files_are_written(setup, tmp_path):
-    recs, tok, ids, enc = setup
+    recs, tok, ids, enc, mc = setup
     sampler = ScriptedSampler([_answer(r, tok, ids) for r in recs])
-    m = E.evaluate_records(sampler, recs, enc, config=E.EvalConfig(batch_size=4), out_dir=str(tmp_path),
+    m = E.evaluate_records(sampler, recs, enc, model_config=mc, config=E.EvalConfig(batch_size=4), out_dir=str(tmp_path),
                            progress=False)
     # Bins quantise to 1/999 of the side: IoU stays far above 0.95, so every threshold is met.
     assert m["det/AP_constant"] == pytest.approx(1.0) and m["det/AP_logprob"] == pytest.approx(1.0)
@@ -73,13 +73,13 @@ def test_perfect_answers_score_one_and_files_are_written(setup, tmp_path):
 
 
 def test_corrupted_answers(setup):
-    recs, tok, ids, enc = setup
+    recs, tok, ids, enc, mc = setup
     answers = [_answer(r, tok, ids) for r in recs]
     answers[0] = answers[0][: len(answers[0]) // 2]  # truncated: parses partially or fails
     answers[1] = [ids.coord_start + 5] * 7 + [ids.eos]  # garbage
     shifted = recs[2].boxes() + np.array([0.5, 0.0, 0.5, 0.0])  # pushed half an image to the right
     answers[2] = _answer(recs[2], tok, ids, np.clip(shifted, 0, 1))
-    m = E.evaluate_records(ScriptedSampler(answers), recs, enc, config=E.EvalConfig(batch_size=3), progress=False)
+    m = E.evaluate_records(ScriptedSampler(answers), recs, enc, model_config=mc, config=E.EvalConfig(batch_size=3), progress=False)
     assert m["det/parse_failure_rate"] == pytest.approx(1 / len(recs))  # only the garbage one yields nothing
     assert 0.0 < m["det/AP50_constant"] < 1.0
     assert m["det/recall@0.5"] < 1.0

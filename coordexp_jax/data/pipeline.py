@@ -212,7 +212,7 @@ def build_pipeline(specs: Sequence[SourceSpec] | Any, *, transform: Callable, ba
 
 
 def make_train_iterator(specs, prompt_cfg, *, batch_size: int, tokenizer=None, tokenizer_dir: str | None = None,
-                        seed: int = 0, num_workers: int = 0, model_config=None, shard_index: int | None = None,
+                        seed: int = 0, num_workers: int = 0, model_config, shard_index: int | None = None,
                         shard_count: int | None = None) -> DataIterator:
     """The training input: sources (fusion config or SourceSpecs) -> `SampleEncoder` -> `Collator` batches with
     the training-batch contract of docs/architecture.md. Pass `tokenizer_dir` (loaded once per worker) when

@@ -115,15 +115,25 @@ def bucket_len(n: int, cfg: PromptConfig) -> int:
     return int(cfg.text_bucket)
 
 
-def _model_config(cfg: PromptConfig, ids: TokenIds, model_config=None):
-    """The ModelConfig that `model.inputs.build_model_inputs` needs; checked against the tokenizer and image cfg."""
+def released_model_config(cfg: PromptConfig, ids: TokenIds):
+    """A ModelConfig with the released Qwen3-VL vision settings (48x48 pos-embed table) and this tokenizer's
+    vision ids: what to pass as `model_config` when preparing inputs for a released-size model. Tiny or custom
+    models must pass their own config (the pos-embed taps depend on its table size)."""
     from coordexp_jax.model.config import ModelConfig, VisionConfig
 
     im = cfg.image
+    return ModelConfig(vision=VisionConfig(patch_size=im.patch_size, temporal_patch_size=im.temporal_patch_size,
+                                           spatial_merge_size=im.merge_size),
+                       image_token_id=ids.image_pad, video_token_id=ids.video_pad)
+
+
+def _check_model_config(cfg: PromptConfig, ids: TokenIds, model_config):
+    """The model's config, checked against the image config and the tokenizer. It is required: the vision index
+    arrays (pos-embed taps) depend on the model's table size, and a wrong default gives out-of-range taps."""
     if model_config is None:
-        return ModelConfig(vision=VisionConfig(patch_size=im.patch_size, temporal_patch_size=im.temporal_patch_size,
-                                               spatial_merge_size=im.merge_size),
-                           image_token_id=ids.image_pad, video_token_id=ids.video_pad)
+        raise ValueError("model_config is required: the vision inputs depend on the model's position-embedding table "
+                         "(use the model's config, or prompts.released_model_config(...) for released sizes)")
+    im = cfg.image
     v = model_config.vision
     if (v.patch_size, v.temporal_patch_size, v.spatial_merge_size) != (im.patch_size, im.temporal_patch_size,
                                                                         im.merge_size):
@@ -289,9 +299,9 @@ class Collator:
     slots. `model_config` (optional) must agree with the tokenizer's image token and the image config.
     """
 
-    def __init__(self, cfg: PromptConfig, token_ids: TokenIds, model_config=None):
+    def __init__(self, cfg: PromptConfig, token_ids: TokenIds, model_config):
         self.cfg, self.ids = cfg, token_ids
-        self.model_config = _model_config(cfg, token_ids, model_config)
+        self.model_config = _check_model_config(cfg, token_ids, model_config)
         self._shared_memory = False
 
     def enable_shared_memory_output(self) -> None:
@@ -341,7 +351,7 @@ class Collator:
         return self._to_shared_memory(out) if self._shared_memory else out
 
 
-def encode_prompts(records: Sequence[Record], encoder: SampleEncoder, *, model_config=None,
+def encode_prompts(records: Sequence[Record], encoder: SampleEncoder, *, model_config,
                    pixels: Sequence[tuple] | None = None) -> dict:
     """Prompt-only batch for rollout / evaluation: left-padded to the text bucket, the same model-input keys as a
     training batch (input_ids, attention_mask, positions, rope_deltas, vision arrays, visual_index), plus

@@ -45,7 +45,8 @@ def detection_eval_hook(cfg, comps, t_start: float | None = None):
         sampler = box["sampler"]
         sampler.state = state
         out_dir = os.path.join(workdir, "eval", f"step_{step}")
-        m = evaluate_records(sampler, records, encoder, config=ecfg, out_dir=out_dir, progress=False)
+        m = evaluate_records(sampler, records, encoder, model_config=comps.model_config, config=ecfg,
+                             out_dir=out_dir, progress=False)
         res = {k: float(v) for k, v in m.items() if isinstance(v, (int, float))}
         res["minutes"] = (time.time() - t0) / 60
         return res

@@ -113,7 +113,7 @@ def test_collate_static_shapes_and_prompt_batch(data, tok):
     recs, _ = data
     enc = Pr.SampleEncoder(CFG, tok)
     samples = [enc(r) for r in recs[:3]]
-    coll = Pr.Collator(CFG, enc.token_ids)
+    coll = Pr.Collator(CFG, enc.token_ids, Pr.released_model_config(CFG, enc.token_ids))
     b = coll(samples)
     B, S_ = b["input_ids"].shape
     L = [len(s["input_ids"]) for s in samples]
@@ -133,7 +133,7 @@ def test_collate_static_shapes_and_prompt_batch(data, tok):
         assert b["coord_mask"][i][b["box_pos"][i, :m]].all()
     assert b["coord_mask"].sum() == 4 * sum(s["num_objects"] for s in samples)
     # prompt-only batch: left-padded, ends with the generation prompt, the same 3-D positions as training rows
-    pb = Pr.encode_prompts(recs[:3], enc)
+    pb = Pr.encode_prompts(recs[:3], enc, model_config=Pr.released_model_config(enc.cfg, enc.token_ids))
     Sp = pb["input_ids"].shape[1]
     for i in range(3):
         n = int(pb["prompt_lengths"][i])
@@ -151,7 +151,7 @@ def test_rope_positions_follow_the_image_grid(data, tok):
     recs, _ = data
     enc = Pr.SampleEncoder(CFG, tok)
     s = enc(recs[0])
-    b = Pr.Collator(CFG, enc.token_ids)([s])
+    b = Pr.Collator(CFG, enc.token_ids, Pr.released_model_config(CFG, enc.token_ids))([s])
     ids = b["input_ids"][0]
     img = np.flatnonzero(ids == enc.token_ids.image_pad)
     st = img[0]
@@ -171,7 +171,7 @@ def test_pipeline_end_to_end_resume(data, tok, tmp_path):
 
     recs, g = data
     enc = Pr.SampleEncoder(Pr.PromptConfig(image=CFG.image, order="random"), tok)
-    coll = Pr.Collator(enc.cfg, enc.token_ids)
+    coll = Pr.Collator(enc.cfg, enc.token_ids, Pr.released_model_config(enc.cfg, enc.token_ids))
     ds = P.build_dataset({"det": recs, "grd": g}, {"det": 2.0, "grd": 1.0}, transform=enc, batch_size=2,
                          batch_fn=coll, seed=0)
     it = P.DataIterator(ds, {})
@@ -185,3 +185,11 @@ def test_pipeline_end_to_end_resume(data, tok, tmp_path):
         assert got.keys() == w.keys()
         for k in w:
             np.testing.assert_array_equal(got[k], w[k], err_msg=k)
+
+
+def test_model_config_is_required_for_vision_inputs():
+    """The vision index arrays depend on the model's pos-embed table: no silent default (a released-size default
+    once gave a tiny model out-of-range taps and NaN features)."""
+    ids = T.token_ids_from_tokenizer(T.small_tokenizer())
+    with pytest.raises(ValueError, match="model_config is required"):
+        Pr.Collator(CFG, ids, None)

@@ -31,7 +31,7 @@ def setup(tmp_path_factory):
     pcfg = prompts.PromptConfig(image=ImageConfig(min_pixels=64 * 64, max_pixels=64 * 64), max_objects=6,
                                 text_bucket=256)
     enc = prompts.SampleEncoder(pcfg, tokenizer=tok)
-    batch = prompts.Collator(pcfg, ids)([enc(r) for r in recs])
+    batch = prompts.Collator(pcfg, ids, prompts.released_model_config(pcfg, ids))([enc(r) for r in recs])
     return recs, tok, ids, enc, batch
 
 
@@ -56,7 +56,7 @@ def _gt(rec):
 def test_left_padded_prompts_equal_the_prompt_encoder(setup):
     recs, tok, ids, enc, batch = setup
     lp = S2.left_padded_prompts(batch, ids.pad)
-    ref = prompts.encode_prompts(recs, enc)
+    ref = prompts.encode_prompts(recs, enc, model_config=prompts.released_model_config(enc.cfg, ids))
     L = lp["input_ids"].shape[1]
     for k in ("input_ids", "attention_mask", "visual_index"):
         np.testing.assert_array_equal(lp[k], ref[k][:, -L:])
