@@ -152,6 +152,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.max_new_tokens = 128
     c.eval.num_pictures = 4
     c.eval.use_ema = True
+
+    # Stage-2 rollout training (train/stage2.py): step s is a rollout step iff floor((s+1)*ratio) > floor(s*ratio).
+    c.stage2 = ml_collections.ConfigDict()
+    c.stage2.ratio = 0.0  # 0 = plain Stage-1
+    c.stage2.method = "hungarian"  # 'hungarian' | 'sinkhorn'
+    c.stage2.iou_threshold = 0.5  # matched pairs below this IoU are not accepted
+    c.stage2.l1_weight = 1.0
+    c.stage2.giou_weight = 1.0
+    c.stage2.desc_weight = 8.0  # matching cost of a description mismatch
+    c.stage2.use_expectation = True  # match with the rollout's expectation boxes
+    c.stage2.max_new_tokens = 0  # rollout length; 0 = eval.max_new_tokens
     return c
 
 
@@ -231,6 +242,13 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "eval.batch_size": (_positive, "> 0"),
     "eval.max_new_tokens": (_positive, "> 0"),
     "eval.num_pictures": (_non_negative, ">= 0"),
+    "stage2.ratio": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+    "stage2.method": (_one_of("hungarian", "sinkhorn"), "'hungarian' or 'sinkhorn'"),
+    "stage2.iou_threshold": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+    "stage2.l1_weight": (_non_negative, ">= 0"),
+    "stage2.giou_weight": (_non_negative, ">= 0"),
+    "stage2.desc_weight": (_non_negative, ">= 0"),
+    "stage2.max_new_tokens": (_non_negative, ">= 0"),
 }
 
 _LOSS_WEIGHTS = ("ce", "coord_ce", "soft_ce", "w1", "gate", "text_gate", "l1", "giou", "smooth_l1", "ciou")

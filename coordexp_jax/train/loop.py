@@ -174,8 +174,19 @@ def train(cfg, workdir: str, *, components: Components | None = None, eval_hook:
     if hook is None:
         hook = default_eval_hook(graphdef, comps.objective, comps.eval_iter_fn, mesh)
 
-    def next_batch():
+    stage2_runner = None
+    if cfg.stage2.ratio > 0:
+        from coordexp_jax.train.stage2 import Stage2Runner
+
+        stage2_runner = Stage2Runner(cfg, comps, graphdef)
+    stage2_metrics: dict[int, dict] = {}
+
+    def next_batch(index: int):
+        """The batch of step `index` (0-based); on Stage-2 steps its rows are rewritten from rollouts of the
+        current weights."""
         micro = [next(comps.data_iter) for _ in range(T.grad_accum)]
+        if stage2_runner is not None and stage2_runner.is_rollout_step(index):
+            micro, stage2_metrics[index + 1] = stage2_runner.rewrite(micro, state.params, state.frozen)
         b = _stack(micro)
         return shd.put_batch(b, shd.batch_shardings(b, mesh), _global_shapes(b))
 
@@ -203,7 +214,7 @@ def train(cfg, workdir: str, *, components: Components | None = None, eval_hook:
     step = start
     done_here = 0
     out_of_time = False
-    batch = next_batch() if start < T.steps else None
+    batch = next_batch(start) if start < T.steps else None
     try:
         while step < T.steps:
             state, metrics = step_fn(state, batch)
@@ -214,7 +225,7 @@ def train(cfg, workdir: str, *, components: Components | None = None, eval_hook:
             out_of_time = T.max_minutes and (time.time() - t0) / 60 >= T.max_minutes
             finishing = step >= T.steps or out_of_time or (stop_after is not None and done_here >= stop_after)
             if not finishing:
-                batch = next_batch()  # host work overlaps the asynchronously dispatched step
+                batch = next_batch(step)  # host work overlaps the asynchronously dispatched step
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
             n_comp = step_fn._cache_size()
             if n_comp != compiles:
@@ -235,6 +246,8 @@ def train(cfg, workdir: str, *, components: Components | None = None, eval_hook:
                 rec = dict(m, compiles=compiles, skipped=float(jax.device_get(state.skipped)),
                            elapsed_s=elapsed, steps_per_s=done_here / max(elapsed, 1e-9))
                 writer.write(step, rec)
+            if step in stage2_metrics:
+                writer.write(step, stage2_metrics.pop(step), kind="stage2")
             if pbar is not None:
                 pbar.update(1)
                 pbar.set_postfix(loss=f"{m['loss']:.4f}", skipped=skipped)

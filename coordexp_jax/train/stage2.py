@@ -231,3 +231,58 @@ def rollout_batch(batch: dict, rollout, tokenizer, token_ids, cfg: Stage2Config,
                "stage2/mean_iou": totals["iou_sum"] / max(totals["matched"], 1),
                "stage2/fallback_malformed": fallback["malformed"], "stage2/fallback_too_long": fallback["too_long"]}
     return out, metrics
+
+
+class Stage2Runner:
+    """Rewrites the micro-batches of rollout steps inside the training loop.
+
+    The rollout uses the current (not EMA) weights: the loop calls `rewrite` after dispatching the previous step,
+    so the sampler sees the freshly updated parameters (on-policy). The sampler is compiled once; later calls only
+    swap the weights in. Single-process: every process would roll out its own rows, which needs the global-array
+    plumbing of multi-host input (not done).
+    """
+
+    def __init__(self, cfg, comps, graphdef):
+        from coordexp_jax.data.tokenizer import load_tokenizer
+
+        s = cfg.stage2
+        self.cfg = Stage2Config(ratio=float(s.ratio), method=s.method, iou_threshold=float(s.iou_threshold),
+                                l1_weight=float(s.l1_weight), giou_weight=float(s.giou_weight),
+                                desc_weight=float(s.desc_weight), use_expectation=bool(s.use_expectation))
+        self.max_new_tokens = int(s.max_new_tokens) or int(cfg.eval.max_new_tokens)
+        self.graphdef = graphdef
+        self.token_ids = comps.token_ids
+        self.tokenizer = load_tokenizer(comps.tokenizer_dir)
+        pcfg = comps.extra.get("prompt_config")
+        self.protocol = cfg.data.protocol
+        self.mode = pcfg.pixel_mode if pcfg is not None else "continuous"
+        self.sampler = None
+
+    def is_rollout_step(self, step: int) -> bool:
+        return is_rollout_step(step, self.cfg.ratio)
+
+    def rewrite(self, micro_batches: list[dict], params, frozen) -> tuple[list[dict], dict]:
+        import time
+
+        from flax import nnx
+
+        from coordexp_jax.rollout.sampler import Sampler, SamplerConfig
+
+        graphdef, state = nnx.split(nnx.merge(self.graphdef, params, frozen))
+        if self.sampler is None:
+            self.sampler = Sampler((graphdef, state), self.token_ids, SamplerConfig(max_new_tokens=self.max_new_tokens))
+        self.sampler.state = state
+        out, tot = [], collections.Counter()
+        for b in micro_batches:
+            t0 = time.perf_counter()
+            ro = self.sampler.generate(left_padded_prompts(b, self.token_ids.pad))
+            t1 = time.perf_counter()
+            nb, m = rollout_batch(b, ro, self.tokenizer, self.token_ids, self.cfg, protocol=self.protocol,
+                                  mode=self.mode)
+            tot.update(m)
+            tot["stage2/rollout_s"] += t1 - t0
+            tot["stage2/targets_s"] += time.perf_counter() - t1
+            out.append(nb)
+        n = len(micro_batches)
+        metrics = {k: (v if k.startswith("stage2/fallback") or k.endswith("_s") else v / n) for k, v in tot.items()}
+        return out, metrics

@@ -165,3 +165,28 @@ def test_false_positive_span_gets_no_gradient(setup):
     fp_positions = np.arange(P + s.spans[0, 1], P + s.spans[1, 1]) - 1  # separator + the FP object's tokens
     assert np.all(g[fp_positions] == 0.0)
     assert np.all(g[P - 1:n - 1][np.isin(np.arange(P - 1, n - 1), fp_positions, invert=True)] > 0)
+
+
+def test_loop_routes_rollout_steps_and_compiles_once(tmp_path):
+    """The real loop with stage2.ratio 0.5 on the tiny Qwen3-VL: Stage-2 metrics are logged on exactly the routed
+    steps, the train step compiles once for both kinds of step, and the losses stay finite."""
+    from coordexp_jax.train import config as C, loop
+
+    cfg = C.base_config()
+    cfg.data.path = str(tmp_path / "syn")
+    cfg.data.num_train, cfg.data.num_eval, cfg.data.batch_size, cfg.data.max_objects = 8, 1, 2, 4
+    cfg.data.image_size = 64
+    cfg.loss.l1, cfg.loss.giou, cfg.loss.soft_ce = 1.0, 1.0, 0.5
+    cfg.train.steps, cfg.train.log_every, cfg.train.ckpt_every = 4, 1, 0
+    cfg.train.progress = cfg.train.tensorboard = cfg.train.async_checkpoint = False
+    cfg.eval.at_end = False
+    cfg.stage2.ratio = 0.5
+    cfg.stage2.max_new_tokens = 48
+    res = loop.train(C.validate(cfg), str(tmp_path / "run"))
+    assert res["compiles"] == 1 and res["step"] == 4
+    s2 = loop.read_metrics(str(tmp_path / "run"), kind="stage2")
+    assert sorted(s2) == [s + 1 for s in range(4) if S2.is_rollout_step(s, 0.5)] == [2, 4]
+    for m in s2.values():
+        assert 0.0 <= m["stage2/parse_rate"] <= 1.0 and m["stage2/rollout_s"] > 0
+    train = loop.read_metrics(str(tmp_path / "run"))
+    assert all(np.isfinite(train[s]["loss"]) for s in range(1, 5))
