@@ -16,7 +16,6 @@ def get_config():
     c = demo.get_config()
     c.name = "demo_stage2"
     c.model.checkpoint = "runs/demo/final_model"
-    c.model.coord_init = "random"  # the checkpoint's coordinate rows are kept (init applies to random init only)
     c.optim.lr = c.optim.lr * 0.3
     c.optim.warmup_steps = 20
     c.train.steps = 300

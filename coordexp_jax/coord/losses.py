@@ -188,7 +188,7 @@ def w1(coord_logits_, target_bins, mask, tau: float = 1.0, sigma: float = 1.0, t
     (`sigma=0`: one-hot). In units of the normalised coordinate."""
     p = jax.nn.softmax(_up(coord_logits(coord_logits_)) / tau, axis=-1)
     q = gaussian_targets(target_bins, sigma, truncate)
-    dist = jnp.sum(jnp.abs(jnp.cumsum(p, axis=-1) - jnp.cumsum(q, axis=-1)), axis=-1) / MAX_BIN
+    dist = jnp.sum(jnp.abs(jnp.cumsum(p - q, axis=-1)), axis=-1) / MAX_BIN  # CDF_p - CDF_q in one cumsum
     return _masked_sum(dist, mask)
 
 

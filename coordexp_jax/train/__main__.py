@@ -69,7 +69,8 @@ def main(argv=None) -> int:
             import shutil
 
             shutil.rmtree(out)
-        loop.export_model(result, out)
+        # The final model is the one evaluation scored: the EMA weights when EMA is on and eval.use_ema.
+        loop.export_model(result, out, use_ema=cfg.train.ema_decay > 0 and cfg.eval.use_ema)
         print(f"final model: {out} (to HF: python tools/export_hf.py --checkpoint {out} --out OUT_DIR)")
     m = result["metrics"]
     print(f"done: step {result['step']}, loss {m.get('loss', float('nan')):.4f}, skipped {result['skipped']}, "

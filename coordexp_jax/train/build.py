@@ -129,6 +129,22 @@ def sinusoidal_rows(num: int, dim: int, std: float) -> np.ndarray:
     return (rows / rows.std() * std).astype(np.float32)
 
 
+def sinusoidal_grid(num: int, dim: int, std: float) -> np.ndarray:
+    """[num, dim] 2-D sin/cos position rows for a sqrt(num) x sqrt(num) table (row-major): a quarter of the
+    features each for sin/cos of the row and of the column, frequencies geometric from pi/2 per cell (neighbours
+    distinguishable) down to pi/(2g) (half a period over the grid), scaled to per-element std `std`."""
+    g = math.isqrt(num)
+    if g * g != num:
+        raise ValueError(f"the position table has {num} rows, not a square grid")
+    r, c = np.divmod(np.arange(num, dtype=np.float64), g)
+    q = max(dim // 4, 1)
+    freqs = (np.pi / 2) * (1.0 / g) ** (np.arange(q) / max(q - 1, 1))
+    rows = np.concatenate([np.sin(r[:, None] * freqs), np.cos(r[:, None] * freqs),
+                           np.sin(c[:, None] * freqs), np.cos(c[:, None] * freqs)], axis=1)[:, :dim]
+    rows = np.pad(rows, ((0, 0), (0, dim - rows.shape[1])))
+    return (rows / rows.std() * std).astype(np.float32)
+
+
 def make_model_fn(cfg, mc, ids: TokenIds) -> tuple[Callable[[], nnx.Module], bool]:
     """(make_model, materialize). Random init: traceable (jit into shardings). From a checkpoint: eager load."""
     from coordexp_jax.model.qwen3vl import Qwen3VL
@@ -136,8 +152,9 @@ def make_model_fn(cfg, mc, ids: TokenIds) -> tuple[Callable[[], nnx.Module], boo
 
     dtype, pdtype = _DT[cfg.model.dtype], _DT[cfg.model.param_dtype]
 
-    def finish(model):
-        if cfg.model.coord_init == "sinusoidal":
+    def finish(model, fresh: bool):
+        """Init options (only for a freshly initialised model: a checkpoint keeps its trained rows), then LoRA."""
+        if fresh and cfg.model.coord_init == "sinusoidal":
             H = mc.text.hidden_size
             rows = jnp.asarray(sinusoidal_rows(NUM_BINS, H, 0.02))
             emb = model.language_model.embed_tokens.embedding
@@ -145,6 +162,11 @@ def make_model_fn(cfg, mc, ids: TokenIds) -> tuple[Callable[[], nnx.Module], boo
             if model.lm_head is not None:
                 k = model.lm_head.kernel
                 k[...] = k[...].at[:, ids.coord_start:ids.coord_start + NUM_BINS].set(rows.T.astype(k.dtype))
+        if fresh and cfg.model.vision_pos_init == "sinusoidal":
+            # The learned table starts as N(0, 0.02): 20x weaker than the patch embedding, so the visual tokens
+            # carry almost no absolute position until it is learned. A 2-D sin/cos grid gives it from step 0.
+            pe = model.visual.pos_embed
+            pe[...] = jnp.asarray(sinusoidal_grid(*pe[...].shape, cfg.model.vision_pos_std), pe[...].dtype)
         if cfg.lora.enabled:
             exclude = None if cfg.lora.include_vision else r"(^|/)(vision|visual)\w*(/|$)"
             n = lora_lib.apply_lora(model, cfg.lora.targets, cfg.lora.rank, cfg.lora.alpha,
@@ -157,13 +179,13 @@ def make_model_fn(cfg, mc, ids: TokenIds) -> tuple[Callable[[], nnx.Module], boo
 
         def load():
             _, model = load_checkpoint(cfg.model.checkpoint, pdtype, compute_dtype=dtype, remat=cfg.model.remat)
-            return finish(model)
+            return finish(model, fresh=False)
 
         return load, True
 
     def init():
         return finish(Qwen3VL(mc, dtype=dtype, param_dtype=pdtype, rngs=nnx.Rngs(cfg.train.seed),
-                              remat=cfg.model.remat))
+                              remat=cfg.model.remat), fresh=True)
 
     return init, False
 

@@ -63,6 +63,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.remat = False
     c.model.overrides = ml_collections.ConfigDict()  # ModelConfig fields (free-form, checked by ModelConfig)
     c.model.coord_init = "random"  # 'random' | 'sinusoidal': init of the coordinate-token embedding rows
+    c.model.vision_pos_init = "random"  # 'random' | 'sinusoidal': init of the ViT's position table (random init)
+    c.model.vision_pos_std = 0.5  # per-element std of the sinusoidal position table
 
     c.tokenizer = ml_collections.ConfigDict()
     c.tokenizer.path = ""  # '' = the project's small tokenizer
@@ -98,6 +100,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.sigma = 1.0
     c.loss.truncate = 8
     c.loss.ce_chunk = 0  # sequence chunk of the chunked CE (0 = whole sequence)
+    c.loss.coord_positions = 0  # K > 0: coord_ce/soft_ce/w1 at the first K coordinate targets per row (0 = all)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-4
@@ -199,6 +202,8 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.dtype": (_one_of(*_DTYPES), f"one of {_DTYPES}"),
     "model.param_dtype": (_one_of(*_DTYPES), f"one of {_DTYPES}"),
     "model.coord_init": (_one_of("random", "sinusoidal"), "'random' or 'sinusoidal'"),
+    "model.vision_pos_init": (_one_of("random", "sinusoidal"), "'random' or 'sinusoidal'"),
+    "model.vision_pos_std": (_positive, "> 0"),
     "data.kind": (_one_of("synthetic", "jsonl", "fusion"), "'synthetic', 'jsonl' or 'fusion'"),
     "data.image_size": (_positive, "> 0"),
     "data.max_objects": (_positive, "> 0"),
@@ -213,6 +218,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "loss.sigma": (_positive, "> 0"),
     "loss.truncate": (_non_negative, ">= 0"),
     "loss.ce_chunk": (_non_negative, ">= 0"),
+    "loss.coord_positions": (_non_negative, ">= 0"),
     "optim.lr": (_non_negative, ">= 0"),
     "optim.warmup_steps": (_non_negative, ">= 0"),
     "optim.schedule": (_one_of("cosine", "constant"), "'cosine' or 'constant'"),

@@ -180,11 +180,19 @@ def train(cfg, workdir: str, *, components: Components | None = None, eval_hook:
 
         stage2_runner = Stage2Runner(cfg, comps, graphdef)
     stage2_metrics: dict[int, dict] = {}
+    coord_overflow = [0]
 
     def next_batch(index: int):
         """The batch of step `index` (0-based); on Stage-2 steps its rows are rewritten from rollouts of the
         current weights."""
         micro = [next(comps.data_iter) for _ in range(T.grad_accum)]
+        K = cfg.loss.coord_positions
+        if K:
+            over = sum(int((np.asarray(m["coord_mask"]).sum(-1) > K).sum()) for m in micro)
+            if over:
+                coord_overflow[0] += over
+                log.warning("step %d: %d rows have more than loss.coord_positions=%d coordinate targets; the extra "
+                            "ones get no coord_ce/soft_ce/w1 (%d rows so far)", index + 1, over, K, coord_overflow[0])
         if stage2_runner is not None and stage2_runner.is_rollout_step(index):
             micro, stage2_metrics[index + 1] = stage2_runner.rewrite(micro, state.params, state.frozen)
         b = _stack(micro)

@@ -40,7 +40,8 @@ def vision_inputs(batch: dict) -> dict | None:
 class Stage1Objective:
     """`weights`: term -> weight (ce always present); coord_start: id of <|coord_0|>; vocab_size: the real vocabulary
     (padded rows excluded); tau, sigma, truncate: §5; ce_chunk: sequence chunk of the vocabulary statistics (0 =
-    materialise the logits)."""
+    materialise the logits); coord_positions: K > 0 scores coord_ce/soft_ce/w1 at the first K coordinate targets
+    of each row only (gathered before the coordinate head; the loop warns when a row has more), 0 = all."""
 
     weights: dict
     coord_start: int
@@ -49,20 +50,25 @@ class Stage1Objective:
     sigma: float = 1.0
     truncate: float = 8.0
     ce_chunk: int = 0
+    coord_positions: int = 0
 
     @classmethod
     def from_config(cls, loss_cfg, coord_start: int, vocab_size: int) -> "Stage1Objective":
         w = {t: float(loss_cfg[t]) for t in TERMS if t == "ce" or float(loss_cfg[t]) > 0}
         return cls(weights=w, coord_start=int(coord_start), vocab_size=int(vocab_size), tau=float(loss_cfg.tau),
-                   sigma=float(loss_cfg.sigma), truncate=float(loss_cfg.truncate), ce_chunk=int(loss_cfg.ce_chunk))
+                   sigma=float(loss_cfg.sigma), truncate=float(loss_cfg.truncate), ce_chunk=int(loss_cfg.ce_chunk),
+                   coord_positions=int(loss_cfg.coord_positions))
 
     def counts(self, batch: dict) -> dict:
         """Token/box counts of each active term over the whole batch (any leading axes)."""
         lm = batch["loss_mask"].astype(jnp.float32)
         cm = batch["coord_mask"].astype(jnp.float32) * (lm > 0)
-        n = {"text": jnp.sum(lm * (1.0 - cm)), "coord": jnp.sum(cm),
+        per_row = jnp.sum(cm, axis=-1)
+        scored = jnp.minimum(per_row, self.coord_positions) if self.coord_positions > 0 else per_row
+        n = {"text": jnp.sum(lm * (1.0 - cm)), "coord": jnp.sum(cm), "coord_slots": jnp.sum(scored),
              "box": jnp.sum(batch["box_valid"].astype(jnp.float32))}
-        kind = {**{t: "text" for t in TEXT_TERMS}, **{t: "coord" for t in COORD_TERMS}, **{t: "box" for t in BOX_TERMS}}
+        kind = {**{t: "text" for t in TEXT_TERMS}, **{t: "coord_slots" for t in ("coord_ce", "soft_ce", "w1")},
+                "gate": "coord", **{t: "box" for t in BOX_TERMS}}
         return {t: n[kind[t]] for t in self.weights}
 
     def sums(self, model: nnx.Module, batch: dict, rng=None) -> dict:
@@ -84,26 +90,35 @@ class Stage1Objective:
             out["gate"] = L.gate_from_stats(stats, cm)[0]
         if "text_gate" in w:
             out["text_gate"] = L.text_gate_from_stats(stats, lm, cm)[0]
-        if any(t in w for t in COORD_TERMS + BOX_TERMS):
-            s = model.coord_logits(hidden, self.coord_start)  # [B, S, 1000] float32, never the full vocabulary
-            bins = targets - self.coord_start
+        if any(t in w for t in ("coord_ce", "soft_ce", "w1")):
+            # Coordinate logits only where they are scored, never the full vocabulary: at every position, or (with
+            # `coord_positions` = K > 0) at the first K coordinate targets of each row, gathered first.
+            h, bins, m = hidden, targets - self.coord_start, cm
+            if self.coord_positions > 0:
+                idx = jnp.argsort(cm <= 0, axis=1, stable=True)[:, : self.coord_positions]  # [B, K] targets first
+                h = jnp.take_along_axis(hidden, idx[..., None], axis=1)
+                bins = jnp.take_along_axis(bins, idx, axis=1)
+                m = jnp.take_along_axis(cm, idx, axis=1)
+            s = model.coord_logits(h, self.coord_start)  # [B, S or K, 1000] float32
             if "coord_ce" in w:
-                out["coord_ce"] = L.coord_ce(s, bins, cm)[0]
+                out["coord_ce"] = L.coord_ce(s, bins, m)[0]
             if "soft_ce" in w:
-                out["soft_ce"] = L.soft_ce(s, bins, cm, self.tau, self.sigma, self.truncate)[0]
+                out["soft_ce"] = L.soft_ce(s, bins, m, self.tau, self.sigma, self.truncate)[0]
             if "w1" in w:
-                out["w1"] = L.w1(s, bins, cm, self.tau, self.sigma, self.truncate)[0]
-            if any(t in w for t in BOX_TERMS):
-                pred = cexp.expectation_boxes(s, batch["box_pos"], "exp", self.tau)  # [B, M, 4]
-                tgt, valid = batch["box_target"], batch["box_valid"]
-                if "l1" in w:
-                    out["l1"] = L.l1(pred, tgt, valid)[0]
-                if "giou" in w:
-                    out["giou"] = L.giou(pred, tgt, valid)[0]
-                if "smooth_l1" in w:
-                    out["smooth_l1"] = L.smooth_l1(pred, tgt, valid)[0]
-                if "ciou" in w:
-                    out["ciou"] = L.ciou(pred, tgt, valid)[0]
+                out["w1"] = L.w1(s, bins, m, self.tau, self.sigma, self.truncate)[0]
+        if any(t in w for t in BOX_TERMS):
+            # Gather the hidden states first: only B*M*4 rows go through the coordinate head.
+            hb = cexp.gather_positions(hidden, batch["box_pos"])  # [B, M, 4, H]
+            pred = cexp.decode(model.coord_logits(hb, self.coord_start), "exp", self.tau)  # [B, M, 4]
+            tgt, valid = batch["box_target"], batch["box_valid"]
+            if "l1" in w:
+                out["l1"] = L.l1(pred, tgt, valid)[0]
+            if "giou" in w:
+                out["giou"] = L.giou(pred, tgt, valid)[0]
+            if "smooth_l1" in w:
+                out["smooth_l1"] = L.smooth_l1(pred, tgt, valid)[0]
+            if "ciou" in w:
+                out["ciou"] = L.ciou(pred, tgt, valid)[0]
         return {k: v.astype(jnp.float32) for k, v in out.items()}
 
 

@@ -145,3 +145,22 @@ def test_real_model_groups_and_lora_merge(setup):
     leaves = [s for s in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))]
     assert jax.sharding.PartitionSpec("embed", "lora_rank") in leaves
     assert jax.sharding.PartitionSpec("lora_rank", "q_heads") in leaves
+
+
+def test_gathered_coordinate_positions_equal_all_positions(setup):
+    """coord_positions = K (logits only at the first K coordinate targets of each row) gives the same sums and
+    counts as scoring every position when K covers every row; with a smaller K the counts are min(row, K)."""
+    import dataclasses
+
+    cfg, comps, model, batch = setup
+    full = comps.objective
+    most = int(np.asarray(batch["coord_mask"]).sum(-1).max())
+    gathered = dataclasses.replace(full, coord_positions=most)
+    a, b = full.sums(model, batch), gathered.sums(model, batch)
+    for t in ("coord_ce", "soft_ce", "w1", "l1", "giou", "gate", "ce"):
+        np.testing.assert_allclose(float(b[t]), float(a[t]), rtol=1e-5, err_msg=t)
+    assert {k: float(v) for k, v in gathered.counts(batch).items()} == {k: float(v) for k, v in full.counts(batch).items()}
+    small = dataclasses.replace(full, coord_positions=2)
+    want = float(np.minimum(np.asarray(batch["coord_mask"]).sum(-1), 2).sum())
+    assert float(small.counts(batch)["soft_ce"]) == want and float(small.counts(batch)["gate"]) == float(
+        full.counts(batch)["gate"])
