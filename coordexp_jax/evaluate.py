@@ -163,10 +163,11 @@ def _write_outputs(out_dir: str, rows: list[dict], metrics: dict, encoder, confi
     write_html(out_dir, entries, summary=metrics)
 
 
-def _eval_setup(cfg, model_config, max_records: int = 0):
-    """Records, encoder and EvalConfig of a training config's evaluation data."""
+def eval_setup(cfg, model_config, max_records: int = 0):
+    """(records, encoder, EvalConfig) of a training config's evaluation data, read and validated as the training
+    pipeline reads its sources (`data.pipeline.load_source`), with the training prompt and image settings."""
+    from coordexp_jax.data.pipeline import load_source
     from coordexp_jax.data.prompts import SampleEncoder
-    from coordexp_jax.data.records import read_jsonl
     from coordexp_jax.train import build
 
     _, eval_specs = build.data_specs(cfg)
@@ -174,7 +175,7 @@ def _eval_setup(cfg, model_config, max_records: int = 0):
         raise ValueError("the config has no evaluation data (set data.eval_path, or use data.kind='synthetic')")
     recs = []
     for spec in eval_specs:
-        recs += read_jsonl(spec.path)[0]
+        recs += load_source(spec)[0]
     n = max_records or cfg.eval.num_images
     recs = recs[:n] if n else recs
     encoder = SampleEncoder(build.prompt_config(cfg, model_config), tokenizer_dir=build.tokenizer_dir(cfg))
@@ -205,7 +206,7 @@ def build_evaluator(config_path: str, *, checkpoint: str, max_records: int = 0, 
     if not os.path.isdir(checkpoint):
         raise FileNotFoundError(f"checkpoint directory not found: {checkpoint}")
     model_config, model = load_checkpoint(checkpoint)
-    recs, encoder, ecfg = _eval_setup(cfg, model_config, max_records)
+    recs, encoder, ecfg = eval_setup(cfg, model_config, max_records)
     if model_config.vocab_size != encoder.token_ids.vocab_size:
         raise ValueError(f"checkpoint {checkpoint} has vocab_size {model_config.vocab_size} but the config's "
                          f"tokenizer has {encoder.token_ids.vocab_size} ids")

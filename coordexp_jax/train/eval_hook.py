@@ -20,28 +20,18 @@ log = logging.getLogger(__name__)
 
 def detection_eval_hook(cfg, comps, t_start: float | None = None):
     """A loop eval hook, or None when the config has no eval records (data.num_eval == 0 / no eval path)."""
-    specs = comps.extra.get("eval_specs")
-    if not specs or cfg.eval.num_images == 0 or comps.token_ids is None:
+    if not comps.extra.get("eval_specs") or cfg.eval.num_images == 0 or comps.token_ids is None:
         return None
-    from coordexp_jax.data.pipeline import load_source
-    from coordexp_jax.data.prompts import SampleEncoder
-    from coordexp_jax.evaluate import EvalConfig, evaluate_records
-    from coordexp_jax.rollout.sampler import Sampler, SamplerConfig
+    from coordexp_jax.evaluate import eval_setup, evaluate_records, make_sampler
 
-    records = []
-    for s in specs:
-        records += load_source(s)[0]
-    records = records[: cfg.eval.num_images]
-    encoder = SampleEncoder(comps.extra["prompt_config"], tokenizer_dir=comps.tokenizer_dir)
-    ecfg = EvalConfig(batch_size=cfg.eval.batch_size, num_pictures=cfg.eval.num_pictures)
+    records, encoder, ecfg = eval_setup(cfg, comps.model_config)
     box: dict = {}
     t0 = time.time() if t_start is None else t_start
 
     def hook(model, step, workdir):
         graphdef, state = nnx.split(model)
         if "sampler" not in box:  # compile once; later calls only swap the weights in
-            box["sampler"] = Sampler((graphdef, state), comps.token_ids,
-                                     SamplerConfig(max_new_tokens=cfg.eval.max_new_tokens))
+            box["sampler"] = make_sampler((graphdef, state), comps.token_ids, cfg)
         sampler = box["sampler"]
         sampler.state = state
         out_dir = os.path.join(workdir, "eval", f"step_{step}")

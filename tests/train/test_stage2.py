@@ -1,4 +1,6 @@
 """Stage-2 target construction on hand-made rollouts, routing, and gradient isolation of false positives."""
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -169,21 +171,27 @@ def test_false_positive_span_gets_no_gradient(setup):
 
 def test_loop_routes_rollout_steps_and_compiles_once(tmp_path):
     """The real loop with stage2.ratio 0.5 on the tiny Qwen3-VL: Stage-2 metrics are logged on exactly the routed
-    steps, the train step compiles once for both kinds of step, and the losses stay finite."""
+    steps, the train step compiles once for both kinds of step, the losses stay finite, and the detection evaluation at
+    the end writes its metrics and pictures."""
     from coordexp_jax.train import config as C, loop
 
     cfg = C.base_config()
     cfg.data.path = str(tmp_path / "syn")
-    cfg.data.num_train, cfg.data.num_eval, cfg.data.batch_size, cfg.data.max_objects = 8, 1, 2, 4
+    cfg.data.num_train, cfg.data.num_eval, cfg.data.batch_size, cfg.data.max_objects = 8, 2, 2, 4
     cfg.data.image_size = 64
     cfg.loss.l1, cfg.loss.giou, cfg.loss.soft_ce = 1.0, 1.0, 0.5
     cfg.train.steps, cfg.train.log_every, cfg.train.ckpt_every = 4, 1, 0
     cfg.train.progress = cfg.train.tensorboard = cfg.train.async_checkpoint = False
-    cfg.eval.at_end = False
+    cfg.eval.num_images, cfg.eval.max_new_tokens, cfg.eval.num_pictures = 2, 48, 2
     cfg.stage2.ratio = 0.5
     cfg.stage2.max_new_tokens = 48
     res = loop.train(C.validate(cfg), str(tmp_path / "run"))
     assert res["compiles"] == 1 and res["step"] == 4
+    # The end-of-run detection evaluation (eval.kind 'detection'): metrics logged, pictures and page written.
+    ev = loop.read_metrics(str(tmp_path / "run"), kind="eval")[4]
+    assert {"det/AP50_logprob", "det/f1@0.5", "det/parse_failure_rate", "minutes"} <= set(ev)
+    assert len(os.listdir(tmp_path / "run" / "eval" / "step_4" / "pictures")) == 2
+    assert os.path.exists(tmp_path / "run" / "eval" / "step_4" / "index.html")
     s2 = loop.read_metrics(str(tmp_path / "run"), kind="stage2")
     assert sorted(s2) == [s + 1 for s in range(4) if S2.is_rollout_step(s, 0.5)] == [2, 4]
     for m in s2.values():
