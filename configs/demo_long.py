@@ -6,7 +6,7 @@
 Same task (3 classes, 1-4 objects, clutter, 128 px), same model and objective as the 10-minute demo; only the
 budget changes: ~7200 steps of 32 images (~2 steps/s here), so the cosine schedule ends near the hour, an
 evaluation every 1200 steps for the AP50-vs-minutes curve, a 16384-image training set so that an hour is ~14
-epochs rather than ~56. Not yet measured to reach its goal (AP50 >= 0.6): see docs/demo.md.
+epochs rather than ~56. Not yet measured against its goal (AP50 >= 0.6): see docs/demo.md §5.
 """
 
 import importlib.util
