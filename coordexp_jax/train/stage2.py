@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import math
 
+import jax
 import numpy as np
 
 from coordexp_jax.coord.boxes import pairwise_iou_exact
@@ -112,16 +114,44 @@ class RowPlan:
     num_rollout: int
 
 
-def plan_row(pred_descs, pred_bins, pred_boxes, gt_descs, gt_boxes, cfg: Stage2Config) -> tuple[RowPlan, dict]:
-    """Matches one row's predictions to its ground truth and decides the new answer's objects."""
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_match(method: str, l1_weight: float, giou_weight: float, desc_weight: float, iou_threshold: float):
+    return jax.jit(functools.partial(matching.match_batch, method=method, l1_weight=l1_weight,
+                                     giou_weight=giou_weight, desc_weight=desc_weight, iou_threshold=iou_threshold))
+
+
+def match_rows(rows: list[tuple], cfg: Stage2Config) -> list[np.ndarray]:
+    """Matches every row at once: rows of (pred_descs, pred_boxes [n,4], gt_descs, gt_boxes [m,4]) are padded to
+    power-of-two (N, M) buckets and matched by one jitted `matching.match_batch` (a handful of compiles per run,
+    not one per row shape). Returns pred_to_gt [n] per row (-1 = unmatched)."""
+    if not rows:
+        return []
+    B = len(rows)
+    N = _pow2(max(max(len(r[0]) for r in rows), 1))
+    M = _pow2(max(max(len(r[2]) for r in rows), 1))
+    pred = np.zeros((B, N, 4), np.float32)
+    gt = np.zeros((B, M, 4), np.float32)
+    pv = np.zeros((B, N), bool)
+    gv = np.zeros((B, M), bool)
+    dc = np.zeros((B, N, M), np.float32)
+    for b, (pd, pb, gd, gb) in enumerate(rows):
+        n, m = len(pd), len(gd)
+        pred[b, :n], gt[b, :m], pv[b, :n], gv[b, :m] = np.asarray(pb).reshape(n, 4), np.asarray(gb).reshape(m, 4), 1, 1
+        if n and m:
+            dc[b, :n, :m] = matching.desc_mismatch(list(pd), list(gd))
+    fn = _jitted_match(cfg.method, cfg.l1_weight, cfg.giou_weight, cfg.desc_weight, cfg.iou_threshold)
+    p2g = np.asarray(fn(pred, gt, pv, gv, dc).pred_to_gt)
+    return [p2g[b, :len(r[0])].astype(np.int64) for b, r in enumerate(rows)]
+
+
+def plan_row(pred_descs, pred_bins, pred_boxes, gt_descs, gt_boxes, p2g) -> tuple[RowPlan, dict]:
+    """Decides the new answer's objects of one row from its matching `p2g [n]` (`match_rows`)."""
     n, m = len(pred_descs), len(gt_descs)
-    p2g = np.full(n, -1, np.int64)
-    if n and m:
-        desc_cost = matching.desc_mismatch(list(pred_descs), list(gt_descs))
-        res = matching.match(np.asarray(pred_boxes, np.float32), np.asarray(gt_boxes, np.float32),
-                             method=cfg.method, l1_weight=cfg.l1_weight, giou_weight=cfg.giou_weight,
-                             desc_cost=desc_cost, desc_weight=cfg.desc_weight, iou_threshold=cfg.iou_threshold)
-        p2g = np.asarray(res.pred_to_gt).astype(np.int64)
+    p2g = np.asarray(p2g, np.int64).reshape(n)
     matched_gt = set(int(j) for j in p2g if j >= 0)
     fn = [j for j in range(m) if j not in matched_gt]
     objs = [protocols.AnswerObject(d, bins=tuple(int(v) for v in bb)) for d, bb in zip(pred_descs, pred_bins)]
@@ -174,6 +204,7 @@ def rollout_batch(batch: dict, rollout, tokenizer, token_ids, cfg: Stage2Config,
     plen = prompt_lengths(batch)
     fallback: collections.Counter = collections.Counter()
     totals = collections.Counter()
+    todo = []  # (row, parsed, gt descs, gt boxes, pred boxes) of the rows whose rollout parsed cleanly
     for b in range(B):
         ro_ids = rollout.row(b)
         parsed = protocols.parse(ro_ids, tokenizer, token_ids, protocol)
@@ -185,16 +216,25 @@ def rollout_batch(batch: dict, rollout, tokenizer, token_ids, cfg: Stage2Config,
             continue
         totals["parsed"] += 1
         gt_descs, gt_boxes = _gt_objects(batch, b, plen[b], tokenizer, token_ids, protocol)
-        pred_bins = parsed.bins()
-        pred_boxes = codec.bins_to_box(pred_bins).reshape(-1, 4)
+        pred_boxes = codec.bins_to_box(parsed.bins()).reshape(-1, 4)
         if cfg.use_expectation:
             exp_boxes = np.asarray(rollout.coord_expectation[b])[parsed.positions()].reshape(-1, 4)
             pred_boxes = np.where(np.isfinite(exp_boxes), exp_boxes, pred_boxes)
-        plan, st = plan_row(parsed.descs(), pred_bins, pred_boxes, gt_descs, gt_boxes, cfg)
+        todo.append((b, parsed, gt_descs, gt_boxes, pred_boxes))
+    matches = match_rows([(t[1].descs(), t[4], t[2], t[3]) for t in todo], cfg)
+    for (b, parsed, gt_descs, gt_boxes, pred_boxes), p2g in zip(todo, matches):
+        plan, st = plan_row(parsed.descs(), parsed.bins(), pred_boxes, gt_descs, gt_boxes, p2g)
         totals.update(st)
         gt_bins = codec.box_to_bins(np.asarray(gt_boxes, np.float64).reshape(-1, 4), mode)
-        row = build_row(plan, gt_boxes, gt_bins, out["input_ids"][b, :plen[b]], tokenizer, token_ids, protocol,
-                        mode, Mslots)
+        prompt = out["input_ids"][b, :plen[b]]
+        row = build_row(plan, gt_boxes, gt_bins, prompt, tokenizer, token_ids, protocol, mode, Mslots)
+        # Too long for the row: drop false positives from the end first (they carry no loss, only context).
+        while len(row["input_ids"]) > S and plan.is_fp.any():
+            k = int(np.nonzero(plan.is_fp)[0][-1])
+            plan = RowPlan([o for i, o in enumerate(plan.objects) if i != k], np.delete(plan.is_fp, k),
+                           np.delete(plan.gt_index, k), plan.num_rollout - 1)
+            totals["fp_dropped_to_fit"] += 1
+            row = build_row(plan, gt_boxes, gt_bins, prompt, tokenizer, token_ids, protocol, mode, Mslots)
         n = len(row["input_ids"])
         if n > S:
             fallback["too_long"] += 1
@@ -229,7 +269,8 @@ def rollout_batch(batch: dict, rollout, tokenizer, token_ids, cfg: Stage2Config,
                "stage2/fn": totals["fn"] / rows,
                "stage2/duplicate_rate": totals["dup"] / max(totals["pred"], 1),
                "stage2/mean_iou": totals["iou_sum"] / max(totals["matched"], 1),
-               "stage2/fallback_malformed": fallback["malformed"], "stage2/fallback_too_long": fallback["too_long"]}
+               "stage2/fallback_malformed": fallback["malformed"], "stage2/fallback_too_long": fallback["too_long"],
+               "stage2/fp_dropped_to_fit": totals["fp_dropped_to_fit"]}
     return out, metrics
 
 
@@ -284,5 +325,6 @@ class Stage2Runner:
             tot["stage2/targets_s"] += time.perf_counter() - t1
             out.append(nb)
         n = len(micro_batches)
-        metrics = {k: (v if k.startswith("stage2/fallback") or k.endswith("_s") else v / n) for k, v in tot.items()}
+        summed = ("stage2/fallback", "stage2/fp_dropped")  # counts over the step; the rest are per-row means
+        metrics = {k: (v if k.startswith(summed) or k.endswith("_s") else v / n) for k, v in tot.items()}
         return out, metrics

@@ -198,3 +198,41 @@ def test_loop_routes_rollout_steps_and_compiles_once(tmp_path):
         assert 0.0 <= m["stage2/parse_rate"] <= 1.0 and m["stage2/rollout_s"] > 0
     train = loop.read_metrics(str(tmp_path / "run"))
     assert all(np.isfinite(train[s]["loss"]) for s in range(1, 5))
+
+
+def test_match_rows_equals_per_row_matching():
+    from coordexp_jax.coord import matching
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for n, m in [(0, 2), (3, 0), (1, 1), (5, 3), (2, 6)]:
+        g = rng.uniform(0, 0.6, (m, 2))
+        gt = np.concatenate([g, g + rng.uniform(0.1, 0.4, (m, 2))], 1)
+        p = rng.uniform(0, 0.6, (n, 2))
+        pred = np.concatenate([p, p + rng.uniform(0.1, 0.4, (n, 2))], 1)
+        if n and m:
+            pred[0] = gt[0] + 0.01
+        rows.append(([str(x) for x in rng.choice(["a", "b"], n)], pred, [str(x) for x in rng.choice(["a", "b"], m)], gt))
+    cfg = S2.Stage2Config()
+    got = S2.match_rows(rows, cfg)
+    for (pd, pb, gd, gb), p2g in zip(rows, got):
+        want = np.full(len(pd), -1)
+        if len(pd) and len(gd):
+            want = np.asarray(matching.match(pb, gb, desc_cost=matching.desc_mismatch(pd, gd), desc_weight=cfg.desc_weight,
+                                             iou_threshold=cfg.iou_threshold).pred_to_gt)
+        np.testing.assert_array_equal(p2g, want)
+
+
+def test_false_positives_are_dropped_to_fit_the_row(setup):
+    recs, tok, ids, enc, batch = setup
+    gt0 = _gt(recs[0])
+    fps = [protocols.AnswerObject("star", box=(0.05 * i, 0.9, 0.05 * i + 0.04, 0.95)) for i in range(6)]
+    objs = [protocols.AnswerObject(d, box=tuple(b)) for d, b in gt0] + fps
+    row0 = protocols.serialize(objs, tok, ids, order="given").ids + [ids.eos]
+    assert S2.prompt_lengths(batch)[0] + len(row0) > batch["input_ids"].shape[1]  # would not fit as it is
+    new, m = S2.rollout_batch(batch, _rollout([row0, [ids.eos], [ids.eos]], T=320), tok, ids, S2.Stage2Config())
+    assert m["stage2/fallback_too_long"] == 0 and m["stage2/fp_dropped_to_fit"] >= 1
+    P = int(S2.prompt_lengths(batch)[0])
+    n = int(new["attention_mask"][0].sum())
+    kept = protocols.parse(list(new["input_ids"][0, P:n]), tok, ids).descs()
+    assert kept[:3] == [d for d, _ in gt0] and 0 < len(kept) - 3 < 6 and set(kept[3:]) == {"star"}
