@@ -59,7 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=None, help="instruction text (default: the detection instruction)")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer directory (default: the checkpoint's, else the project's small tokenizer)")
-    p.add_argument("--protocol", default="coordjson", choices=("coordjson", "tags"))
+    p.add_argument("--protocol", default=None, choices=("coordjson", "tags"),
+                   help="default: the checkpoint's preprocessing.json (written by training), else coordjson")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--max-len", type=int, default=8192, help="KV cache length limit: prompt + new tokens")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -67,11 +68,30 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--constrain", action="store_true", help="protocol-constrained decoding")
-    p.add_argument("--pixel-mode", default="continuous", choices=("continuous", "coordexp"))
-    p.add_argument("--min-pixels", type=int, default=None)
+    p.add_argument("--pixel-mode", default=None, choices=("continuous", "coordexp"),
+                   help="default: the checkpoint's preprocessing.json, else continuous")
+    p.add_argument("--min-pixels", type=int, default=None,
+                   help="default: the checkpoint's preprocessing.json, else the released processor's")
     p.add_argument("--max-pixels", type=int, default=None)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     return p
+
+
+PREPROCESSING = "preprocessing.json"  # written next to a trained model by `python -m coordexp_jax.train`
+
+
+def _apply_preprocessing_defaults(args) -> None:
+    """Options the user did not give are taken from the checkpoint's preprocessing.json (the settings it was trained
+    with: a model trained on 128 px images must not be fed 256 px ones), else the released defaults."""
+    path = os.path.join(args.checkpoint, PREPROCESSING)
+    saved = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            saved = json.load(f)
+    for key, default in (("protocol", "coordjson"), ("pixel_mode", "continuous"), ("min_pixels", None),
+                         ("max_pixels", None)):
+        if getattr(args, key) is None:
+            setattr(args, key, saved.get(key, default))
 
 
 def _tokenizer(args):
@@ -97,6 +117,7 @@ def predict(args) -> dict:
     from coordexp_jax.visualize import draw_prediction
     from coordexp_jax.weights.checkpoint import load_checkpoint
 
+    _apply_preprocessing_defaults(args)
     if args.max_new_tokens < 1 or args.max_new_tokens >= args.max_len:
         raise PredictError(f"--max-new-tokens must be in [1, --max-len={args.max_len}), got {args.max_new_tokens}")
     if not os.path.isfile(args.image):

@@ -128,3 +128,26 @@ def test_bad_inputs(setup, capsys, tmp_path):
     err = _err(capsys)
     assert len(err) == 1 and "cache" in err[0] and "tokens" in err[0], err
     assert not os.path.exists(out)
+
+
+def test_preprocessing_defaults_come_from_the_checkpoint(tmp_path):
+    """Options not given on the command line come from the checkpoint's preprocessing.json (the training settings);
+    explicit options win; without the file the released defaults apply."""
+    import argparse
+    import json
+
+    from coordexp_jax import predict as P
+
+    def args(**kw):
+        base = dict(checkpoint=str(tmp_path), protocol=None, pixel_mode=None, min_pixels=None, max_pixels=None)
+        base.update(kw)
+        return argparse.Namespace(**base)
+
+    a = args()
+    P._apply_preprocessing_defaults(a)
+    assert (a.protocol, a.pixel_mode, a.min_pixels, a.max_pixels) == ("coordjson", "continuous", None, None)
+    with open(tmp_path / P.PREPROCESSING, "w") as f:
+        json.dump({"protocol": "tags", "pixel_mode": "continuous", "min_pixels": 4096, "max_pixels": 16384}, f)
+    a = args(max_pixels=9000)
+    P._apply_preprocessing_defaults(a)
+    assert (a.protocol, a.min_pixels, a.max_pixels) == ("tags", 4096, 9000)

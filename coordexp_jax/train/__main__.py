@@ -71,11 +71,26 @@ def main(argv=None) -> int:
             shutil.rmtree(out)
         # The final model is the one evaluation scored: the EMA weights when EMA is on and eval.use_ema.
         loop.export_model(result, out, use_ema=cfg.train.ema_decay > 0 and cfg.eval.use_ema)
+        write_preprocessing(cfg, result["model_config"], out)
         print(f"final model: {out} (to HF: python tools/export_hf.py --checkpoint {out} --out OUT_DIR)")
     m = result["metrics"]
     print(f"done: step {result['step']}, loss {m.get('loss', float('nan')):.4f}, skipped {result['skipped']}, "
           f"compiles {result['compiles']}" + (f", eval {result['eval']}" if result["eval"] else ""))
     return 0
+
+
+def write_preprocessing(cfg, model_config, out_dir: str) -> None:
+    """The prompt/image settings the model was trained with, for `python -m coordexp_jax.predict` (which uses them
+    as defaults: a model trained on 128 px images must be fed 128 px images)."""
+    import json
+
+    from coordexp_jax.predict import PREPROCESSING
+    from coordexp_jax.train import build
+
+    pcfg = build.prompt_config(cfg, model_config)
+    with open(os.path.join(out_dir, PREPROCESSING), "w") as f:
+        json.dump({"protocol": pcfg.protocol, "pixel_mode": pcfg.pixel_mode, "min_pixels": pcfg.image.min_pixels,
+                   "max_pixels": pcfg.image.max_pixels}, f, indent=1)
 
 
 def _override_message(e: Exception, argv: list[str]) -> str:

@@ -67,6 +67,7 @@ def test_kill9_then_restart_matches_uninterrupted(tmp_path):
     from coordexp_jax.weights.checkpoint import load_checkpoint
 
     _, model, step = load_trained_model(str(a))
+    assert os.path.isfile(a / "final_model" / "preprocessing.json")  # predict takes its image settings from it
     _, final = load_checkpoint(str(a / "final_model"))
     assert step == STEPS
     for x, y in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), jax.tree.leaves(nnx.state(final, nnx.Param))):
