@@ -28,7 +28,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from coordexp_jax.data import image as image_lib
-from coordexp_jax.data.records import Record, ValidationReport, parse_record
+from coordexp_jax.data.records import Record, ValidationReport, json_lines, parse_record
 
 FORMATS = ("coco", "lvis", "odvg", "refcoco", "mmkd", "fsc147")
 
@@ -138,49 +138,43 @@ def _boxes(b, where):
 def from_odvg(path, images_dir, out_dir=None, report=None, label_map: Mapping | None = None) -> Iterator[dict]:
     """ODVG JSONL -> detection records (`detection`) or grounding records (`grounding`, one per phrase)."""
     report = report if report is not None else ValidationReport()
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConversionError(f"{where}: not valid JSON ({e.msg})") from None
-            base = {"images": [_img_path(images_dir, _need(d, "filename", where), out_dir)],
-                    "width": int(_need(d, "width", where)), "height": int(_need(d, "height", where))}
-            if "detection" in d:
-                objs = []
-                for j, inst in enumerate(_need(d["detection"], "instances", where)):
-                    iw = f"{where}: instances[{j}]"
-                    name = inst.get("category")
-                    if name is None:
-                        lab = _need(inst, "label", iw)
-                        if label_map is None or str(lab) not in label_map:
-                            raise ConversionError(f"{iw}: no 'category' and label {lab} not in the label map")
-                        name = label_map[str(lab)]
-                    for b in _boxes(_need(inst, "bbox", iw), iw):
-                        if _degenerate(b):
-                            report.add("degenerate_box", iw, f"bbox {b} left out")
-                            continue
-                        objs.append({"desc": str(name), "bbox_2d": b})
-                yield {**base, "objects": objs, "metadata": {"source": "odvg", "line": lineno}}
-            elif "grounding" in d:
-                g = d["grounding"]
-                phrases = collections.OrderedDict()
-                for j, reg in enumerate(_need(g, "regions", where)):
-                    rw = f"{where}: regions[{j}]"
-                    phrase = str(_need(reg, "phrase", rw))
-                    for b in _boxes(_need(reg, "bbox", rw), rw):
-                        if _degenerate(b):
-                            report.add("degenerate_box", rw, f"bbox {b} left out")
-                            continue
-                        phrases.setdefault(phrase, []).append(b)
-                for phrase, bs in phrases.items():
-                    yield {**base, "task": "grounding", "objects": [{"desc": phrase, "bbox_2d": b} for b in bs],
-                           "metadata": {"source": "odvg", "line": lineno, "caption": g.get("caption")}}
-            else:
-                raise ConversionError(f"{where}: neither 'detection' nor 'grounding'")
+    for lineno, where, d in json_lines(path):
+        if isinstance(d, json.JSONDecodeError):
+            raise ConversionError(f"{where}: not valid JSON ({d.msg})") from None
+        base = {"images": [_img_path(images_dir, _need(d, "filename", where), out_dir)],
+                "width": int(_need(d, "width", where)), "height": int(_need(d, "height", where))}
+        if "detection" in d:
+            objs = []
+            for j, inst in enumerate(_need(d["detection"], "instances", where)):
+                iw = f"{where}: instances[{j}]"
+                name = inst.get("category")
+                if name is None:
+                    lab = _need(inst, "label", iw)
+                    if label_map is None or str(lab) not in label_map:
+                        raise ConversionError(f"{iw}: no 'category' and label {lab} not in the label map")
+                    name = label_map[str(lab)]
+                for b in _boxes(_need(inst, "bbox", iw), iw):
+                    if _degenerate(b):
+                        report.add("degenerate_box", iw, f"bbox {b} left out")
+                        continue
+                    objs.append({"desc": str(name), "bbox_2d": b})
+            yield {**base, "objects": objs, "metadata": {"source": "odvg", "line": lineno}}
+        elif "grounding" in d:
+            g = d["grounding"]
+            phrases = collections.OrderedDict()
+            for j, reg in enumerate(_need(g, "regions", where)):
+                rw = f"{where}: regions[{j}]"
+                phrase = str(_need(reg, "phrase", rw))
+                for b in _boxes(_need(reg, "bbox", rw), rw):
+                    if _degenerate(b):
+                        report.add("degenerate_box", rw, f"bbox {b} left out")
+                        continue
+                    phrases.setdefault(phrase, []).append(b)
+            for phrase, bs in phrases.items():
+                yield {**base, "task": "grounding", "objects": [{"desc": phrase, "bbox_2d": b} for b in bs],
+                       "metadata": {"source": "odvg", "line": lineno, "caption": g.get("caption")}}
+        else:
+            raise ConversionError(f"{where}: neither 'detection' nor 'grounding'")
 
 
 def from_refcoco(path, images_dir, out_dir=None, report=None, instances: str | None = None,

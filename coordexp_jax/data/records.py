@@ -45,7 +45,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -386,28 +386,34 @@ def _parse(rec, ctx: _Ctx, *, image_root, box_format, pixel_mode, check_images, 
                   metadata=dict(metadata), extra=extra, source=ctx.where)
 
 
+def json_lines(path: str) -> Iterator[tuple[int, str, Any]]:
+    """(line number, `file:line`, parsed value or the `json.JSONDecodeError`) for every non-blank line of a JSONL file."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, f"{path}:{lineno}", json.loads(line)
+            except json.JSONDecodeError as e:
+                yield lineno, f"{path}:{lineno}", e
+
+
 def iter_jsonl(path: str, *, image_root: str | None = None, policy: Mapping[str, str] | None = None,
                report: ValidationReport | None = None, **kw) -> Iterable[Record]:
     """Yields the valid records of a JSONL file (blank lines ignored); see `parse_record` for keywords."""
     pol = _check_policy(policy)
     report = report if report is not None else ValidationReport()
     root = image_root if image_root is not None else os.path.dirname(os.path.abspath(path))
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                report.records_read += 1
-                if pol["bad_json"] == "error":
-                    raise RecordError(where, "bad_json", f"not valid JSON ({e.msg} at column {e.colno})") from None
-                report.add("bad_json", where, e.msg)
-                continue
-            r = parse_record(rec, where=where, image_root=root, policy=pol, report=report, **kw)
-            if r is not None:
-                yield r
+    for _, where, rec in json_lines(path):
+        if isinstance(rec, json.JSONDecodeError):
+            report.records_read += 1
+            if pol["bad_json"] == "error":
+                raise RecordError(where, "bad_json", f"not valid JSON ({rec.msg} at column {rec.colno})") from None
+            report.add("bad_json", where, rec.msg)
+            continue
+        r = parse_record(rec, where=where, image_root=root, policy=pol, report=report, **kw)
+        if r is not None:
+            yield r
 
 
 def read_jsonl(path: str, **kw) -> tuple[list[Record], ValidationReport]:
