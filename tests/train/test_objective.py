@@ -164,3 +164,24 @@ def test_gathered_coordinate_positions_equal_all_positions(setup):
     want = float(np.minimum(np.asarray(batch["coord_mask"]).sum(-1), 2).sum())
     assert float(small.counts(batch)["soft_ce"]) == want and float(small.counts(batch)["gate"]) == float(
         full.counts(batch)["gate"])
+
+
+def test_plain_sft_is_ce_plus_coord_ce_plus_gate(setup):
+    """The spec's `ce` masks coordinate targets out; at tau 1, ce + coord_ce + gate (each over its own count) is
+    exactly the plain full-vocabulary token CE of ordinary SFT: -log p(k) = -log p_coord(k) - log(coord mass). The
+    ablation's 'plain SFT' arm (docs/training.md) relies on this."""
+    cfg, comps, model, batch = setup
+    obj = Stage1Objective(weights={"ce": 1.0, "coord_ce": 1.0, "gate": 1.0}, coord_start=comps.coord_start,
+                          vocab_size=comps.model_config.vocab_size, tau=1.0)
+    sums = obj.sums(model, batch)
+    counts = obj.counts(batch)
+    assert float(counts["coord_ce"]) == float(counts["gate"]) > 0  # every coordinate target counted once by both
+    h = model(batch["input_ids"], batch["positions"], batch["attention_mask"], vision_inputs(batch))
+    V = comps.model_config.vocab_size
+    z = np.asarray(model.lm_logits(h), np.float64)[..., :V]
+    t = np.asarray(batch["targets"])
+    lm = np.asarray(batch["loss_mask"], np.float64)
+    cm = np.asarray(batch["coord_mask"], np.float64) * (lm > 0)
+    nll = -np.take_along_axis(_log_softmax(z), np.clip(t, 0, V - 1)[..., None], -1)[..., 0]
+    np.testing.assert_allclose(float(sums["ce"]), (nll * lm * (1 - cm)).sum(), rtol=1e-4)
+    np.testing.assert_allclose(float(sums["coord_ce"] + sums["gate"]), (nll * cm).sum(), rtol=1e-4)
