@@ -31,17 +31,22 @@ def _log_softmax(z):
     return z - np.log(np.exp(z).sum(-1, keepdims=True))
 
 
-def _reference(model, batch, ids, V, tau, sigma, trunc):
-    """Every term as sums and counts, in float64 numpy from the full logits."""
+def _logits_masks_nll(model, batch, V):
+    """float64 logits `[B, S, V]`, targets, loss mask, coordinate-target mask and the full-vocabulary token NLL."""
     h = model(batch["input_ids"], batch["positions"], batch["attention_mask"], vision_inputs(batch))
     z = np.asarray(model.lm_logits(h), np.float64)[..., :V]
     t = np.asarray(batch["targets"])
     lm = np.asarray(batch["loss_mask"], np.float64)
     cm = np.asarray(batch["coord_mask"], np.float64) * (lm > 0)
+    nll = -np.take_along_axis(_log_softmax(z), np.clip(t, 0, V - 1)[..., None], -1)[..., 0]
+    return z, t, lm, cm, nll
+
+
+def _reference(model, batch, ids, V, tau, sigma, trunc):
+    """Every term as sums and counts, in float64 numpy from the full logits."""
+    z, t, lm, cm, nll = _logits_masks_nll(model, batch, V)
     tm = lm * (1 - cm)
     cs = ids.coord_start
-    lp = _log_softmax(z)
-    nll = -np.take_along_axis(lp, np.clip(t, 0, V - 1)[..., None], -1)[..., 0]
     lse = lambda x: np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1)) + x.max(-1)  # noqa: E731
     zt = z / tau
     s = z[..., cs:cs + 1000]
@@ -176,12 +181,6 @@ def test_plain_sft_is_ce_plus_coord_ce_plus_gate(setup):
     sums = obj.sums(model, batch)
     counts = obj.counts(batch)
     assert float(counts["coord_ce"]) == float(counts["gate"]) > 0  # every coordinate target counted once by both
-    h = model(batch["input_ids"], batch["positions"], batch["attention_mask"], vision_inputs(batch))
-    V = comps.model_config.vocab_size
-    z = np.asarray(model.lm_logits(h), np.float64)[..., :V]
-    t = np.asarray(batch["targets"])
-    lm = np.asarray(batch["loss_mask"], np.float64)
-    cm = np.asarray(batch["coord_mask"], np.float64) * (lm > 0)
-    nll = -np.take_along_axis(_log_softmax(z), np.clip(t, 0, V - 1)[..., None], -1)[..., 0]
+    _, _, lm, cm, nll = _logits_masks_nll(model, batch, comps.model_config.vocab_size)
     np.testing.assert_allclose(float(sums["ce"]), (nll * lm * (1 - cm)).sum(), rtol=1e-4)
     np.testing.assert_allclose(float(sums["coord_ce"] + sums["gate"]), (nll * cm).sum(), rtol=1e-4)
