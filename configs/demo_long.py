@@ -9,7 +9,8 @@ AP50-vs-minutes curve, a 16384-image training set (~12 epochs instead of ~47).
 
 Measured (docs/demo.md §5): AP50 0.455 / 0.676 / 0.712 at 3000 / 4500 / 6000 steps, reached at 25 / 38 / 50
 minutes while pinned to ONE of this machine's 2 cores (the other ran the loss ablation); goal AP50 >= 0.6 within
-60 minutes. With both cores free the same run takes about 35 minutes.
+60 minutes. With both cores free it should take about 35 minutes (estimated
+from the demo's ~3.3 steps/s, not measured).
 """
 
 import importlib.util
