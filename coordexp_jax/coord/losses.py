@@ -53,11 +53,13 @@ def _stats_from_logits(z, targets, coord_start: int | None, tau: float, vocab_si
     if vocab_size is not None and vocab_size < z.shape[-1]:
         z = jnp.where(jnp.arange(z.shape[-1]) < vocab_size, z, -jnp.inf)  # padded vocabulary rows
     lse = jax.nn.logsumexp(z, axis=-1)
-    tgt = jnp.take_along_axis(z, jnp.clip(targets, 0, z.shape[-1] - 1)[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    # The target logit as a masked sum rather than take_along_axis: its gradient is then an elementwise select that
+    # fuses with the softmax gradient, where the gather's is a scatter into a fresh [B, S, V] buffer plus a transpose.
+    ids = jnp.arange(z.shape[-1], dtype=jnp.int32)
+    tgt = jnp.sum(jnp.where(ids == jnp.clip(targets, 0, z.shape[-1] - 1)[..., None].astype(jnp.int32), z, 0.0), -1)
     zt = z / tau
     out = {"logp": tgt - lse, "lse_tau": jax.nn.logsumexp(zt, axis=-1)}
     if coord_start is not None:
-        ids = jnp.arange(z.shape[-1])
         is_coord = (ids >= coord_start) & (ids < coord_start + NUM_BINS)
         out["lse_coord_tau"] = jax.nn.logsumexp(coord_logits(zt, coord_start), axis=-1)
         out["lse_text_tau"] = jax.nn.logsumexp(jnp.where(is_coord, -jnp.inf, zt), axis=-1)

@@ -168,6 +168,17 @@ def test_nonfinite_batch_is_skipped_and_counted_and_ema():
     assert int(m["nonfinite"]) == 0 and np.isfinite(float(m["loss"]))
 
 
+def test_nan_guard_does_not_copy_the_optimizer_state():
+    # The NaN guard must not keep the old and the new optimizer state both alive: a tree-wide where(finite, new,
+    # old) made XLA copy every moment buffer on every step (~0.8 GB/step at 100M parameters). The donated state is
+    # updated in place only if no `copy` reads an optimizer-state argument.
+    cfg = _cfg(**{"train.ema_decay": 0.9})
+    _, s, _, fn, mesh = build(cfg)
+    hlo = fn.lower(s, _put(make_batch(0, 4), mesh)).compile().as_text()
+    copies = [ln for ln in hlo.splitlines() if " copy(%state_opt_state" in ln or " copy(%state_ema" in ln]
+    assert hlo.count("opt_state") > 0 and not copies, copies[:3]
+
+
 def test_schedule_warmup_cosine():
     cfg = _cfg(**{"optim.schedule": "cosine", "optim.warmup_steps": 10, "optim.min_lr_ratio": 0.1})
     s = optim.schedule(cfg, 110)
