@@ -294,13 +294,31 @@ def ensure_dataset(out_dir: str, num_train: int, num_val: int, seed: int = 0,
                  "coco": os.path.join(out_dir, f"{s}_coco.json")} for s in ("train", "val")}
     if os.path.exists(meta_path):
         with open(meta_path) as f:
-            if json.load(f) == json.loads(json.dumps(meta)):
-                return paths
+            have = json.load(f)
+        want = json.loads(json.dumps(meta))
+        if have == want:
+            return paths
+        # Never regenerate over an existing set: another run may be reading it (its records would then point at
+        # images of another size), and the caller asked for this directory by name.
+        diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+        if "config" in diff:
+            hc, wc = have.get("config", {}), want["config"]
+            diff = [k for k in diff if k != "config"] + [f"config.{k}" for k in sorted(set(hc) | set(wc))
+                                                          if hc.get(k) != wc.get(k)]
+        raise ValueError(f"{out_dir} holds a synthetic set generated with other settings ({', '.join(diff)}: "
+                         f"{meta_path} has {[_get(have, k) for k in diff]}, asked {[_get(want, k) for k in diff]}); "
+                         "point data.path at another directory or delete this one")
     paths["train"] = write_split(out_dir, "train", num_train, seed, cfg, workers)
     paths["val"] = write_split(out_dir, "val", num_val, seed, cfg, workers)
     with open(meta_path, "w") as f:
         json.dump(meta, f, indent=1)
     return paths
+
+
+def _get(meta: dict, dotted: str):
+    for part in dotted.split("."):
+        meta = meta.get(part) if isinstance(meta, dict) else None
+    return meta
 
 
 def parse_classes(s: str | Sequence[str]) -> tuple[str, ...]:

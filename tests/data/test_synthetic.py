@@ -59,6 +59,20 @@ def test_write_split_records_valid_and_coco_loads(tmp_path):
     assert {o.desc for r in recs for o in r.objects} == set(cfg.classes)
 
 
+def test_ensure_dataset_reuses_a_match_and_refuses_to_overwrite_another_set(tmp_path):
+    small = S.SyntheticConfig(image_size=(64, 64))
+    S.ensure_dataset(str(tmp_path), 6, 2, cfg=small)
+    img = tmp_path / "images" / "train_000000.png"
+    stamp = img.stat().st_mtime_ns
+    S.ensure_dataset(str(tmp_path), 6, 2, cfg=small)  # same request: reused, nothing rewritten
+    assert img.stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match=r"other settings \(config.image_size: .*\[\[64, 64\]\].*\[\[96, 96\]\]"):
+        S.ensure_dataset(str(tmp_path), 6, 2, cfg=S.SyntheticConfig(image_size=(96, 96)))
+    with pytest.raises(ValueError, match="num_train"):
+        S.ensure_dataset(str(tmp_path), 7, 2, cfg=small)
+    assert img.stat().st_mtime_ns == stamp  # the existing set is untouched
+
+
 def test_phrases_single_out_objects():
     objs = [{"shape": "circle", "color": "red", "size": "large", "box": (0, 0, 10, 10)},
             {"shape": "circle", "color": "red", "size": "small", "box": (20, 0, 30, 10)},
