@@ -29,6 +29,9 @@ def get_config():
     c = _demo()
     c.name = "demo_long"
     c.data.num_train = 16384
+    # The measured recipe, pinned here so that later changes to the 10-minute demo do not silently change it.
+    c.data.batch_size = 32
+    c.optim.lr = 1e-2
     c.data.num_eval = 200
     c.eval.num_images = 200
     c.optim.warmup_steps = 200
