@@ -30,7 +30,7 @@ PAD_LOGIT = float(np.finfo(np.float32).min)
 class TextModel(nnx.Module):
     def __init__(self, cfg: TextConfig, padded_vocab: int, *, dtype, param_dtype, rngs):
         self.embed_tokens = Embed(padded_vocab, cfg.hidden_size, ("vocab", "embed"), dtype=dtype, param_dtype=param_dtype,
-                                  rngs=rngs)
+                                  rngs=rngs, std=cfg.initializer_range)
         if padded_vocab > cfg.vocab_size:  # padded rows start at zero
             self.embed_tokens.embedding.set_value(self.embed_tokens.embedding.get_value().at[cfg.vocab_size:].set(0))
         self.layers = nnx.List([DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -58,7 +58,7 @@ class Qwen3VL(nnx.Module):
         self.language_model = TextModel(config.text, Vp, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         if not config.tie_word_embeddings:
             self.lm_head = Dense(config.text.hidden_size, Vp, ("embed", "vocab"), bias=False, dtype=dtype,
-                                 param_dtype=param_dtype, rngs=rngs)
+                                 param_dtype=param_dtype, rngs=rngs, std=config.text.initializer_range)
             if Vp > config.vocab_size:
                 self.lm_head.kernel.set_value(self.lm_head.kernel.get_value().at[:, config.vocab_size:].set(0))
         else:

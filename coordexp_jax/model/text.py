@@ -34,7 +34,7 @@ class Attention(nnx.Module):
     def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs):
         H, nh, nkv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         b = cfg.attention_bias
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, std=cfg.initializer_range)
         self.q_proj = Dense(H, nh * hd, ("embed", "q_heads"), bias=b, **kw)
         self.k_proj = Dense(H, nkv * hd, ("embed", "kv_heads"), bias=b, **kw)
         self.v_proj = Dense(H, nkv * hd, ("embed", "kv_heads"), bias=b, **kw)
@@ -56,7 +56,7 @@ class Attention(nnx.Module):
 
 class MLP(nnx.Module):
     def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs):
-        kw = dict(bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = dict(bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs, std=cfg.initializer_range)
         self.gate_proj = Dense(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), **kw)
         self.up_proj = Dense(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), **kw)
         self.down_proj = Dense(cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), **kw)

@@ -22,8 +22,9 @@ NEG_INF = -1e30
 class VisionAttention(nnx.Module):
     def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs):
         D = cfg.hidden_size
-        self.qkv = Dense(D, 3 * D, ("vision_embed", "vision_mlp"), bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.proj = Dense(D, D, ("vision_mlp", "vision_embed"), bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = dict(bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs, std=cfg.initializer_range)
+        self.qkv = Dense(D, 3 * D, ("vision_embed", "vision_mlp"), **kw)
+        self.proj = Dense(D, D, ("vision_mlp", "vision_embed"), **kw)
         self.num_heads = cfg.num_heads
         self.dtype = dtype
 
@@ -48,9 +49,9 @@ class VisionAttention(nnx.Module):
 class VisionMLP(nnx.Module):
     def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs):
         self.linear_fc1 = Dense(cfg.hidden_size, cfg.intermediate_size, ("vision_embed", "vision_mlp"), bias=True,
-                                dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                                dtype=dtype, param_dtype=param_dtype, rngs=rngs, std=cfg.initializer_range)
         self.linear_fc2 = Dense(cfg.intermediate_size, cfg.hidden_size, ("vision_mlp", "vision_embed"), bias=True,
-                                dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                                dtype=dtype, param_dtype=param_dtype, rngs=rngs, std=cfg.initializer_range)
 
     def __call__(self, x):
         return self.linear_fc2(jax.nn.gelu(self.linear_fc1(x), approximate=True))  # gelu_pytorch_tanh
@@ -76,9 +77,10 @@ class PatchMerger(nnx.Module):
         D4 = cfg.hidden_size * cfg.spatial_merge_size ** 2
         self.postshuffle = postshuffle
         self.norm = LayerNorm(D4 if postshuffle else cfg.hidden_size, "norm", dtype=dtype, param_dtype=param_dtype)
-        self.linear_fc1 = Dense(D4, D4, ("vision_mlp", "vision_mlp"), bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.linear_fc1 = Dense(D4, D4, ("vision_mlp", "vision_mlp"), bias=True, dtype=dtype, param_dtype=param_dtype,
+                                rngs=rngs, std=cfg.initializer_range)
         self.linear_fc2 = Dense(D4, cfg.out_hidden_size, ("vision_mlp", "embed"), bias=True, dtype=dtype,
-                                param_dtype=param_dtype, rngs=rngs)
+                                param_dtype=param_dtype, rngs=rngs, std=cfg.initializer_range)
         self.m2 = cfg.spatial_merge_size ** 2
 
     def __call__(self, x):
@@ -96,8 +98,9 @@ class VisionModel(nnx.Module):
         self.cfg = cfg
         self.dtype = dtype
         self.patch_embed = Dense(cfg.patch_dim, cfg.hidden_size, ("vision_mlp", "vision_embed"), bias=True, dtype=dtype,
-                                 param_dtype=param_dtype, rngs=rngs)
-        self.pos_embed = param(rngs, (cfg.num_position_embeddings, cfg.hidden_size), (None, "vision_embed"), param_dtype)
+                                 param_dtype=param_dtype, rngs=rngs, std=cfg.initializer_range)
+        self.pos_embed = param(rngs, (cfg.num_position_embeddings, cfg.hidden_size), (None, "vision_embed"), param_dtype,
+                               std=cfg.initializer_range)
         self.blocks = nnx.List([VisionBlock(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(cfg.depth)])
         self.merger = PatchMerger(cfg, postshuffle=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.deepstack_merger_list = nnx.List([

@@ -61,6 +61,25 @@ def test_logical_axis_names():
     assert tuple(flat[("language_model", "layers", 0, "self_attn", "k_proj", "kernel")]) == ("embed", "kv_heads")
 
 
+def test_random_init_follows_initializer_range():
+    # HF initialises every Linear/Embedding with std = initializer_range; ours must too (it used to ignore it)
+    import dataclasses
+
+    base = tiny_config()
+    cfg = dataclasses.replace(base, text=dataclasses.replace(base.text, initializer_range=0.1),
+                              vision=dataclasses.replace(base.vision, initializer_range=0.05))
+    m = Qwen3VL(cfg, rngs=nnx.Rngs(0))
+    lm = m.language_model
+    for w, want in [(lm.layers[0].self_attn.q_proj.kernel, 0.1), (lm.layers[2].mlp.down_proj.kernel, 0.1),
+                    (lm.embed_tokens.embedding[: cfg.text.vocab_size], 0.1), (m.lm_head.kernel, 0.1),
+                    (m.visual.blocks[0].attn.qkv.kernel, 0.05), (m.visual.patch_embed.kernel, 0.05),
+                    (m.visual.merger.linear_fc2.kernel, 0.05)]:
+        np.testing.assert_allclose(float(jnp.std(w[...])), want, rtol=0.08)
+    default = Qwen3VL(base, rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(float(jnp.std(default.language_model.layers[0].self_attn.q_proj.kernel[...])), 0.02,
+                               rtol=0.08)
+
+
 def test_vision_builder_matches_torch_interpolate():
     """pos-embed taps/weights reproduce F.interpolate(bilinear, align_corners=True) in block order."""
     import torch
