@@ -16,7 +16,8 @@ def get_config():
     c = demo.get_config()
     c.name = "demo_stage2"
     c.model.checkpoint = "runs/demo/final_model"
-    c.data.batch_size = 32  # as measured in docs/training.md (the 10-minute demo moved to 16)
+    c.data.batch_size = 32  # as measured in docs/training.md (the 10-minute demo has since changed these)
+    c.loss.w1, c.loss.l1, c.loss.giou = 0.0, 2.0, 1.0
     c.optim.lr = c.optim.lr * 0.3
     c.optim.warmup_steps = 20
     c.train.steps = 300
