@@ -35,6 +35,7 @@ def get_config():
     c.data.batch_size = 32
     c.optim.lr = 1e-2
     c.model.overrides = ml_collections.ConfigDict({"text": {"head_dim": 32, "mrope_section": (4, 6, 6)}})  # init 0.02
+    c.loss.w1, c.loss.l1, c.loss.giou = 0.0, 2.0, 1.0
     c.data.num_eval = 200
     c.eval.num_images = 200
     c.optim.warmup_steps = 200
