@@ -3,8 +3,8 @@
     python -m coordexp_jax.train --config configs/demo_long.py --workdir /tmp/demo_long
     python benchmarks/demo_curve.py /tmp/demo_long
 
-Same task (3 classes, 1-4 objects, clutter, 128 px), same model and objective as the 10-minute demo; only the
-budget changes: 6000 steps of 32 images, an evaluation on 200 held-out images every 1500 steps for the
+Same task (3 classes, 1-4 objects, clutter, 128 px) as the 10-minute demo, with the demo's session-2 recipe pinned
+below (batch 32, init std 0.02, ce + soft_ce + gate + l1 2 + giou 1; the demo has since moved on), and: 6000 steps of 32 images, an evaluation on 200 held-out images every 1500 steps for the
 AP50-vs-minutes curve, a 16384-image training set (~12 epochs instead of ~47).
 
 Measured (docs/demo.md §5): AP50 0.455 / 0.676 / 0.712 at 3000 / 4500 / 6000 steps, reached at 25 / 38 / 50
