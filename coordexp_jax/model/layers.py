@@ -2,33 +2,77 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 
-def param(rngs: nnx.Rngs | None, shape, names: tuple[str | None, ...], dtype, init: str = "normal", std: float = 0.02):
-    """An nnx.Param with logical axis names `names` (stored as `out_sharding` metadata, no eager sharding)."""
+def param(rngs: nnx.Rngs | None, shape, names: tuple[str | None, ...], dtype, init: str = "normal",
+          std: float | None = None):
+    """An nnx.Param with logical axis names `names` (stored as `out_sharding` metadata, no eager sharding).
+
+    init "normal" draws N(0, std^2); std has no default so every caller passes the config's initializer_range.
+    """
     assert len(names) == len(shape), (names, shape)
     if init == "zeros":
         value = jnp.zeros(shape, dtype)
     elif init == "ones":
         value = jnp.ones(shape, dtype)
     else:
+        if std is None:
+            raise ValueError(f"param {names}: init='normal' needs std (the config's initializer_range)")
         value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
     return nnx.Param(value, sharding_names=names, eager_sharding=False)
+
+
+def linear(x, w, preferred_element_type=None):
+    """x [..., K] @ w [K, N] -> [..., N]; on CPU with a hand-written VJP whose weight gradient XLA:CPU runs as a fast
+    (YNNPACK) matmul.
+
+    Why: for dW = x^T dy, XLA:CPU's layout assignment transposes the large dy ([tokens, N], e.g. the logits gradient)
+    and then runs a dot with both operands transposed, which YNNPACK does not take, so it falls back to a slower
+    kernel (BENCHMARKS.md). Transposing the small x explicitly (behind an optimization barrier, so the transpose is
+    not folded back into the dot) gives a canonical [K, T] x [T, N] matmul. Other backends get jnp.dot: their
+    matmul libraries take transposed operands natively.
+    """
+    if jax.default_backend() != "cpu":
+        return jnp.dot(x, w, preferred_element_type=preferred_element_type)
+    return _linear_cpu(x, w, preferred_element_type)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _linear_cpu(x, w, preferred_element_type):
+    return jnp.dot(x, w, preferred_element_type=preferred_element_type)
+
+
+def _linear_cpu_fwd(x, w, preferred_element_type):
+    return _linear_cpu(x, w, preferred_element_type), (x, w)
+
+
+def _linear_cpu_bwd(preferred_element_type, res, dy):
+    x, w = res
+    x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+    dx = jnp.dot(dy2, w.T.astype(dy2.dtype)).astype(x.dtype).reshape(x.shape)
+    x2t = jax.lax.optimization_barrier(x2.T)
+    dw = jnp.dot(x2t.astype(dy2.dtype), dy2).astype(w.dtype)
+    return dx, dw
+
+
+_linear_cpu.defvjp(_linear_cpu_fwd, _linear_cpu_bwd)
 
 
 class Dense(nnx.Module):
     """y = x @ kernel (+ bias); kernel [in, out] (the transpose of a torch Linear weight)."""
 
-    def __init__(self, din, dout, names, *, bias: bool, dtype, param_dtype, rngs, std=0.02):
+    def __init__(self, din, dout, names, *, bias: bool, dtype, param_dtype, rngs, std: float):
         self.kernel = param(rngs, (din, dout), names, param_dtype, std=std)
         self.bias = param(rngs, (dout,), (names[1],), param_dtype, init="zeros") if bias else None
         self.dtype = dtype
 
     def __call__(self, x):
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        y = linear(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
@@ -69,7 +113,7 @@ class RMSNorm(nnx.Module):
 class Embed(nnx.Module):
     """Token embedding table [V_padded, H] (rows >= the real vocab are zero and never produced)."""
 
-    def __init__(self, vocab, dim, names, *, dtype, param_dtype, rngs, std=0.02):
+    def __init__(self, vocab, dim, names, *, dtype, param_dtype, rngs, std: float):
         self.embedding = param(rngs, (vocab, dim), names, param_dtype, std=std)
         self.dtype = dtype
 

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from .config import ModelConfig, TextConfig
-from .layers import Dense, Embed, RMSNorm
+from .layers import Dense, Embed, RMSNorm, linear
 from .rope import mrope_cos_sin
 from .text import DecoderLayer
 from .vision import VisionModel
@@ -117,8 +117,8 @@ class Qwen3VL(nnx.Module):
             logits = jnp.einsum("...h,vh->...v", hidden.astype(self.dtype), w.astype(self.dtype),
                                 preferred_element_type=jnp.float32)
         else:
-            logits = jnp.einsum("...h,hv->...v", hidden.astype(self.dtype), self.lm_head.kernel[...].astype(self.dtype),
-                                preferred_element_type=jnp.float32)
+            logits = linear(hidden.astype(self.dtype), self.lm_head.kernel[...].astype(self.dtype),
+                            preferred_element_type=jnp.float32)
         V = self.config.vocab_size
         if logits.shape[-1] > V:
             logits = jnp.where(jnp.arange(logits.shape[-1]) < V, logits, PAD_LOGIT)

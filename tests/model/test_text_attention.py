@@ -1,0 +1,61 @@
+"""The CPU attention with its hand-written VJP equals the einsum attention that XLA differentiates itself."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from coordexp_jax.model.text import _attention_cpu, _attention_einsum, gqa_attention
+
+
+def _inputs(B=2, S=6, T=6, nh=4, nkv=2, hd=8, seed=0):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 4)
+    q = jax.random.normal(ks[0], (B, S, nh, hd))
+    k = jax.random.normal(ks[1], (B, T, nkv, hd))
+    v = jax.random.normal(ks[2], (B, T, nkv, hd))
+    g = jax.random.normal(ks[3], (B, S, nh * hd))
+    # row 0: causal; row 1: left-padded by 2, so its first two queries are fully masked
+    causal = np.tril(np.ones((S, T), bool), k=T - S)
+    valid = np.ones((B, T), bool)
+    valid[1, :2] = False
+    mask = jnp.asarray(causal[None] & valid[:, None, :])
+    return q, k, v, mask, g
+
+
+@pytest.mark.parametrize("nh,nkv", [(4, 2), (4, 4), (6, 1)])
+def test_cpu_attention_value_and_gradients_match_einsum(nh, nkv):
+    q, k, v, mask, g = _inputs(nh=nh, nkv=nkv)
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(fn(q, k, v, mask, jnp.float32) * g)
+
+    np.testing.assert_allclose(_attention_cpu(q, k, v, mask, jnp.float32),
+                               _attention_einsum(q, k, v, mask, jnp.float32), rtol=1e-5, atol=1e-5)
+    got = jax.jit(jax.grad(loss(_attention_cpu), argnums=(0, 1, 2)))(q, k, v)
+    want = jax.jit(jax.grad(loss(_attention_einsum), argnums=(0, 1, 2)))(q, k, v)
+    for name, a, b in zip("qkv", got, want):
+        assert a.shape == b.shape, name
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=name)
+    assert float(jnp.abs(got[0][1, :2]).max()) == 0.0  # fully masked queries get no gradient
+
+
+def test_cpu_attention_against_a_cache_longer_than_the_queries():
+    """Decode shape: 1 query against an L-slot cache (forward only, no gradient in decoding)."""
+    q, k, v, _, _ = _inputs(S=1, T=9)
+    mask = jnp.asarray(np.arange(9)[None, None, :] < np.array([5, 9])[:, None, None])
+    np.testing.assert_allclose(gqa_attention(q, k, v, mask, jnp.float32),
+                               _attention_einsum(q, k, v, mask, jnp.float32), rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_attention_bf16_matches_einsum_bf16():
+    q, k, v, mask, g = (x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x for x in _inputs())
+    a = _attention_cpu(q, k, v, mask, jnp.bfloat16)
+    b = _attention_einsum(q, k, v, mask, jnp.bfloat16)
+    assert a.dtype == b.dtype == jnp.bfloat16
+    np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), rtol=2e-2, atol=2e-2)
+    da = jax.grad(lambda q: jnp.sum(_attention_cpu(q, k, v, mask, jnp.bfloat16).astype(jnp.float32)
+                                    * g.astype(jnp.float32)))(q)
+    db = jax.grad(lambda q: jnp.sum(_attention_einsum(q, k, v, mask, jnp.bfloat16).astype(jnp.float32)
+                                    * g.astype(jnp.float32)))(q)
+    assert da.dtype == jnp.bfloat16
+    np.testing.assert_allclose(da.astype(np.float32), db.astype(np.float32), rtol=5e-2, atol=5e-2)
