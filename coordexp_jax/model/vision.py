@@ -12,12 +12,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .attention import gqa_attention
 from .config import VisionConfig
 from .layers import Dense, LayerNorm, param
 from .rope import rotate_half, vision_cos_sin
-
-NEG_INF = -1e30
-
 
 class VisionAttention(nnx.Module):
     def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs):
@@ -29,7 +27,7 @@ class VisionAttention(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x, cos, sin, mask):
-        """x [I,P,D]; cos/sin [I,P,hd] float32; mask [I,1,P,P] bool."""
+        """x [I,P,D]; cos/sin [I,P,hd] float32; mask [I,P,P] bool."""
         I, P, D = x.shape
         nh = self.num_heads
         hd = D // nh
@@ -39,11 +37,7 @@ class VisionAttention(nnx.Module):
         # rotary in float32, then back (as HF)
         q = (q.astype(jnp.float32) * c + rotate_half(q.astype(jnp.float32)) * s).astype(self.dtype)
         k = (k.astype(jnp.float32) * c + rotate_half(k.astype(jnp.float32)) * s).astype(self.dtype)
-        scores = jnp.einsum("iqhd,ikhd->ihqk", q, k, preferred_element_type=jnp.float32) * (hd ** -0.5)
-        scores = jnp.where(mask, scores, NEG_INF)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("ihqk,ikhd->iqhd", probs, v).reshape(I, P, D)
-        return self.proj(out)
+        return self.proj(gqa_attention(q, k, v, mask, self.dtype))  # every head its own kv head
 
 
 class VisionMLP(nnx.Module):
@@ -116,7 +110,7 @@ class VisionModel(nnx.Module):
         x = x + pos.astype(x.dtype)
         cos, sin = vision_cos_sin(vision["vision_rope_rc"], self.cfg.head_dim, self.cfg.rope_theta)
         # Padding (id -1) attends to padding, so no row is fully masked (no NaN); its output is never used.
-        mask = (seg[:, :, None] == seg[:, None, :])[:, None]
+        mask = seg[:, :, None] == seg[:, None, :]
         ds = []
         ds_at = {layer: k for k, layer in enumerate(self.cfg.deepstack_visual_indexes)}
         for i, blk in enumerate(self.blocks):

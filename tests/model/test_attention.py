@@ -1,11 +1,11 @@
-"""The CPU attention with its hand-written VJP equals the einsum attention that XLA differentiates itself."""
+"""The CPU attention (text decoder and ViT) with its hand-written VJP equals the einsum attention that XLA differentiates itself."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from coordexp_jax.model.text import _attention_cpu, _attention_einsum, gqa_attention
+from coordexp_jax.model.attention import _attention_cpu, _attention_einsum, gqa_attention
 
 
 def _inputs(B=2, S=6, T=6, nh=4, nkv=2, hd=8, seed=0):
