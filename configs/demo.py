@@ -64,7 +64,8 @@ def get_config():
     c.optim.clip_norm = 1.0
     # 3100 steps of 16 on both cores: AP50 (log-prob) 0.414 at 5.0 min and 0.606 at 9.3 min, AP 0.456, on 64
     # held-out images (docs/demo.md §5c); with + l1 2 + giou 1 it was 0.349 at 10.0 min. The CPU custom VJPs of
-    # session 4 ran the same 3100 steps in 7.3 min (AP50 0.589), so the demo now takes 3800 steps.
+    # session 4 ran the same 3100 steps in 7.3 min (AP50 0.589), so the demo now takes 3800 steps: AP50 0.468 at
+    # 4.2 min and 0.646 at 8.3 min, AP 0.482, F1 0.717 (README command in a fresh clone, docs/demo.md §5d).
     c.train.steps = 3800
     c.train.log_every = 10
     c.train.ckpt_every = 800
