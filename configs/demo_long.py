@@ -7,10 +7,9 @@ Same task (3 classes, 1-4 objects, clutter, 128 px) as the 10-minute demo, with 
 below (batch 32, init std 0.02, ce + soft_ce + gate + l1 2 + giou 1; the demo has since moved on), and: 6000 steps of 32 images, an evaluation on 200 held-out images every 1500 steps for the
 AP50-vs-minutes curve, a 16384-image training set (~12 epochs instead of ~47).
 
-Measured (docs/demo.md §5): AP50 0.455 / 0.676 / 0.712 at 3000 / 4500 / 6000 steps, reached at 25 / 38 / 50
-minutes while pinned to ONE of this machine's 2 cores (the other ran the loss ablation); goal AP50 >= 0.6 within
-60 minutes. With both cores free it should take about 35 minutes (estimated
-from the demo's ~3.3 steps/s, not measured).
+Measured (docs/demo.md §5), session 4, both cores, current code: AP50 0.290 / 0.601 / 0.785 / 0.862 (AP 0.688) at
+1500 / 3000 / 4500 / 6000 steps, reached at 6.5 / 12.9 / 19.6 / 26.3 minutes; goal AP50 >= 0.6 within 60 minutes.
+Session 2 (one core, older code): 0.455 / 0.676 / 0.712 at 3000 / 4500 / 6000 steps (25 / 38 / 50 minutes).
 """
 
 import importlib.util
