@@ -38,7 +38,7 @@ def _attention_einsum(q, k, v, mask, dtype):
 # Autodiff of the einsums computes dv = P^T dO and dk = dS^T Q, contracting over the query axis, which is the
 # leading axis of the large [queries, keys] matrices; XLA:CPU then transposes those matrices (B*nh*S*T floats, per
 # layer) before its matmul kernel. Computing dv^T = dO^T P and dk^T = Q^T dS instead transposes only the small
-# [queries, hd] operands. Same math, same float32 softmax (tests/model/test_text_attention.py).
+# [queries, hd] operands. Same math, same float32 softmax (tests/model/test_attention.py).
 
 def _heads_first(x, nkv):
     """[B,S,nh,hd] -> [B,nkv,g*S,hd]: kv head major, then the query heads sharing it, then positions."""
@@ -75,10 +75,6 @@ def _attention_cpu(q, k, v, mask, dtype):
     return _attention_cpu_fwd_impl(q, k, v, mask, dtype)[0]
 
 
-def _attention_cpu_fwd(q, k, v, mask, dtype):
-    return _attention_cpu_fwd_impl(q, k, v, mask, dtype)
-
-
 def _attention_cpu_bwd(dtype, res, d_out):
     qh, kh, vh, keep, probs = res  # qh, kh, vh keep the dtypes of q, k, v
     B, nkv, M, hd = qh.shape
@@ -101,4 +97,4 @@ def _attention_cpu_bwd(dtype, res, d_out):
             None)
 
 
-_attention_cpu.defvjp(_attention_cpu_fwd, _attention_cpu_bwd)
+_attention_cpu.defvjp(_attention_cpu_fwd_impl, _attention_cpu_bwd)
