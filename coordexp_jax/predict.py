@@ -23,10 +23,12 @@ import sys
 
 import numpy as np
 
+from coordexp_jax.errors import CoordExpError
+
 EXIT_BAD_INPUT = 2
 
 
-class PredictError(ValueError):
+class PredictError(CoordExpError, ValueError):
     """Bad input to predict (one line, shown as `error: ...`)."""
 
 

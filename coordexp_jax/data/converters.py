@@ -27,13 +27,14 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from coordexp_jax.errors import CoordExpError
 from coordexp_jax.data import image as image_lib
 from coordexp_jax.data.records import Record, ValidationReport, json_lines, parse_record
 
 FORMATS = ("coco", "lvis", "odvg", "refcoco", "mmkd", "fsc147")
 
 
-class ConversionError(ValueError):
+class ConversionError(CoordExpError, ValueError):
     """The input does not have the structure of its format; the message names the file and the key."""
 
 

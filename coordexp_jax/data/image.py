@@ -23,16 +23,18 @@ import math
 import numpy as np
 from PIL import Image
 
+from coordexp_jax.errors import CoordExpError
+
 # Released Qwen3-VL preprocessor settings (qwen3vl_spec.md §1.4 / §5).
 QWEN3VL_MIN_PIXELS = 65536
 QWEN3VL_MAX_PIXELS = 16777216
 
 
-class ImageLoadError(ValueError):
+class ImageLoadError(CoordExpError, ValueError):
     """An image file is missing, truncated or cannot be decoded."""
 
 
-class ImageSizeError(ValueError):
+class ImageSizeError(CoordExpError, ValueError):
     """An image does not have the size the configuration requires (runtime resizing forbidden)."""
 
 

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from coordexp_jax.errors import CoordExpError
 from coordexp_jax.coord import protocols
 from coordexp_jax.data import image as image_lib
 from coordexp_jax.data.records import Record
@@ -47,7 +48,7 @@ DEFAULT_INSTRUCTIONS = {
 }
 
 
-class SampleError(ValueError):
+class SampleError(CoordExpError, ValueError):
     """A record cannot be turned into a sample (e.g. a grounding record without a phrase); names the record."""
 
 

@@ -50,6 +50,7 @@ from typing import Any
 
 import numpy as np
 
+from coordexp_jax.errors import CoordExpError
 from coordexp_jax.coord import codec
 from coordexp_jax.data import image as image_lib
 
@@ -78,7 +79,7 @@ DEFAULT_POLICY = {k: v[0] for k, v in ACTIONS.items()}
 _COORD_RE = re.compile(r"^<\|coord_(\d{1,3})\|>$")
 
 
-class RecordError(ValueError):
+class RecordError(CoordExpError, ValueError):
     """A record violates the contract and the policy for that reason is `error`. The message names file:line."""
 
     def __init__(self, where: str, reason: str, detail: str):

@@ -12,10 +12,12 @@ import json
 import os
 from typing import Any
 
+from coordexp_jax.errors import CoordExpError
+
 VOCAB_PAD_MULTIPLE = 256
 
 
-class ConfigError(ValueError):
+class ConfigError(CoordExpError, ValueError):
     """A config.json that this port cannot represent; the message names the key."""
 
 

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from coordexp_jax.errors import CoordExpError
 from coordexp_jax.data.tokenizer import TokenIds
 from coordexp_jax.rollout import sampling
 from coordexp_jax.rollout.constraints import TokenDFA, advance, mask_logits
@@ -44,7 +45,7 @@ from coordexp_jax.rollout.constraints import TokenDFA, advance, mask_logits
 VISION_KEYS = ("pixel_values", "vision_segment_ids", "vision_pos_taps", "vision_pos_weights", "vision_rope_rc")
 
 
-class PromptTooLongError(ValueError):
+class PromptTooLongError(CoordExpError, ValueError):
     """The prompt does not fit into the configured cache."""
 
 

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from coordexp_jax.errors import CoordExpError
 from coordexp_jax.data.tokenizer import NUM_BINS, SMALL_TOKENIZER_DIR, TokenIds
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 _DT = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-class DataPathError(FileNotFoundError):
+class DataPathError(CoordExpError, FileNotFoundError):
     """A data/tokenizer/checkpoint path in the config that does not exist; the message names the key."""
 
 

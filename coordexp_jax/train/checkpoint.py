@@ -20,10 +20,12 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from coordexp_jax.errors import CoordExpError
+
 log = logging.getLogger(__name__)
 
 
-class IncompatibleCheckpointError(RuntimeError):
+class IncompatibleCheckpointError(CoordExpError, RuntimeError):
     """The workdir holds a checkpoint of a different model/config; the message names what differs."""
 
 

@@ -18,6 +18,8 @@ from typing import Any
 
 import ml_collections
 
+from coordexp_jax.errors import CoordExpError
+
 # Logical parameter axis names -> mesh axes. `None` replicates. The first matching rule wins; a mesh axis is used at
 # most once per array (a later dimension that would reuse it is replicated).
 DEFAULT_RULES = (
@@ -169,7 +171,7 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-class ConfigError(ValueError):
+class ConfigError(CoordExpError, ValueError):
     """A config value that is unknown, of the wrong type or out of range; the message names the key."""
 
 

@@ -26,6 +26,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from coordexp_jax.errors import CoordExpError
 from coordexp_jax.train import checkpoint as ckpt_lib, config as config_lib, optim, sharding as shd, state as state_lib
 from coordexp_jax.train import step as step_lib
 from coordexp_jax.train.build import Components, build_components, num_params
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 EvalHook = Callable[[nnx.Module, int, str], dict]
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(CoordExpError, FloatingPointError):
     """The loss (or gradient norm) was NaN/inf at a step and `train.nan_policy` is 'stop'."""
 
 

@@ -17,8 +17,10 @@ import numpy as np
 
 from ..model.config import ModelConfig
 
+from coordexp_jax.errors import CoordExpError
 
-class WeightsError(ValueError):
+
+class WeightsError(CoordExpError, ValueError):
     """A checkpoint that does not match the model: the message names the tensor (and the file)."""
 
 
