@@ -78,7 +78,8 @@ def _bhattacharyya_matrix(p, g):
     mg, cg = mu_cov(g)
     c = (cp + cg) / 2
     dm = mp - mg
-    d = dm @ np.linalg.inv(c) @ dm / 8 + 0.5 * np.log(np.linalg.det(c) / np.sqrt(np.linalg.det(cp) * np.linalg.det(cg)))
+    det = np.linalg.det
+    d = dm @ np.linalg.inv(c) @ dm / 8 + 0.5 * np.log(det(c) / np.sqrt(det(cp) * det(cg)))
     return float(np.exp(-d))
 
 
