@@ -11,9 +11,12 @@ import logging
 import os
 import sys
 
+from coordexp_jax.cli import UsageError, guard
 
+
+@guard
 def main(argv=None) -> int:
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
 
     from coordexp_jax.train import sharding as shd
@@ -35,48 +38,62 @@ def main(argv=None) -> int:
     try:
         FLAGS(argv)
     except flags.Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (KeyError, AttributeError, ValueError, TypeError, FileNotFoundError) as e:  # config_flags override errors
-        print(f"error: {_override_message(e, argv)}", file=sys.stderr)
-        return 2
+        raise UsageError(_flag_message(e)) from None
+    except SyntaxError as e:  # in the config file
+        raise UsageError(f"--config {e.filename}, line {e.lineno}: {e.msg}") from None
+    except AttributeError as e:
+        if "get_config" in str(e):
+            raise UsageError(f"--config {_config_arg(argv)}: the file defines no get_config()") from None
+        raise UsageError(_override_message(e, argv)) from None
+    except (KeyError, ValueError, TypeError, FileNotFoundError) as e:  # config_flags override errors
+        raise UsageError(_override_message(e, argv)) from None
     if FLAGS.config is None:
-        print("error: --config is required (e.g. --config configs/demo.py)", file=sys.stderr)
-        return 2
+        raise UsageError("--config is required (e.g. --config configs/demo.py)")
+    _check_config_loaded(FLAGS["config"])
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "jax._src", "orbax", "grain"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
-    from coordexp_jax.train import build, checkpoint, config as config_lib, loop
+    from coordexp_jax.train import config as config_lib, loop
 
-    cfg = FLAGS.config
-    try:
-        cfg = config_lib.validate(cfg)
-    except config_lib.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = config_lib.validate(FLAGS.config)
     workdir = FLAGS.workdir or os.path.join("runs", cfg.name)
-    try:
-        result = loop.train(cfg, workdir)
-    except (config_lib.ConfigError, build.DataPathError, checkpoint.IncompatibleCheckpointError,
-            loop.NonFiniteLossError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    result = loop.train(cfg, workdir)
     if FLAGS.export and result["model_config"] is not None and jax_process_index() == 0:
-        out = os.path.join(workdir, "final_model")
-        if os.path.isdir(out):  # our own output of an earlier finish of this run
-            import shutil
+        from coordexp_jax.predict import PREPROCESSING
 
-            shutil.rmtree(out)
-        # The final model is the one evaluation scored: the EMA weights when EMA is on and eval.use_ema.
-        loop.export_model(result, out, use_ema=cfg.train.ema_decay > 0 and cfg.eval.use_ema)
-        write_preprocessing(cfg, result["model_config"], out)
+        out = os.path.join(workdir, "final_model")
+        if result["steps_run"] or not os.path.isfile(os.path.join(out, PREPROCESSING)):
+            # The final model is the one evaluation scored: the EMA weights when EMA is on and eval.use_ema.
+            export_final_model(cfg, result, out, use_ema=cfg.train.ema_decay > 0 and cfg.eval.use_ema)
         print(f"final model: {out} (to HF: python tools/export_hf.py --checkpoint {out} --out OUT_DIR)")
     m = result["metrics"]
-    print(f"done: step {result['step']}, loss {m.get('loss', float('nan')):.4f}, skipped {result['skipped']}, "
-          f"compiles {result['compiles']}" + (f", eval {result['eval']}" if result["eval"] else ""))
+    loss = f", loss {m['loss']:.4f}" if "loss" in m else ""
+    print(f"done: step {result['step']} of {cfg.train.steps} ({result['stop_reason']}){loss}, skipped "
+          f"{result['skipped']}, compiles {result['compiles']}" + (f", eval {result['eval']}" if result["eval"] else ""))
     return 0
+
+
+def export_final_model(cfg, result: dict, out: str, use_ema: bool) -> None:
+    """Writes `result`'s model (LoRA merged) and its preprocessing.json to `out`, replacing an earlier one only
+    once the new one is complete (a crash mid-export leaves the old one, never a half-written directory)."""
+    import shutil
+    import tempfile
+
+    from coordexp_jax.train import loop
+
+    parent = os.path.dirname(os.path.abspath(out))
+    tmp = tempfile.mkdtemp(prefix=".final_model.tmp", dir=parent)
+    try:
+        new = os.path.join(tmp, "model")
+        loop.export_model(result, new, use_ema=use_ema)
+        write_preprocessing(cfg, result["model_config"], new)
+        if os.path.isdir(out):  # our own output of an earlier finish of this run
+            shutil.rmtree(out)
+        os.rename(new, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_preprocessing(cfg, model_config, out_dir: str) -> None:
@@ -91,6 +108,42 @@ def write_preprocessing(cfg, model_config, out_dir: str) -> None:
     with open(os.path.join(out_dir, PREPROCESSING), "w") as f:
         json.dump({"protocol": pcfg.protocol, "pixel_mode": pcfg.pixel_mode, "min_pixels": pcfg.image.min_pixels,
                    "max_pixels": pcfg.image.max_pixels}, f, indent=1)
+
+
+def _flag_message(e: Exception) -> str:
+    """One line for an absl flag error; a config file that failed inside get_config() keeps the failing line and
+    the exception (ml_collections puts a whole traceback into the message)."""
+    text = str(e)
+    if "Error whilst parsing config file" in text:
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        where = next((ln for ln in reversed(lines) if ln.startswith("File ")), "")
+        return f"--config: the config file failed to load: {lines[-1]}" + (f" ({where})" if where else "")
+    return text
+
+
+def _config_arg(argv: list[str]) -> str:
+    """The value of --config in argv ('--config F' or '--config=F')."""
+    for i, a in enumerate(argv):
+        if a == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--config="):
+            return a.split("=", 1)[1]
+    return "?"
+
+
+def _check_config_loaded(flag) -> None:
+    """ml_collections defers a config file's load error to the first attribute access (a traceback deep in
+    validate); raises UsageError naming the file instead."""
+    cfg = flag.value
+    if type(cfg).__name__ != "_ErrorConfig":
+        return
+    path = str(flag.config_filename).split(":", 1)[0]
+    if not os.path.exists(path):
+        raise UsageError(f"--config {path}: file not found")
+    if not os.path.isfile(path) or not os.access(path, os.R_OK):
+        raise UsageError(f"--config {path}: not a readable file")
+    cause = object.__getattribute__(cfg, "_error")
+    raise UsageError(f"--config {path}: cannot be loaded ({cause})")
 
 
 def _override_message(e: Exception, argv: list[str]) -> str:

@@ -5,8 +5,11 @@
   count needs new shardings, orbax #648).
 - `data_iter`: the Grain iterator state, one file per process (`grain.checkpoint.CheckpointHandler`).
 - `meta`: JSON fingerprint of what makes a checkpoint compatible (model config, LoRA, vocabulary, the trainable
-  parameter set). Resuming in a workdir whose checkpoint differs raises `IncompatibleCheckpointError` naming the
-  differing keys or parameters instead of an orbax shape error deep in a restore.
+  parameter set, and the data loader's worker count). Resuming in a workdir whose checkpoint differs raises
+  `IncompatibleCheckpointError` naming the differing keys or parameters instead of an orbax shape error deep in a
+  restore. The Grain iterator state of one `data.worker_count` does not restore into another (its per-worker
+  positions would be an IndexError/KeyError inside Grain), so a different count is refused naming both counts;
+  a restore without the data iterator (exporting a model) ignores it.
 """
 
 from __future__ import annotations
@@ -105,15 +108,25 @@ class Checkpointer:
             args["data_iter"] = grain.checkpoint.CheckpointSave(_grain_item(data_iter))
         return self.manager.save(int(step), args=ocp.args.Composite(**args), force=force)
 
-    def check_compatible(self, step: int, abstract_state: Any) -> None:
-        """Raises IncompatibleCheckpointError naming what differs between checkpoint `step` and this run."""
+    def check_compatible(self, step: int, abstract_state: Any, data_iter: bool = True) -> None:
+        """Raises IncompatibleCheckpointError naming what differs between checkpoint `step` and this run.
+        `data_iter`: the data iterator is restored too (then its worker count must match)."""
         try:
             saved_meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         except Exception as e:  # noqa: BLE001
             raise IncompatibleCheckpointError(
                 f"{self.directory}/{step}: cannot read the checkpoint's metadata ({type(e).__name__}: {e}); "
                 "it was not written by this trainer - use a fresh --workdir") from e
-        diffs = _diff_meta(saved_meta, self.meta)
+        saved_meta, current = dict(saved_meta), dict(self.meta)
+        saved_it, this_it = saved_meta.pop("data_iter", None), current.pop("data_iter", None)
+        if data_iter and saved_it is not None and this_it is not None:  # (checkpoints of older code have none)
+            a, b = saved_it.get("worker_count"), this_it.get("worker_count")
+            if a != b:
+                raise IncompatibleCheckpointError(
+                    f"the checkpoint in {self.directory} (step {step}) holds the data iterator state of "
+                    f"data.worker_count={a}, but this run has data.worker_count={b}; Grain cannot restore one into "
+                    f"the other: resume with --config.data.worker_count={a}, or use a fresh --workdir")
+        diffs = _diff_meta(saved_meta, current)
         if not diffs:
             saved = self.manager.item_metadata(step)["state"]
             if saved is not None:
@@ -137,7 +150,7 @@ class Checkpointer:
         step = self.manager.latest_step() if step is None else step
         if step is None:
             return None
-        self.check_compatible(step, abstract_state)
+        self.check_compatible(step, abstract_state, data_iter=data_iter is not None)
         args = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iter is not None:
             args["data_iter"] = grain.checkpoint.CheckpointRestore(_grain_item(data_iter))
@@ -154,7 +167,8 @@ class Checkpointer:
 
 
 def fingerprint(cfg, vocab_size: int, trainable_names: list[str]) -> dict:
-    """The fields of a run that a checkpoint must share to be resumed (not lr, steps, logging, ...)."""
+    """The fields of a run that a checkpoint must share to be resumed (not lr, steps, logging, ...). `data_iter`
+    (the loader's worker count) matters only when the data iterator is restored too."""
     c = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
     model = dict(c["model"])
     model.pop("remat", None)  # recomputation does not change the parameters
@@ -164,6 +178,7 @@ def fingerprint(cfg, vocab_size: int, trainable_names: list[str]) -> dict:
         "lora": json.loads(json.dumps(c["lora"])),
         "vocab_size": int(vocab_size),
         "trainable": {"count": len(trainable_names), "hash": _hash(trainable_names)},
+        "data_iter": {"worker_count": int(c.get("data", {}).get("worker_count", 0))},
     }
 
 

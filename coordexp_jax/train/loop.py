@@ -5,6 +5,9 @@ the TrainState in its shardings, resumes from the latest checkpoint in the workd
 `train.steps` steps with a tqdm bar (loss, ETA). Metrics go to `workdir/metrics.jsonl` (one JSON object per logged
 step, appended across restarts) and TensorBoard (`workdir/tb`). Non-finite losses: `train.nan_policy = 'stop'`
 raises `NonFiniteLossError` naming the step; 'skip' leaves the state unchanged, counts the batch and goes on.
+Why a call stopped (`STOP_REASONS`: train.steps reached, train.max_minutes, a non-finite loss, already complete) is
+logged as one line and written to metrics.jsonl as a `kind: "stop"` record. Re-running a finished run restores its
+last checkpoint and trains nothing; a stop by `train.max_minutes` resumes from the checkpoint written at the stop.
 Recompiles of the train step are counted and logged (the data is bucketed to static shapes, so there should be
 one compile per bucket).
 
@@ -40,6 +43,27 @@ class NonFiniteLossError(CoordExpError, FloatingPointError):
     """The loss (or gradient norm) was NaN/inf at a step and `train.nan_policy` is 'stop'."""
 
 
+# why a call of `train` returned (the `reason` of the metrics.jsonl `stop` record and of the summary's `stop_reason`)
+STOP_REASONS = ("steps", "max_minutes", "nonfinite", "complete", "stop_after")
+
+
+def stop_message(reason: str, step: int, total: int, *, minutes: float = 0.0, max_minutes: float = 0.0) -> str:
+    """The one line logged (and stored in metrics.jsonl) when a call of `train` stops at `step` of `total`."""
+    if reason == "steps":
+        return f"stopped at step {step} of {total}: train.steps reached"
+    if reason == "complete":
+        return (f"nothing to train: the checkpoint in the workdir is at step {step} of {total} (the run is complete; "
+                "raise train.steps to train longer)")
+    if reason == "max_minutes":
+        return (f"stopped at step {step} of {total}: train.max_minutes={max_minutes:g} reached after {minutes:.1f} "
+                "min; run the same command again to resume from this step")
+    if reason == "nonfinite":
+        return f"stopped at step {step} of {total}: non-finite loss with train.nan_policy='stop'"
+    if reason == "stop_after":
+        return f"stopped at step {step} of {total}: stop_after steps of this call done"
+    raise ValueError(f"unknown stop reason {reason!r}")
+
+
 class MetricsWriter:
     """metrics.jsonl (appended) and TensorBoard in the workdir; only process 0 writes."""
 
@@ -65,15 +89,26 @@ class MetricsWriter:
             for k, v in metrics.items():
                 self.tb.add_scalar(f"{kind}/{k}", float(v), int(step))
 
+    def event(self, step: int, kind: str, **fields) -> None:
+        """A record of JSON-able fields (not floats only), e.g. `kind='stop'` with the reason a run stopped."""
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": int(step), "kind": kind, **fields}) + "\n")
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
 
 
 def read_metrics(workdir: str, kind: str = "train") -> dict[int, dict]:
-    """step -> the last record of that step in metrics.jsonl (a restarted run re-logs steps after its checkpoint)."""
+    """step -> the last record of that step in metrics.jsonl (a restarted run re-logs steps after its checkpoint).
+    `kind`: 'train', 'eval', 'stage2' or 'stop' (why a call of `train` ended: `reason`, `message`)."""
     out = {}
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return out
+    with open(path) as f:
         for line in f:
             r = json.loads(line)
             if r.get("kind") == kind:
@@ -134,6 +169,10 @@ def train(cfg, workdir: str, *, components: Components | None = None, eval_hook:
     steps of this call (tests of resume), saving a checkpoint first.
     """
     cfg = config_lib.validate(cfg)
+    if cfg.train.kind == "grpo":  # rollouts, rewards, group advantages, PPO-clip updates: train/grpo_loop.py
+        from coordexp_jax.train.grpo_loop import train_grpo
+
+        return train_grpo(cfg, workdir, components=components, eval_hook=eval_hook, stop_after=stop_after)
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
         config_lib.write_resolved(cfg, workdir)
@@ -161,6 +200,7 @@ def train(cfg, workdir: str, *, components: Components | None = None, eval_hook:
     if restored is not None:
         state = restored[0]
     start = int(jax.device_get(state.step))
+    saved_step = start if restored is not None else None  # the latest step with a checkpoint (never saved twice)
     if restored is not None:
         log.info("resumed from step %d", start)
 
@@ -223,6 +263,7 @@ def train(cfg, workdir: str, *, components: Components | None = None, eval_hook:
     step = start
     done_here = 0
     out_of_time = False
+    reason = "complete" if start >= T.steps else None
     batch = next_batch(start) if start < T.steps else None
     try:
         while step < T.steps:
@@ -231,7 +272,8 @@ def train(cfg, workdir: str, *, components: Components | None = None, eval_hook:
             done_here += 1
             if T.ckpt_every and step % T.ckpt_every == 0 and step < T.steps:
                 ckpt.save(step, state, comps.data_iter)  # the iterator is exactly at this step's boundary
-            out_of_time = T.max_minutes and (time.time() - t0) / 60 >= T.max_minutes
+                saved_step = step
+            out_of_time = bool(T.max_minutes) and (time.time() - t0) / 60 >= T.max_minutes
             finishing = step >= T.steps or out_of_time or (stop_after is not None and done_here >= stop_after)
             if not finishing:
                 batch = next_batch(step)  # host work overlaps the asynchronously dispatched step
@@ -244,6 +286,7 @@ def train(cfg, workdir: str, *, components: Components | None = None, eval_hook:
             if m["nonfinite"]:
                 if T.nan_policy == "stop":
                     ckpt.wait()
+                    reason = "nonfinite"
                     raise NonFiniteLossError(
                         f"non-finite loss {m['loss']} (grad norm {m['grad_norm']}) at step {step}; the state was not "
                         "updated. Set train.nan_policy='skip' to skip such batches.")
@@ -263,19 +306,31 @@ def train(cfg, workdir: str, *, components: Components | None = None, eval_hook:
             if cfg.eval.every and step % cfg.eval.every == 0 and step < T.steps:
                 eval_res = run_eval(step)
             if finishing:
+                reason = "steps" if step >= T.steps else "max_minutes" if out_of_time else "stop_after"
                 break
-        ckpt.save(step, state, comps.data_iter, force=True)
+        if saved_step != step:  # a stop on a checkpoint step (or a finished run re-run) has its checkpoint
+            ckpt.save(step, state, comps.data_iter, force=True)
+            saved_step = step
         ckpt.wait()
-        if cfg.eval.at_end and (step >= T.steps or out_of_time):  # the run's end (steps or train.max_minutes)
+        if reason == "complete":  # a re-run of a finished run: evaluate only if the earlier call did not
+            eval_res = {k: v for k, v in read_metrics(workdir, "eval").get(step, {}).items()
+                        if k not in ("step", "kind")}
+            if cfg.eval.at_end and not eval_res:
+                eval_res = run_eval(step)
+        elif cfg.eval.at_end and reason in ("steps", "max_minutes"):  # the run's end (steps or train.max_minutes)
             eval_res = run_eval(step)
     finally:
         if pbar is not None:
             pbar.close()
+        if reason is not None:
+            msg = stop_message(reason, step, T.steps, minutes=(time.time() - t0) / 60, max_minutes=T.max_minutes)
+            (log.info if reason in ("steps", "complete") else log.warning)("%s", msg)
+            writer.event(step, "stop", reason=reason, message=msg, steps_run=done_here)
         writer.close()
         ckpt.close()
     return {"step": step, "metrics": last, "eval": eval_res, "skipped": skipped, "compiles": compiles,
             "trainable_params": n_train, "frozen_params": n_frozen, "graphdef": graphdef, "state": state,
-            "model_config": comps.model_config}
+            "model_config": comps.model_config, "stop_reason": reason, "steps_run": done_here}
 
 
 def export_model(result: dict, out_dir: str, use_ema: bool = False) -> str:
@@ -293,4 +348,5 @@ def export_model(result: dict, out_dir: str, use_ema: bool = False) -> str:
     return out_dir
 
 
-__all__ = ["train", "export_model", "read_metrics", "NonFiniteLossError", "MetricsWriter"]
+__all__ = ["train", "export_model", "read_metrics", "stop_message", "STOP_REASONS", "NonFiniteLossError",
+           "MetricsWriter"]

@@ -81,7 +81,7 @@ def test_cli_unknown_key_and_missing_data(tmp_path):
         r.stderr[-2000:]
     r = _cli("--config", "configs/demo.py", "--config.data.kind=jsonl", "--config.data.path=/no/such.jsonl",
              "--workdir", str(tmp_path))
-    assert r.returncode == 1 and "config key 'data.path': path '/no/such.jsonl' does not exist" in r.stderr, r.stderr[-2000:]
+    assert r.returncode == 2 and "config key 'data.path': path '/no/such.jsonl' does not exist" in r.stderr, r.stderr[-2000:]
     # the resolved config was written before the failure
     assert json.load(open(tmp_path / "config.json"))["data"]["path"] == "/no/such.jsonl"
 
