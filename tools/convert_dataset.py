@@ -4,7 +4,9 @@
   python tools/convert_dataset.py --format jsonl2coco --input val.jsonl --out val_coco.json
 
 Formats: coco, lvis, odvg, refcoco (--instances, --split), mmkd, fsc147 (--classes), jsonl2coco.
-The output JSONL is read back through the contract's validation and the per-reason counts are printed.
+Every output line is validated as the contract reads it back and the per-reason counts are printed. The output
+is written atomically: on an error (a truncated input, a record the contract refuses), or when no record passes
+validation, nothing is written (a previous file is kept) and the exit code is 2.
 """
 import argparse
 import json
@@ -15,14 +17,40 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from coordexp_jax.data import converters, records  # noqa: E402
+from coordexp_jax.errors import CoordExpError  # noqa: E402
 
 
-def main(argv=None):
+# the policy the output is read back with: a record the contract would refuse for a size or box mismatch is
+# counted (training decides with its own policy); any other contract violation stops the conversion
+READBACK_POLICY = {"size_mismatch": "skip", "degenerate_box": "skip"}
+
+
+def write_validated(dicts, out: str, check_images: str, report: records.ValidationReport) -> int:
+    """Writes contract dicts to `out` as JSONL, validating each line as `records.read_jsonl` would read it back
+    (messages name `out:line`). Atomic: on any error, or when no record passes validation, `out` is left as it was
+    (absent, or its previous content) and `ConversionError` / `RecordError` is raised."""
+    out_dir = os.path.dirname(os.path.abspath(out))
+    n = 0
+    with records.atomic_write(out) as f:
+        for d in dicts:
+            line = json.dumps(d, ensure_ascii=False)
+            n += 1
+            records.parse_record(json.loads(line), where=f"{out}:{n}", image_root=out_dir, check_images=check_images,
+                                 policy=READBACK_POLICY, report=report)
+            f.write(line + "\n")
+        if report.records_kept == 0:
+            raise converters.ConversionError(
+                f"{out}: no record passed validation ({'the input has no records' if n == 0 else report.one_line()});"
+                f" nothing written")
+    return n
+
+
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--format", required=True, choices=list(converters.FORMATS) + ["jsonl2coco"])
     p.add_argument("--input", required=True, help="annotation file (JSON / JSONL)")
     p.add_argument("--images", help="image directory (required except for jsonl2coco)")
-    p.add_argument("--out", required=True, help="output .jsonl (or .json for jsonl2coco)")
+    p.add_argument("--out", required=True, help="output .jsonl (or .json for jsonl2coco); written atomically")
     p.add_argument("--instances", help="refcoco: COCO instances JSON (default: instances.json next to --input)")
     p.add_argument("--split", help="refcoco: keep only refs of this split (train/val/testA/...)")
     p.add_argument("--classes", help="fsc147: ImageClasses_FSC147.txt")
@@ -38,15 +66,17 @@ def main(argv=None):
     try:
         if a.format == "jsonl2coco":
             recs, report = records.read_jsonl(a.input, check_images=a.check_images)
+            if not recs:
+                raise converters.ConversionError(f"{a.input}: no record passed validation ({report.one_line()}); "
+                                                 f"nothing written")
             cats = a.categories.split(",") if a.categories else None
             coco = converters.records_to_coco(recs, cats, image_root=os.path.dirname(os.path.abspath(a.input)))
-            os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-            with open(a.out, "w") as f:
+            with records.atomic_write(a.out) as f:
                 json.dump(coco, f)
             print(f"{len(coco['images'])} images, {len(coco['annotations'])} boxes, "
                   f"{len(coco['categories'])} categories -> {a.out}")
             print(report.summary())
-            return
+            return 0
         if not a.images or not os.path.isdir(a.images):
             p.error(f"--images {a.images}: not a directory")
         kw = {}
@@ -61,17 +91,18 @@ def main(argv=None):
             kw = {"include_crowd": a.include_crowd}
         conv_report = records.ValidationReport()
         out_dir = os.path.dirname(os.path.abspath(a.out))
-        n = records.write_jsonl(converters.convert(a.format, a.input, a.images, out_dir, conv_report, **kw), a.out)
+        report = records.ValidationReport()
+        n = write_validated(converters.convert(a.format, a.input, a.images, out_dir, conv_report, **kw), a.out,
+                            a.check_images, report)
         print(f"{n} records -> {a.out}")
         if conv_report.counts:
             print("left out during conversion:\n" + "\n".join(f"  {k}: {v}" for k, v in sorted(conv_report.counts.items())))
-        _, report = records.read_jsonl(a.out, check_images=a.check_images,
-                                       policy={"size_mismatch": "skip", "degenerate_box": "skip"})
         print("validation of the output:\n" + report.summary())
-    except (converters.ConversionError, records.RecordError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 0
+    except (CoordExpError, ValueError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -54,15 +54,37 @@ def _need(d: Mapping, key: str, where: str):
     return d[key]
 
 
+def _int(d: Mapping, key: str, where: str) -> int:
+    """`d[key]` as an int (an integral number or numeric string); ConversionError naming `where` and the key."""
+    v = _need(d, key, where)
+    try:
+        f = float(v)
+        if isinstance(v, bool) or not f.is_integer():
+            raise ValueError
+        return int(f)
+    except (TypeError, ValueError):
+        raise ConversionError(f"{where}: {key!r} must be an integer, got {v!r}") from None
+
+
+def _floats(v, n: int, where: str, what: str) -> list[float]:
+    """`v` as a list of `n` floats; ConversionError naming `where` otherwise."""
+    try:
+        if isinstance(v, (str, bytes)) or len(v) != n:
+            raise ValueError
+        return [float(x) for x in v]
+    except (TypeError, ValueError):
+        raise ConversionError(f"{where}: {what} must be {n} numbers, got {v!r}"[:300]) from None
+
+
 def _img_path(images_dir: str, name: str, out_dir: str | None) -> str:
     p = os.path.join(images_dir, name)
     return os.path.relpath(p, out_dir) if out_dir else p
 
 
 def _xywh_to_xyxy(b, where: str):
-    if not isinstance(b, (list, tuple)) or len(b) != 4:
-        raise ConversionError(f"{where}: bbox must be [x, y, w, h], got {b!r}")
-    x, y, w, h = (float(v) for v in b)
+    if not isinstance(b, (list, tuple)):
+        raise ConversionError(f"{where}: bbox must be [x, y, w, h], got {b!r}"[:300])
+    x, y, w, h = _floats(b, 4, where, "bbox [x, y, w, h]")
     return [x, y, x + w, y + h]
 
 
@@ -111,8 +133,8 @@ def _coco_like(path: str, images_dir: str, out_dir: str | None, report: Validati
             for k in ("neg_category_ids", "not_exhaustive_category_ids"):
                 if k in im:
                     meta[k.replace("_ids", "")] = [cats[c] for c in im[k] if c in cats]
-        yield {"images": [_img_path(images_dir, name, out_dir)], "width": int(_need(im, "width", where)),
-               "height": int(_need(im, "height", where)), "objects": objs, "metadata": meta}
+        yield {"images": [_img_path(images_dir, name, out_dir)], "width": _int(im, "width", where),
+               "height": _int(im, "height", where), "objects": objs, "metadata": meta}
 
 
 def from_coco(path, images_dir, out_dir=None, report=None, **kw) -> Iterator[dict]:
@@ -128,12 +150,10 @@ def from_lvis(path, images_dir, out_dir=None, report=None, **kw) -> Iterator[dic
 def _boxes(b, where):
     """A box [x1,y1,x2,y2] or a list of them -> list of boxes."""
     if isinstance(b, (list, tuple)) and b and isinstance(b[0], (list, tuple)):
-        out = [list(map(float, x)) for x in b]
-    else:
-        out = [list(map(float, b))] if isinstance(b, (list, tuple)) else []
-    if not out or any(len(x) != 4 for x in out):
-        raise ConversionError(f"{where}: bbox must be [x1, y1, x2, y2] or a list of them, got {b!r}")
-    return out
+        return [_floats(x, 4, where, "each bbox [x1, y1, x2, y2]") for x in b]
+    if isinstance(b, (list, tuple)):
+        return [_floats(b, 4, where, "bbox [x1, y1, x2, y2] (or a list of them)")]
+    raise ConversionError(f"{where}: bbox must be [x1, y1, x2, y2] or a list of them, got {b!r}"[:300])
 
 
 def from_odvg(path, images_dir, out_dir=None, report=None, label_map: Mapping | None = None) -> Iterator[dict]:
@@ -143,7 +163,7 @@ def from_odvg(path, images_dir, out_dir=None, report=None, label_map: Mapping | 
         if isinstance(d, json.JSONDecodeError):
             raise ConversionError(f"{where}: not valid JSON ({d.msg})") from None
         base = {"images": [_img_path(images_dir, _need(d, "filename", where), out_dir)],
-                "width": int(_need(d, "width", where)), "height": int(_need(d, "height", where))}
+                "width": _int(d, "width", where), "height": _int(d, "height", where)}
         if "detection" in d:
             objs = []
             for j, inst in enumerate(_need(d["detection"], "instances", where)):
@@ -196,7 +216,7 @@ def from_refcoco(path, images_dir, out_dir=None, report=None, instances: str | N
         im = images.get(_need(r, "image_id", where))
         if ann is None or im is None:
             raise ConversionError(f"{where}: ann_id/image_id not found in {instances}")
-        box = _xywh_to_xyxy(ann["bbox"], where)
+        box = _xywh_to_xyxy(_need(ann, "bbox", f"{instances}: annotation {r.get('ann_id')}"), where)
         if _degenerate(box):
             report.add("degenerate_box", where, f"bbox {ann['bbox']} left out")
             continue
@@ -205,8 +225,10 @@ def from_refcoco(path, images_dir, out_dir=None, report=None, instances: str | N
             if not sent:
                 report.add("empty_sentence", where)
                 continue
-            yield {"images": [_img_path(images_dir, im["file_name"], out_dir)], "width": int(im["width"]),
-                   "height": int(im["height"]), "task": "grounding", "objects": [{"desc": sent, "bbox_2d": box}],
+            iw = f"{instances}: image {r.get('image_id')}"
+            yield {"images": [_img_path(images_dir, _need(im, "file_name", iw), out_dir)],
+                   "width": _int(im, "width", iw), "height": _int(im, "height", iw),
+                   "task": "grounding", "objects": [{"desc": sent, "bbox_2d": box}],
                    "metadata": {"source": "refcoco", "ref_id": r.get("ref_id"), "split": r.get("split")}}
 
 
@@ -238,7 +260,7 @@ def from_mmkd(path, images_dir, out_dir=None, report=None) -> Iterator[dict]:
         else:
             raise ConversionError(f"{where}: neither 'abs_box' nor 'bbox'")
         rec = {"images": [_img_path(images_dir, _need(d, "image_path", where), out_dir)],
-               "width": int(_need(d, "width", where)), "height": int(_need(d, "height", where)),
+               "width": _int(d, "width", where), "height": _int(d, "height", where),
                "task": "grounding", "objects": objs, "metadata": {"source": "mmkd", "index": i}}
         if d.get("instruction"):
             rec["prompt"] = str(d["instruction"])
@@ -265,7 +287,7 @@ def from_fsc147(path, images_dir, out_dir=None, report=None, classes: str | None
         where = f"{path}: {fname!r}"
         pts = _need(a, "points", where)
         if "W" in a and "H" in a:
-            w, h = int(a["W"]), int(a["H"])
+            w, h = _int(a, "W", where), _int(a, "H", where)
         else:
             try:
                 w, h = image_lib.read_image_size(os.path.join(images_dir, fname))
@@ -274,11 +296,16 @@ def from_fsc147(path, images_dir, out_dir=None, report=None, classes: str | None
                 continue
         ex = []
         for q in a.get("box_examples_coordinates", []):
-            q = np.asarray(q, np.float64).reshape(-1, 2)
+            try:
+                q = np.asarray(q, np.float64).reshape(-1, 2)
+            except (TypeError, ValueError):
+                raise ConversionError(f"{where}: box_examples_coordinates must be lists of [x, y] corners, "
+                                      f"got {q!r}"[:300]) from None
             ex.append([float(q[:, 0].min()), float(q[:, 1].min()), float(q[:, 0].max()), float(q[:, 1].max())])
         desc = names.get(fname, "object")
+        points = [_floats(p, 2, where, "each point [x, y]") for p in pts]
         yield {"images": [_img_path(images_dir, fname, out_dir)], "width": w, "height": h, "task": "counting",
-               "objects": [{"desc": desc, "point_2d": [float(p[0]), float(p[1])]} for p in pts],
+               "objects": [{"desc": desc, "point_2d": p} for p in points],
                "metadata": {"source": "fsc147", "count": len(pts), "exemplars": ex}}
 
 
@@ -289,7 +316,7 @@ CONVERTERS = {"coco": from_coco, "lvis": from_lvis, "odvg": from_odvg, "refcoco"
 def convert(fmt: str, path: str, images_dir: str, out_dir: str | None = None, report: ValidationReport | None = None,
             **kw) -> Iterator[dict]:
     if fmt not in CONVERTERS:
-        raise ValueError(f"unknown format {fmt!r}; known: {sorted(CONVERTERS)}")
+        raise ConversionError(f"unknown format {fmt!r}; known: {sorted(CONVERTERS)}")
     return CONVERTERS[fmt](path, images_dir, out_dir, report if report is not None else ValidationReport(), **kw)
 
 
@@ -310,7 +337,8 @@ def records_to_coco(records: Sequence[Record], categories: Sequence[str] | None 
         px = r.boxes_px(pixel_mode)
         for o, b in zip(boxed, px):
             if o.desc not in cat_id:
-                raise ValueError(f"{r.source}: desc {o.desc!r} is not one of the categories {list(categories)[:10]}")
+                raise ConversionError(f"{r.source}: desc {o.desc!r} is not one of the categories "
+                                      f"{list(categories)[:10]}")
             w, h = float(b[2] - b[0]), float(b[3] - b[1])
             anns.append({"id": len(anns) + 1, "image_id": i, "category_id": cat_id[o.desc],
                          "bbox": [float(b[0]), float(b[1]), w, h], "area": w * h, "iscrowd": 0})

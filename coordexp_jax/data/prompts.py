@@ -262,8 +262,9 @@ class SampleEncoder:
     def load_pixels(self, r: Record):
         img = image_lib.load_image(r.image)
         if img.shape[:2] != (r.height, r.width):
-            raise image_lib.ImageLoadError(f"{r.image}: decoded {img.shape[1]}x{img.shape[0]} but the record "
-                                           f"({r.source}) says {r.width}x{r.height}")
+            raise image_lib.ImageSizeMismatchError(f"{r.image}: decoded {img.shape[1]}x{img.shape[0]} (EXIF "
+                                                   f"orientation applied) but the record ({r.source}) says "
+                                                   f"{r.width}x{r.height}")
         pv, grid, _ = image_lib.process_image(img, self.cfg.image, name=f"{r.source} ({r.image})")
         return pv, grid
 
@@ -271,7 +272,8 @@ class SampleEncoder:
         try:
             pv, grid = self.load_pixels(r)
         except image_lib.ImageLoadError as e:
-            return self._drop("unreadable_image", r, str(e))
+            reason = "size_mismatch" if isinstance(e, image_lib.ImageSizeMismatchError) else "unreadable_image"
+            return self._drop(reason, r, str(e))
         n_img = grid[0] * grid[1] * grid[2] // (self.cfg.image.merge_size ** 2)
         prompt = self.prompt_ids(r, n_img)
         body, cpos, boxes = self.answer(r, rng)

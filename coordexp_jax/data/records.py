@@ -27,6 +27,7 @@ Validation policy (per reason; `DEFAULT_POLICY`, override any entry). Every mess
 | missing_image | skip | error | the image file does not exist |
 | unreadable_image | skip | error | the file exists but cannot be read (header, or full decode with `check_images="decode"`) |
 | size_mismatch | error | skip | the file's size differs from `width`/`height` (boxes would be wrong) |
+| unprocessable_image | skip | error | the Qwen3-VL processor refuses the size (aspect ratio over 200; see below) |
 | degenerate_box | skip | drop, error | x2 <= x1 or y2 <= y1 (includes inverted boxes): skip the record, or drop the object |
 | box_outside | skip | clip, drop, error | a coordinate beyond the image by more than `tolerance_px` |
 | no_objects | keep | skip, error | an empty `objects` list (a valid negative image; counted) |
@@ -34,17 +35,24 @@ Validation policy (per reason; `DEFAULT_POLICY`, override any entry). Every mess
 Coordinates outside the image by at most `tolerance_px` (float rounding in converters) are clamped to the image
 and counted as `box_clamped`. Nothing is changed silently: every change or skip is counted in the
 `ValidationReport`, and the first few examples of each reason are kept with their `file:line`.
+
+Image sizes are those of the image as a viewer shows it: the file's EXIF orientation applied (`image.load_image`).
+`unprocessable_image` here checks what the size alone decides (`image.processing_problem`); the training pipeline
+applies the same reason, with the source's policy, to what depends on its image config (a fixed patch slot,
+forbidden resizing) before any worker decodes an image.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
 import re
+import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -70,6 +78,7 @@ ACTIONS = {
     "missing_image": ("skip", "error"),
     "unreadable_image": ("skip", "error"),
     "size_mismatch": ("error", "skip"),
+    "unprocessable_image": ("skip", "error"),
     "degenerate_box": ("skip", "drop", "error"),
     "box_outside": ("skip", "clip", "drop", "error"),
     "no_objects": ("keep", "skip", "error"),
@@ -80,11 +89,19 @@ _COORD_RE = re.compile(r"^<\|coord_(\d{1,3})\|>$")
 
 
 class RecordError(CoordExpError, ValueError):
-    """A record violates the contract and the policy for that reason is `error`. The message names file:line."""
+    """A record violates the contract and the policy for that reason is `error`, or a sample made from it failed
+    in a data worker. The message names file:line."""
 
     def __init__(self, where: str, reason: str, detail: str):
         super().__init__(f"{where}: {reason}: {detail}")
         self.where, self.reason, self.detail = where, reason, detail
+
+    def __reduce__(self):  # Grain re-raises a worker's exception in the main process: it must survive pickling
+        return (type(self), (self.where, self.reason, self.detail))
+
+
+class DataConfigError(CoordExpError, ValueError):
+    """A data setting (a source, a fusion config key, a validation policy) is wrong; the message names it."""
 
 
 class _Skip(Exception):
@@ -153,6 +170,12 @@ class ValidationReport:
     def as_dict(self) -> dict:
         return {"records_read": self.records_read, "records_kept": self.records_kept, "counts": dict(self.counts)}
 
+    def one_line(self) -> str:
+        """`N read, K kept; reason: n (e.g. file:line: detail), ...` on one line (for error messages)."""
+        parts = [f"{n} {r} (e.g. {' '.join(self.examples[r][0].split())})" if self.examples[r] else f"{n} {r}"
+                 for r, n in sorted(self.counts.items())]
+        return f"{self.records_read} read, {self.records_kept} kept" + ("; " + ", ".join(parts) if parts else "")
+
     def summary(self) -> str:
         lines = [f"records: {self.records_read} read, {self.records_kept} kept"]
         for reason, n in sorted(self.counts.items()):
@@ -167,9 +190,9 @@ def _check_policy(policy: Mapping[str, str] | None) -> dict[str, str]:
     out = dict(DEFAULT_POLICY)
     for k, v in (policy or {}).items():
         if k not in ACTIONS:
-            raise ValueError(f"unknown validation policy key {k!r}; known: {sorted(ACTIONS)}")
+            raise DataConfigError(f"unknown validation policy key {k!r}; known: {sorted(ACTIONS)}")
         if v not in ACTIONS[k]:
-            raise ValueError(f"policy[{k!r}] must be one of {ACTIONS[k]}, got {v!r}")
+            raise DataConfigError(f"policy[{k!r}] must be one of {ACTIONS[k]}, got {v!r}")
         out[k] = v
     return out
 
@@ -308,9 +331,9 @@ def parse_record(rec, *, where: str = "<memory>", image_root: str | None = None,
     Raises `RecordError` naming `where` for reasons whose policy is `error`.
     """
     if box_format not in BOX_FORMATS:
-        raise ValueError(f"box_format must be one of {BOX_FORMATS}, got {box_format!r}")
+        raise DataConfigError(f"box_format must be one of {BOX_FORMATS}, got {box_format!r}")
     if check_images not in CHECK_IMAGES:
-        raise ValueError(f"check_images must be one of {CHECK_IMAGES}, got {check_images!r}")
+        raise DataConfigError(f"check_images must be one of {CHECK_IMAGES}, got {check_images!r}")
     pol = _check_policy(policy)
     report = report if report is not None else ValidationReport()
     ctx = _Ctx(where, pol, report)
@@ -381,7 +404,11 @@ def _parse(rec, ctx: _Ctx, *, image_root, box_format, pixel_mode, check_images, 
             except image_lib.ImageLoadError as e:
                 ctx.fail("unreadable_image", str(e))
             if size != (w, h):
-                ctx.fail("size_mismatch", f"{path} is {size[0]}x{size[1]} but the record says {w}x{h}")
+                turned = " (sizes are of the image turned by its EXIF orientation)" if size == (h, w) else ""
+                ctx.fail("size_mismatch", f"{path} is {size[0]}x{size[1]} but the record says {w}x{h}{turned}")
+    problem = image_lib.processing_problem(h, w)
+    if problem is not None:
+        ctx.fail("unprocessable_image", f"{path}: {problem}")
     extra = {k: rec[k] for k in unknown}
     return Record(image=path, width=int(w), height=int(h), objects=tuple(objects), task=task, prompt=prompt,
                   metadata=dict(metadata), extra=extra, source=ctx.where)
@@ -461,11 +488,31 @@ def record_to_json(r: Record, *, box_format: str = "pixel", pixel_mode: str = "c
     return out
 
 
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = "w"):
+    """Yields a file open on a temp path next to `path`, renamed onto `path` when the block ends without an error;
+    on any error the temp file is removed, so `path` is either complete or untouched (never empty or partial)."""
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    # open(..., "x") (not mkstemp) so the file gets the usual permissions (umask), not 0600
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, mode.replace("w", "x"), **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
 def write_jsonl(records: Iterable[Record | Mapping], path: str, **kw) -> int:
-    """Writes records (Record objects via `record_to_json(**kw)`, or contract dicts as they are); returns count."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    """Writes records (Record objects via `record_to_json(**kw)`, or contract dicts as they are); returns count.
+
+    Atomic (`atomic_write`): when the iterable raises (e.g. a converter meets a truncated input), `path` keeps its
+    previous content, or does not exist."""
     n = 0
-    with open(path, "w", encoding="utf-8") as f:
+    with atomic_write(path) as f:
         for r in records:
             d = record_to_json(r, **kw) if isinstance(r, Record) else r
             f.write(json.dumps(d, ensure_ascii=False) + "\n")

@@ -145,6 +145,8 @@ def _expected_outcome(rec):
         c = np.clip([x1, y1, x2, y2], 0, [w, h, w, h])
         if c[2] <= c[0] or c[3] <= c[1]:  # empty once clamped to the image
             return "degenerate_box"
+    if max(w, h) > 200 * min(w, h):  # the Qwen2-VL smart_resize refuses aspect ratios above 200
+        return "unprocessable_image"
     return None
 
 
