@@ -15,7 +15,6 @@ A predicted object's score is exp(mean log-prob of its 4 coordinate tokens) unde
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging

@@ -23,9 +23,10 @@ import sys
 
 import numpy as np
 
+from coordexp_jax.cli import EXIT_USER_ERROR, guard
 from coordexp_jax.errors import CoordExpError
 
-EXIT_BAD_INPUT = 2
+EXIT_BAD_INPUT = EXIT_USER_ERROR
 
 
 class PredictError(CoordExpError, ValueError):
@@ -54,7 +55,9 @@ def objects_from_rollout(parsed, logprobs, coord_expectation, width: int, height
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m coordexp_jax.predict", description=__doc__.split("\n\n")[0])
+    from coordexp_jax.cli import ArgumentParser
+
+    p = ArgumentParser(prog="python -m coordexp_jax.predict", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="HF Qwen3-VL directory or a coordexp_jax checkpoint")
     p.add_argument("--image", required=True, help="image file")
     p.add_argument("--out", required=True, help="output directory (created)")
@@ -167,19 +170,12 @@ def predict(args) -> dict:
     return result
 
 
+@guard
 def main(argv=None) -> int:
+    """A user's error (any CoordExpError: image, checkpoint, tokenizer, prompt; a missing path) is one line on
+    stderr and exit code EXIT_BAD_INPUT (`coordexp_jax.cli.guard`)."""
     args = _parser().parse_args(argv)
-    from coordexp_jax.data.image import ImageLoadError, ImageSizeError
-    from coordexp_jax.model.config import ConfigError
-    from coordexp_jax.rollout.sampler import PromptTooLongError
-    from coordexp_jax.weights.names import WeightsError
-
-    try:
-        res = predict(args)
-    except (PredictError, ImageLoadError, ImageSizeError, WeightsError, ConfigError, PromptTooLongError,
-            FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    res = predict(args)
     print(f"{len(res['objects'])} objects -> {os.path.join(args.out, 'prediction.json')}")
     return 0
 

@@ -2,7 +2,9 @@
 
 - `box_cost_matrix`: lambda_L1 * ||b_i - g_j||_1 + lambda_giou * (1 - GIoU) (+ lambda_desc * desc mismatch),
   with `nan_to_num` and clipping to a static upper bound.
-- `assign`: one assignment on a cost matrix `[N, M]` with validity masks (padding), jittable and vmappable:
+- `assign`: one assignment on a cost matrix `[N, M]` with validity masks (padding), jittable and vmappable;
+  NaN/±inf costs are replaced by one cost above any matching of finite ones (`replace_nonfinite`), so they are
+  the least attractive pairs:
   * `method="hungarian"`: exact, `optax.assignment.hungarian_algorithm`. Padded rows/columns get a cost larger
     than any full matching of real pairs, so the real pairs are the optimum of the unpadded problem.
   * `method="sinkhorn"`: entropic OT with ott-jax at a fixed iteration count. The problem is augmented with one
@@ -152,17 +154,44 @@ def _sinkhorn(cost, row_valid, col_valid, dummy, fp_cost, fn_cost, epsilon, num_
     return jnp.where(ok, j, -1).astype(jnp.int32)
 
 
+def replace_nonfinite(cost, row_valid, col_valid, dummy: bool = False, fp_cost: float = 1.0,
+                      fn_cost: float = 1.2):
+    """NaN and ±inf entries of `cost [N, M]` -> one finite cost `L` above any matching's worth of finite costs,
+    so they are the least attractive pairs: the solver first minimises the number of such pairs, then the finite
+    cost (a lexicographic optimum; scipy's `linear_sum_assignment` on the same replaced matrix is the reference).
+
+    `L = 2 (K + 1) (t + 1)` with `t` the largest |finite cost| among valid pairs (and |fp_cost|, |fn_cost| when
+    `dummy`) and `K` the most entries a matching can use (min(N, M), or N + M with the FP/FN dummies): any two
+    matchings' finite parts differ by at most `2 K t < L`. A matrix without non-finite entries is returned
+    unchanged in value.
+    """
+    n, m = cost.shape
+    finite = jnp.isfinite(cost)
+    real = row_valid[:, None] & col_valid[None, :]
+    top = jnp.max(jnp.where(finite & real, jnp.abs(cost), 0.0))
+    k = min(n, m)
+    if dummy:
+        top = jnp.maximum(top, max(abs(fp_cost), abs(fn_cost)))
+        k = n + m
+    return jnp.where(finite, cost, 2.0 * (k + 1) * (top + 1.0))
+
+
 def assign(cost, row_valid=None, col_valid=None, method: str = "hungarian", dummy: bool = False,
            fp_cost: float = 1.0, fn_cost: float = 1.2, epsilon: float = 0.01, num_iters: int = 200):
     """Assignment on `cost [N, M]` with `row_valid [N]`, `col_valid [M]` (default all valid) -> `pred_to_gt [N]`
-    int32 (-1 = unassigned). Only valid rows/columns are ever assigned. Not differentiable (stop-gradient)."""
+    int32 (-1 = unassigned). Only valid rows/columns are ever assigned. Not differentiable (stop-gradient).
+
+    NaN/±inf costs are the least attractive pairs (`replace_nonfinite`): taken only when every matching of
+    the required size needs them (a row that is non-finite everywhere is still assigned when N <= M), and
+    with `dummy=True` never in place of leaving both sides unmatched.
+    """
     cost = jax.lax.stop_gradient(jnp.asarray(cost, jnp.float32))
     n, m = cost.shape
     row_valid = jnp.ones((n,), bool) if row_valid is None else jnp.asarray(row_valid, bool)
     col_valid = jnp.ones((m,), bool) if col_valid is None else jnp.asarray(col_valid, bool)
     if n == 0 or m == 0:
         return jnp.full((n,), -1, jnp.int32)
-    cost = jnp.nan_to_num(cost, nan=0.0, posinf=0.0, neginf=0.0)
+    cost = replace_nonfinite(cost, row_valid, col_valid, dummy, fp_cost, fn_cost)
     if method == "hungarian":
         return _hungarian(cost, row_valid, col_valid, dummy, fp_cost, fn_cost)
     if method == "sinkhorn":

@@ -198,3 +198,134 @@ def test_greedy_iou_match():
     # labels must agree
     b = np.array([[0, 0, 1, 1.0]])
     assert M.greedy_iou_match(b, b, 0.5, ["a"], ["b"]).tolist() == [-1]
+
+
+# ------------------------------------------------------------------------------------- non-finite costs
+_BAD = (np.inf, -np.inf, np.nan)
+
+
+def _lexicographic_reference(c):
+    """(number of non-finite pairs, finite cost) of scipy's optimum with non-finite entries replaced by 1e6,
+    a cost above any finite matching here (costs in [0, 1], at most 6 pairs)."""
+    bad = ~np.isfinite(c)
+    r, col = linear_sum_assignment(np.where(bad, 1e6, c))
+    return int(bad[r, col].sum()), float(np.where(bad, 0.0, c)[r, col].sum())
+
+
+def _brute_force(c):
+    """The same (count, cost) by enumerating every maximum-cardinality matching (lexicographic minimum)."""
+    import itertools
+
+    n, m = c.shape
+    bad = ~np.isfinite(c)
+    fin = np.where(bad, 0.0, c)
+    best = None
+    if n <= m:
+        pairs = ([(i, j) for i, j in enumerate(p)] for p in itertools.permutations(range(m), n))
+    else:
+        pairs = ([(i, j) for j, i in enumerate(p)] for p in itertools.permutations(range(n), m))
+    for ps in pairs:
+        key = (sum(bad[i, j] for i, j in ps), sum(fin[i, j] for i, j in ps))
+        best = key if best is None or key < best else best
+    return int(best[0]), float(best[1])
+
+
+def _padded(cs, p, fill):
+    """Cost list -> ([B, p, p] float32 with `fill` outside each problem, row masks, column masks)."""
+    full = np.full((len(cs), p, p), fill, np.float32)
+    rv, cv = np.zeros((len(cs), p), bool), np.zeros((len(cs), p), bool)
+    for b, c in enumerate(cs):
+        full[b, :c.shape[0], :c.shape[1]] = c
+        rv[b, :c.shape[0]] = cv[b, :c.shape[1]] = True
+    return full, rv, cv
+
+
+def _vassign(method, dummy=False):
+    return jax.jit(jax.vmap(lambda c, a, b: M.assign(c, a, b, method, dummy=dummy, epsilon=0.01, num_iters=300)))
+
+
+def test_assign_nonfinite_costs_are_least_attractive():
+    # The two non-finite entries are exactly the pairs to avoid (scipy: [1, 0]).
+    c2 = np.stack([np.array([[bad, 1.0], [1.0, bad]], np.float32) for bad in _BAD])
+    for method in M.METHODS:
+        p2g = np.asarray(jax.jit(jax.vmap(lambda c: M.assign(c, method=method)))(c2))
+        np.testing.assert_array_equal(p2g, [[1, 0]] * len(_BAD), err_msg=method)
+    rng = np.random.default_rng(5)
+    cs = []
+    for trial in range(150):
+        n, m = (int(x) for x in rng.integers(1, 6, 2))
+        c = rng.random((n, m))
+        mask = rng.random((n, m)) < rng.uniform(0.1, 0.7)
+        c[mask] = rng.choice(_BAD, int(mask.sum()))
+        if trial % 5 == 0:
+            c[rng.integers(n)] = rng.choice(_BAD, m)  # a row that is non-finite everywhere
+        if trial % 7 == 0:
+            c[:, rng.integers(m)] = np.nan  # a column likewise
+        cs.append(c)
+    full, rv, cv = _padded(cs, 5, np.inf)  # padding entries non-finite too: they must stay out
+    p2g_all = np.asarray(_vassign("hungarian")(full, rv, cv))
+    for b, c in enumerate(cs):
+        n, m = c.shape
+        ref = _lexicographic_reference(c)
+        brute = _brute_force(c)
+        assert ref[0] == brute[0] and ref[1] == pytest.approx(brute[1], abs=1e-9)
+        p2g = p2g_all[b]
+        _check_assignment(p2g, rv[b], cv[b])
+        rows = np.nonzero(p2g >= 0)[0]
+        assert len(rows) == min(n, m)
+        cols = p2g[rows]
+        got = (int((~np.isfinite(c[rows, cols])).sum()), float(np.where(np.isfinite(c), c, 0)[rows, cols].sum()))
+        assert got[0] == ref[0], (c, p2g)
+        # float32 costs in [0, 1] next to replacement/padding costs of a few hundred: sums of <= 5 entries agree
+        # to ~1e-4 (float32 ulp at 256 is 3e-5, a few roundings per dual update); 1e-3 leaves margin.
+        assert got[1] == pytest.approx(ref[1], abs=1e-3), (c, p2g)
+
+
+def test_assign_nonfinite_with_dummies():
+    # With FP/FN dummies a non-finite pair is never taken (leaving both unmatched is always cheaper).
+    rng = np.random.default_rng(6)
+    cs = []
+    for trial in range(60):
+        n, m = (int(x) for x in rng.integers(1, 7, 2))
+        c = rng.random((n, m)) * 0.5
+        mask = rng.random((n, m)) < 0.4
+        c[mask] = rng.choice(_BAD, int(mask.sum()))
+        cs.append(c)
+    full, rv, cv = _padded(cs, 6, np.nan)
+    p2g_all = np.asarray(_vassign("hungarian", dummy=True)(full, rv, cv))
+    for b, c in enumerate(cs):
+        n, m = c.shape
+        p2g = p2g_all[b]
+        _check_assignment(p2g, rv[b], cv[b])
+        rows = np.nonzero(p2g >= 0)[0]
+        assert np.all(np.isfinite(c[rows, p2g[rows]]))
+        total = c[rows, p2g[rows]].sum() + 1.0 * (n - len(rows)) + 1.2 * (m - len(rows))
+        ref = _augmented_reference(np.where(np.isfinite(c), c, 1e6), 1.0, 1.2)  # 1e6: never worth taking
+        assert total == pytest.approx(ref, abs=1e-4)  # float32 sums of <= 12 entries of size <= 1.2
+
+
+def test_sinkhorn_nonfinite_costs():
+    # Well separated problems (one cheap partner per row) with non-finite entries off the cheap pairs and a row
+    # non-finite everywhere but at its partner: Sinkhorn finds the Hungarian answer, never a non-finite pair;
+    # with dummies likewise, and the transport plan stays finite.
+    rng = np.random.default_rng(7)
+    cs, perms = [], []
+    for trial in range(20):
+        n = int(rng.integers(2, 7))
+        c = 2 + rng.random((n, n))
+        perm = rng.permutation(n)
+        mask = rng.random((n, n)) < 0.5
+        c[mask] = rng.choice(_BAD, int(mask.sum()))
+        c[0] = rng.choice(_BAD, n)
+        c[np.arange(n), perm] = 0.1 * rng.random(n)
+        cs.append(c)
+        perms.append(perm)
+    full, rv, cv = _padded(cs, 6, -np.inf)
+    for method in M.METHODS:
+        for dummy in (False, True):
+            p2g_all = np.asarray(_vassign(method, dummy)(full, rv, cv))
+            for b, perm in enumerate(perms):
+                np.testing.assert_array_equal(p2g_all[b, :len(perm)], perm, err_msg=f"{method} dummy={dummy}")
+    for dummy in (False, True):
+        plan = jax.jit(jax.vmap(lambda c, a, b: M.sinkhorn_plan(M.replace_nonfinite(c, a, b, dummy), a, b, dummy)))
+        assert np.all(np.isfinite(np.asarray(plan(full, rv, cv))))
