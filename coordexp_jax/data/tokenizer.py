@@ -5,12 +5,21 @@ builds its own small byte-level BPE tokenizer with the Qwen chat/vision special 
 tokens and the 1001 coordinate tokens, laid out as in the real expanded tokenizer: the wildcard `<|coord_*|>`
 directly after the base vocabulary, then `<|coord_0|>`..`<|coord_999|>` contiguous
 (`../shared/reference/coordexp_method.md` §1).
+
+The coordinate and tag tokens are *plain* added tokens (`AddedToken(special=False, normalized=False)`, as Qwen's own
+`<think>` / `<tool_call>`): they still tokenize as one id each, and `decode(ids, skip_special_tokens=True)` (vLLM's
+default) keeps them. Tokenizers expanded by older versions registered them as special; `load_tokenizer` reads
+those as plain (`unmark_special_files`), so decoding gives the same text either way.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -38,6 +47,12 @@ QWEN_SPECIAL_TOKENS = (
 # Special tokens of the `tags` protocol (coordexp_method.md §3).
 TAG_TOKENS = ("<obj>", "</obj>", "<desc>", "</desc>", "<box>", "</box>")
 
+# Files of an HF tokenizer directory (what `load_tokenizer` reads).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.json", "chat_template.jinja")
+
+log = logging.getLogger(__name__)
+
 SMALL_TOKENIZER_DIR = os.path.join(os.path.dirname(__file__), "assets", "small_tokenizer")
 
 
@@ -49,6 +64,10 @@ def coord_token(k: int) -> str:
 def coord_tokens() -> list[str]:
     """All 1001 coordinate tokens in id order: the wildcard, then bins 0..999."""
     return [COORD_WILDCARD] + [coord_token(k) for k in range(NUM_BINS)]
+
+
+# Tokens the project adds that must survive `decode(..., skip_special_tokens=True)`: coordinates and tags.
+PLAIN_TOKENS = tuple(coord_tokens()) + TAG_TOKENS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,25 +156,91 @@ def token_ids_from_tokenizer(tokenizer) -> TokenIds:
 
 
 def load_tokenizer(path: str):
-    """Loads a tokenizer from a local directory (HF layout). Never touches the network."""
+    """Loads a tokenizer from a local directory (HF layout). Never touches the network.
+
+    Coordinate/tag tokens registered as special (older expansions) are read as plain added tokens: the files are
+    copied to a temporary directory, rewritten with `unmark_special_files` and loaded from there (same ids).
+    Raises FileNotFoundError naming the directory.
+    """
     from transformers import AutoTokenizer
 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"tokenizer directory not found: {path}")
     if not any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json")):
         raise FileNotFoundError(f"no tokenizer files (tokenizer.json / vocab.json) in {path}")
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    marked = set(tok.all_special_tokens) & set(PLAIN_TOKENS)
+    if not marked:
+        return tok
+    with tempfile.TemporaryDirectory(prefix="coordexp_tok_") as tmp:
+        for fn in TOKENIZER_FILES + ("config.json",):
+            if os.path.isfile(os.path.join(path, fn)):
+                shutil.copy2(os.path.join(path, fn), os.path.join(tmp, fn))
+        unmark_special_files(tmp)
+        tok = AutoTokenizer.from_pretrained(tmp, local_files_only=True)
+    log.info("%s: %d coordinate/tag tokens are registered as special (older expansion); read as plain added tokens",
+             path, len(marked))
+    return tok
+
+
+def plain_token(content: str):
+    """`AddedToken` of a coordinate/tag token: one id in any text, not special (kept by skip_special_tokens)."""
+    from tokenizers import AddedToken
+
+    return AddedToken(content, special=False, normalized=False, single_word=False, lstrip=False, rstrip=False)
 
 
 def add_coord_tokens(tokenizer, *, with_tags: bool = False) -> int:
-    """Adds the wildcard and the 1000 bin tokens (and optionally the tag tokens) as special tokens.
+    """Adds the wildcard and the 1000 bin tokens (and optionally the tag tokens) as plain added tokens
+    (`plain_token`), in `coord_tokens()` order then `TAG_TOKENS`, so the ids are contiguous.
 
     Returns the number of tokens added. Tokens already present are not added twice.
     """
     new = [t for t in coord_tokens() if t not in tokenizer.get_vocab()]
     if with_tags:
         new += [t for t in TAG_TOKENS if t not in tokenizer.get_vocab()]
-    return tokenizer.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False) if new else 0
+    return tokenizer.add_tokens([plain_token(t) for t in new]) if new else 0
+
+
+def unmark_special_files(tok_dir: str) -> int:
+    """Rewrites the tokenizer files in `tok_dir` in place so that the coordinate and tag tokens are plain added
+    tokens (`special: false`, `normalized: false` in tokenizer.json `added_tokens` and tokenizer_config.json
+    `added_tokens_decoder`; dropped from the additional/extra special token lists). Ids and every other token are
+    unchanged. Returns how many entries changed (0: nothing to do, no file written)."""
+    plain = set(PLAIN_TOKENS)
+
+    def content(x):
+        return x.get("content") if isinstance(x, dict) else x
+
+    def drop(lst):
+        return [x for x in lst if content(x) not in plain]
+
+    changed = 0
+    for fn in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        p = os.path.join(tok_dir, fn)
+        if not os.path.isfile(p):
+            continue
+        with open(p, encoding="utf-8") as f:
+            d = json.load(f)
+        n = 0
+        entries = d.get("added_tokens", []) if fn == "tokenizer.json" else list(d.get("added_tokens_decoder", {}).values())
+        for a in entries:
+            if a.get("content") in plain and (a.get("special") or a.get("normalized")):
+                a["special"] = a["normalized"] = False
+                n += 1
+        for key in ("additional_special_tokens", "extra_special_tokens"):
+            v = d.get(key)
+            if isinstance(v, list) and len(drop(v)) != len(v):
+                n += len(v) - len(drop(v))
+                d[key] = drop(v)
+            elif isinstance(v, dict) and any(content(x) in plain for x in v.values()):
+                n += sum(content(x) in plain for x in v.values())
+                d[key] = {k: x for k, x in v.items() if content(x) not in plain}
+        if n:
+            with open(p, "w", encoding="utf-8") as f:
+                json.dump(d, f, indent=2, ensure_ascii=False)
+            changed += n
+    return changed
 
 
 def _default_corpus() -> list[str]:
@@ -194,7 +279,7 @@ def build_small_tokenizer(out_dir: str | None = None, *, corpus: Iterable[str] |
     `transformers.PreTrainedTokenizerFast`; saves it to `out_dir` when given.
 
     Layout: byte-level BPE base tokens, then the Qwen specials, the tag tokens, `<|coord_*|>` and
-    `<|coord_0|>`..`<|coord_999|>` (contiguous).
+    `<|coord_0|>`..`<|coord_999|>` (contiguous); tags and coordinates are plain added tokens (`plain_token`).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -208,8 +293,8 @@ def build_small_tokenizer(out_dir: str | None = None, *, corpus: Iterable[str] |
     tok.train_from_iterator(list(corpus if corpus is not None else _default_corpus()), trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        additional_special_tokens=list(QWEN_SPECIAL_TOKENS) + list(TAG_TOKENS) + coord_tokens(),
-        clean_up_tokenization_spaces=False)
+        additional_special_tokens=list(QWEN_SPECIAL_TOKENS), clean_up_tokenization_spaces=False)
+    fast.add_tokens([plain_token(t) for t in TAG_TOKENS + tuple(coord_tokens())])
     token_ids_from_tokenizer(fast)  # validates the layout
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)

@@ -97,11 +97,9 @@ def model_config(cfg, ids: TokenIds):
 
     if cfg.model.checkpoint:
         path = _check_path("model.checkpoint", cfg.model.checkpoint)
-        from coordexp_jax.weights.checkpoint import CONFIG_NAME
+        from coordexp_jax.weights.checkpoint import checkpoint_config
 
-        src = next((os.path.join(path, n) for n in (CONFIG_NAME, "config.json")
-                    if os.path.isfile(os.path.join(path, n))), path)
-        mc = ModelConfig.from_hf(src)
+        mc = checkpoint_config(path)  # the head as the loader resolves it (tied config + differing lm_head: untied)
         if mc.vocab_size != ids.vocab_size:
             raise ValueError(f"model.checkpoint {path} has vocab_size {mc.vocab_size} but the tokenizer has "
                              f"{ids.vocab_size} ids (expand the vocabulary with tools/expand_coord_vocab.py)")

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ..model.config import ModelConfig
-from .hf import _split_state, abstract_model, load_hf_checkpoint
+from .hf import _split_state, abstract_model, hf_model_config, load_hf_checkpoint
 from .names import WeightsError
 
 CONFIG_NAME = "model_config.json"
@@ -29,6 +29,18 @@ def is_ours(path: str) -> bool:
 def is_hf(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "config.json")) and any(
         f.endswith(".safetensors") or f == "model.safetensors.index.json" for f in os.listdir(path))
+
+
+def checkpoint_config(path: str) -> ModelConfig:
+    """The ModelConfig `load_checkpoint(path)` builds, without loading the weights: ours from `model_config.json`,
+    an HF directory from config.json with the output head resolved as transformers does (`hf.resolve_head`: a tied
+    config whose safetensors hold a differing lm_head.weight is untied), a bare config.json as it is.
+    Raises FileNotFoundError, ConfigError or WeightsError naming the file."""
+    if os.path.isfile(os.path.join(path, CONFIG_NAME)):
+        return ModelConfig.from_hf(os.path.join(path, CONFIG_NAME))
+    if os.path.isdir(path) and is_hf(path):
+        return hf_model_config(path)
+    return ModelConfig.from_hf(path)
 
 
 def save_checkpoint(path: str, model_or_state, config: ModelConfig) -> None:

@@ -3,11 +3,19 @@
 `load_hf_checkpoint(hf_dir, dtype)` checks every name and shape against config.json before reading any data,
 then reads one tensor at a time into the model's (abstract) state, so peak host memory stays near one copy of the
 weights plus one tensor. `save_hf_checkpoint` streams the other way and writes only the embedding when tied.
+
+Output head, as transformers 5.23 `PreTrainedModel.tie_weights` decides it at load time (`resolve_head`):
+    config tied, no lm_head.weight                  -> tied (the embedding is the head)
+    config tied, lm_head.weight equal to embedding  -> tied (the duplicate is ignored)
+    config tied, lm_head.weight differs             -> untied, lm_head.weight is the head; one warning line
+    config tied, only lm_head.weight                -> tied, lm_head.weight is read as the embedding
+    config untied, no lm_head.weight                -> WeightsError (transformers would draw a random head)
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 
@@ -19,7 +27,11 @@ from flax import nnx
 from ..model.config import ModelConfig
 from ..model.qwen3vl import Qwen3VL
 from .names import TIED_HF_HEAD, WeightsError, hf_shape, name_table, to_hf, to_ours
-from .safetensors_io import index_checkpoint, read_tensor, write_file
+from .safetensors_io import index_checkpoint, read_tensor, tensors_equal, write_file
+
+log = logging.getLogger(__name__)
+
+EMBED_HF = "model.language_model.embed_tokens.weight"
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.json", "chat_template.jinja", "preprocessor_config.json",
@@ -37,16 +49,51 @@ def flat_params(state) -> dict:
     return {tuple(p): v for p, v in nnx.to_flat_state(state)}
 
 
+def resolve_head(config: ModelConfig, index: dict, hf_dir: str) -> tuple[ModelConfig, dict, str | None]:
+    """The output head transformers 5.23 builds from config.json + the tensors present (table in the module doc).
+
+    index: `index_checkpoint(hf_dir)`. Returns (effective config, {name-table HF name: tensor name to read instead},
+    warning line or None). The effective config is `config` with tie_word_embeddings=False when a tied config ships
+    an lm_head.weight with other values (compared as numbers, as `torch.equal`). Raises WeightsError for an untied
+    config without lm_head.weight.
+    """
+    head, emb = TIED_HF_HEAD in index, EMBED_HF in index
+    if not config.tie_word_embeddings:
+        if not head:
+            raise WeightsError(f"{hf_dir}: config.json has tie_word_embeddings: false but the checkpoint has no "
+                               f"{TIED_HF_HEAD} (set \"tie_word_embeddings\": true if the head is the embedding)")
+        return config, {}, None
+    if head and not emb:
+        return config, {EMBED_HF: TIED_HF_HEAD}, None
+    if head and not tensors_equal(index[EMBED_HF], index[TIED_HF_HEAD]):
+        msg = (f"{index[TIED_HF_HEAD][0]}: config.json says tie_word_embeddings: true but {TIED_HF_HEAD} differs from "
+               f"{EMBED_HF}; using {TIED_HF_HEAD} as a separate output head, as transformers does "
+               f"(set \"tie_word_embeddings\": false in config.json to silence this)")
+        return config.replace(tie_word_embeddings=False), {}, msg
+    return config, {}, None
+
+
+def hf_model_config(hf_dir: str) -> ModelConfig:
+    """The ModelConfig `load_hf_checkpoint(hf_dir)` builds (config.json with the head resolved), without reading
+    weights beyond an lm_head/embedding comparison. Raises as `load_hf_checkpoint`."""
+    config = ModelConfig.from_hf(hf_dir)
+    return resolve_head(config, index_checkpoint(hf_dir), hf_dir)[0]
+
+
 def load_hf_checkpoint(hf_dir: str, dtype=jnp.float32, *, compute_dtype=None, return_state: bool = False,
                        remat: bool = False):
     """Reads an HF Qwen3-VL directory (sharded with model.safetensors.index.json, or *.safetensors).
 
     Returns (ModelConfig, Qwen3VL) or, with return_state=True, (ModelConfig, (graphdef, state)). Parameters are
-    stored in `dtype`; compute dtype defaults to `dtype`. Raises WeightsError naming the tensor on a missing,
-    unexpected or mis-shaped tensor, ConfigError naming the key on a bad config.json.
+    stored in `dtype`; compute dtype defaults to `dtype`. The output head follows `resolve_head` (a tied config with
+    a differing lm_head.weight loads untied, logging one warning line). Raises WeightsError naming the tensor on a
+    missing, unexpected or mis-shaped tensor, ConfigError naming the key on a bad config.json.
     """
     config = ModelConfig.from_hf(hf_dir)
     index = index_checkpoint(hf_dir)
+    config, alias, msg = resolve_head(config, index, hf_dir)
+    if msg:
+        log.warning(msg)
     graphdef, state = abstract_model(config, dtype, compute_dtype, remat)
     flat = flat_params(state)
     table = name_table(config)
@@ -55,20 +102,22 @@ def load_hf_checkpoint(hf_dir: str, dtype=jnp.float32, *, compute_dtype=None, re
         if name not in known and not (config.tie_word_embeddings and name == TIED_HF_HEAD):
             raise WeightsError(f"{index[name][0]}: unexpected tensor {name} (not part of Qwen3-VL with this config.json)")
     for e in table:  # names and shapes first: fail before reading any data
-        if e.hf not in index:
+        src = alias.get(e.hf, e.hf)
+        if src not in index:
             raise WeightsError(f"{hf_dir}: missing tensor {e.hf}")
         if e.path not in flat:
             raise WeightsError(f"name table: {e.hf} maps to {e.path}, which the model does not have")
         want = hf_shape(e, flat[e.path].shape, config)
-        got = tuple(index[e.hf][1]["shape"])
+        got = tuple(index[src][1]["shape"])
         if got != want:
-            raise WeightsError(f"{index[e.hf][0]}: tensor {e.hf} has shape {got}, config.json implies {want}")
+            raise WeightsError(f"{index[src][0]}: tensor {src} has shape {got}, config.json implies {want}")
     if len(table) != len(flat):
         raise WeightsError(f"name table covers {len(table)} parameters, the model has {len(flat)}")
     np_dtype = np.dtype(dtype)
     for e in table:
-        path, info, start = index[e.hf]
-        arr = to_ours(e, read_tensor(path, info, start, e.hf), flat[e.path].shape, config).astype(np_dtype, copy=False)
+        src = alias.get(e.hf, e.hf)
+        path, info, start = index[src]
+        arr = to_ours(e, read_tensor(path, info, start, src), flat[e.path].shape, config).astype(np_dtype, copy=False)
         flat[e.path].set_value(jnp.asarray(arr))
         del arr
     state = nnx.from_flat_state(list(flat.items()))
@@ -105,7 +154,9 @@ def save_hf_checkpoint(model_or_state, config: ModelConfig, out_dir: str, tokeni
     """Writes config.json + safetensors (sharded with an index when larger than max_shard_bytes) + tokenizer files.
 
     Tied configs write only the embedding (HF re-ties lm_head on load). `dtype` casts on the way out (default: the
-    parameter dtype). Writes into `out_dir` directly; CLIs write to a temp dir and rename. Returns the files written.
+    parameter dtype). Copied tokenizer files get the coordinate/tag tokens as plain added tokens
+    (`data.tokenizer.unmark_special_files`), so `decode(..., skip_special_tokens=True)` keeps them.
+    Writes into `out_dir` directly; CLIs write to a temp dir and rename. Returns the files written.
     """
     tensors = hf_tensors(model_or_state, config)
     if dtype is not None:
@@ -149,4 +200,7 @@ def save_hf_checkpoint(model_or_state, config: ModelConfig, out_dir: str, tokeni
             if os.path.isfile(src):
                 shutil.copy2(src, os.path.join(out_dir, fn))
                 written.append(fn)
+        from ..data.tokenizer import unmark_special_files
+
+        unmark_special_files(out_dir)  # coordinate/tag tokens of older expansions: plain, so decoding keeps them
     return written

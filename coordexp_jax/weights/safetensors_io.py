@@ -112,3 +112,36 @@ def write_file(path: str, tensors: list[tuple[str, tuple, np.dtype]], produce, m
                 raise WeightsError(f"tensor {name}: produced {arr.shape} {arr.dtype}, header says {tuple(shape)} {np.dtype(dt)}")
             f.write(arr.tobytes())
     return off
+
+
+def tensors_equal(a: tuple[str, dict, int], b: tuple[str, dict, int], chunk_bytes: int = 1 << 26) -> bool:
+    """True when two indexed tensors (`index_checkpoint` entries) have the same shape and equal values.
+
+    Values are compared as numbers (`==`, as `torch.equal` does: -0.0 equals 0.0, NaN equals nothing), in a common
+    float64 view when the dtypes differ. Streams `chunk_bytes` at a time, so neither tensor is held whole.
+    """
+    (pa, ia, sa), (pb, ib, sb) = a, b
+    if tuple(ia["shape"]) != tuple(ib["shape"]):
+        return False
+    da, db = _DT.get(ia["dtype"]), _DT.get(ib["dtype"])
+    if da is None or db is None:
+        raise WeightsError(f"{pa if da is None else pb}: unsupported dtype {ia['dtype'] if da is None else ib['dtype']}")
+    da, db = np.dtype(da), np.dtype(db)
+    n = int(np.prod(ia["shape"])) if ia["shape"] else 1
+    step = max(1, chunk_bytes // max(da.itemsize, db.itemsize))
+    with open(pa, "rb") as fa, open(pb, "rb") as fb:
+        for i in range(0, n, step):
+            k = min(step, n - i)
+            chunks = []
+            for f, info, start, dt in ((fa, ia, sa, da), (fb, ib, sb, db)):
+                f.seek(start + info["data_offsets"][0] + i * dt.itemsize)
+                buf = f.read(k * dt.itemsize)
+                if len(buf) != k * dt.itemsize:
+                    raise WeightsError(f"{f.name}: tensor data is truncated")
+                chunks.append(np.frombuffer(buf, dtype=dt))
+            x, y = chunks
+            if da != db:
+                x, y = x.astype(np.float64), y.astype(np.float64)
+            if not np.array_equal(x, y):
+                return False
+    return True

@@ -4,12 +4,17 @@ token ids get rows, initialised by one rule, both for an HF directory and for in
 Rule for the rows of the added ids: `mean` (default) = the exact mean of the base rows (the first `n_base` rows:
 the base tokenizer's tokens; released checkpoints have untrained spare rows after them, which are excluded);
 `normal` = N(0, 0.02). Rows of added ids that already existed as spare rows are overwritten; every other row is
-kept bit-for-bit. The tie of the checkpoint is kept.
+kept bit-for-bit. The tie of the checkpoint is kept, as the loader resolves it (`hf.resolve_head`): a tied config
+whose safetensors hold a differing lm_head.weight is written untied with both tensors grown.
+
+The added tokens are plain added tokens (`data.tokenizer.add_coord_tokens`), not special ones, so decoding with
+`skip_special_tokens=True` keeps them.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 
@@ -17,9 +22,11 @@ import numpy as np
 from flax import nnx
 
 from ..model.config import ModelConfig
-from .names import WeightsError
+from .hf import EMBED_HF, resolve_head
+from .names import TIED_HF_HEAD, WeightsError
 from .safetensors_io import _DT, index_checkpoint, read_tensor, write_file
 
+log = logging.getLogger(__name__)
 INITS = ("mean", "normal")
 
 
@@ -74,6 +81,9 @@ def expand_hf_dir(src: str, dst: str, *, init: str = "mean", seed: int = 0, with
 
     config = ModelConfig.from_hf(src)
     index = index_checkpoint(src)
+    config, alias, msg = resolve_head(config, index, src)
+    if msg:
+        log.warning(msg)
     tok = load_tokenizer(src)
     n_base = len(tok)
     add_coord_tokens(tok, with_tags=with_tags)
@@ -85,14 +95,15 @@ def expand_hf_dir(src: str, dst: str, *, init: str = "mean", seed: int = 0, with
         raise WeightsError(f"{src}: coordinate token ids are not contiguous after expansion")
     V = config.vocab_size
     new_V = max(V, new_len)
-    grow = {"model.language_model.embed_tokens.weight": 0}
+    grow = {alias.get(EMBED_HF, EMBED_HF): 0}
     if not config.tie_word_embeddings:
-        grow["lm_head.weight"] = 1
+        grow[TIED_HF_HEAD] = 1
     for name in grow:
         if name not in index:
             raise WeightsError(f"{src}: missing tensor {name}")
+    # a tied head equal to the embedding is dropped: transformers re-ties it from the grown embedding
+    names = sorted(n for n in index if n in grow or not (config.tie_word_embeddings and n == TIED_HF_HEAD and not alias))
     os.makedirs(dst)
-    names = sorted(index)
     metas = []
     for n in names:
         info = index[n][1]
@@ -113,6 +124,10 @@ def expand_hf_dir(src: str, dst: str, *, init: str = "mean", seed: int = 0, with
     with open(os.path.join(src, "config.json")) as f:
         raw = json.load(f)
     raw["text_config"]["vocab_size"] = new_V
+    if not config.tie_word_embeddings:  # written as loaded: untied (also when config.json said tied)
+        raw["tie_word_embeddings"] = False
+        if "tie_word_embeddings" in raw["text_config"]:
+            raw["text_config"]["tie_word_embeddings"] = False
     with open(os.path.join(dst, "config.json"), "w") as f:
         json.dump(raw, f, indent=2)
     for fn in os.listdir(src):  # other side files (generation/preprocessor configs) travel unchanged

@@ -1,5 +1,7 @@
-"""Coord-vocab expansion of an HF directory and in memory (coordexp_method.md §1)."""
+"""Coord-vocab expansion of an HF directory and in memory (coordexp_method.md §1); the text an expanded and
+exported checkpoint decodes to with plain transformers."""
 
+import importlib.util
 import os
 
 import numpy as np
@@ -7,7 +9,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from coordexp_jax.data.tokenizer import QWEN_SPECIAL_TOKENS, coord_token, load_tokenizer
+from coordexp_jax.data.tokenizer import QWEN_SPECIAL_TOKENS, TAG_TOKENS, coord_token, coord_tokens, load_tokenizer
 from coordexp_jax.model.config import tiny_config
 from coordexp_jax.model.hf_reference import build_hf_model
 from coordexp_jax.weights.hf import load_hf_checkpoint
@@ -87,3 +89,53 @@ def test_in_memory_matches_hf_dir(src, tmp_path):
                                   np.asarray(ref["language_model"]["embed_tokens"]["embedding"]))
     if not cfg.tie_word_embeddings:
         np.testing.assert_array_equal(np.asarray(pure["lm_head"]["kernel"]), np.asarray(ref["lm_head"]["kernel"]))
+
+
+# ------------------------------------------------------------ what an exported checkpoint decodes to
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+COORDJSON = '{"objects": [{"desc": "red circle", "bbox_2d": [<|coord_0|>, <|coord_310|>, <|coord_410|>, <|coord_999|>]}]}'
+TAGS = "<obj><desc>blue square</desc><box><|coord_1|><|coord_2|><|coord_3|><|coord_998|></box></obj>"
+
+
+def _cli(name, argv):
+    from coordexp_jax.weights.cli import run
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert run(mod.main, argv) == 0
+
+
+@pytest.mark.parametrize("layout", ["coords", "coords+tags", "old_special"])
+def test_exported_checkpoint_decodes_coordinates(src, tmp_path, layout):
+    """expand_coord_vocab + export_hf, then transformers' own tokenizer: coordinate (and tag) tokens are one id
+    each and survive decode with skip_special_tokens=True (vLLM's default) and False. `old_special`: a directory
+    expanded by older versions (coordinates registered as special) exported with --tokenizer_dir."""
+    from transformers import AutoTokenizer
+
+    _, _, d, n_base = src
+    exp, out = str(tmp_path / "expanded"), str(tmp_path / "export")
+    _cli("expand_coord_vocab", ["--src", d, "--dst", exp] + (["--with_tags"] if layout == "coords+tags" else []))
+    if layout == "old_special":
+        old = AutoTokenizer.from_pretrained(d)
+        old.add_special_tokens({"additional_special_tokens": coord_tokens()}, replace_extra_special_tokens=False)
+        for f in os.listdir(exp):
+            if f.startswith(("tokenizer", "special_tokens_map", "added_tokens")):
+                os.remove(os.path.join(exp, f))
+        old.save_pretrained(exp)
+        old_ids = old.encode(COORDJSON, add_special_tokens=False)
+        assert old.decode(old_ids, skip_special_tokens=True) != COORDJSON  # the fault this layout had
+    _cli("export_hf", ["--checkpoint", exp, "--out", out, "--tokenizer_dir", exp])
+    tok = AutoTokenizer.from_pretrained(out)
+    text = COORDJSON + (TAGS if layout == "coords+tags" else "")
+    ids = tok.encode(text, add_special_tokens=False)
+    coord = [i for i in ids if n_base + 1 <= i < n_base + 1001]
+    assert [tok.convert_ids_to_tokens(i) for i in coord] == [coord_token(k) for k in (0, 310, 410, 999)] + (
+        [coord_token(k) for k in (1, 2, 3, 998)] if layout == "coords+tags" else [])
+    if layout == "coords+tags":
+        assert all(tok.convert_tokens_to_ids(t) in ids for t in TAG_TOKENS)
+    for skip in (True, False):
+        assert tok.decode(ids, skip_special_tokens=skip) == text, skip
+    # chat specials still go with skip_special_tokens=True
+    wrapped = tok.encode("<|im_start|>" + text + "<|im_end|>", add_special_tokens=False)
+    assert tok.decode(wrapped, skip_special_tokens=True) == text
