@@ -33,7 +33,7 @@ class ArgumentParser(argparse.ArgumentParser):
     usage block and calling `sys.exit(2)`; `--help` still prints and exits 0."""
 
     def error(self, message: str):  # noqa: D401 - argparse's hook
-        raise UsageError(f"{self.prog}: {message} (see --help)")
+        raise UsageError(message)
 
 
 def one_line(text: str) -> str:

@@ -26,6 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from coordexp_jax import metrics as M
+from coordexp_jax.cli import ArgumentParser, guard
 from coordexp_jax.coord import codec, protocols
 
 log = logging.getLogger(__name__)
@@ -192,7 +193,7 @@ def build_evaluator(config_path: str, *, checkpoint: str, max_records: int = 0, 
     """`evaluate(out_dir) -> metrics` for a training config file and a checkpoint (ours, a training workdir with
     `final_model/`, or an HF directory)."""
     from coordexp_jax.train import build
-    from coordexp_jax.train.config import load_config_file, validate
+    from coordexp_jax.train.config import ConfigError, load_config_file, validate
     from coordexp_jax.weights.checkpoint import load_checkpoint
 
     if not os.path.exists(config_path):
@@ -207,15 +208,16 @@ def build_evaluator(config_path: str, *, checkpoint: str, max_records: int = 0, 
     model_config, model = load_checkpoint(checkpoint)
     recs, encoder, ecfg = eval_setup(cfg, model_config, max_records)
     if model_config.vocab_size != encoder.token_ids.vocab_size:
-        raise ValueError(f"checkpoint {checkpoint} has vocab_size {model_config.vocab_size} but the config's "
+        raise ConfigError(f"checkpoint {checkpoint} has vocab_size {model_config.vocab_size} but the config's "
                          f"tokenizer has {encoder.token_ids.vocab_size} ids")
     sampler = make_sampler(model, encoder.token_ids, cfg)
     return lambda out_dir: evaluate_records(sampler, recs, encoder, model_config=model_config, config=ecfg,
                                             out_dir=out_dir)
 
 
+@guard
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m coordexp_jax.evaluate", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m coordexp_jax.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="a training config file (its evaluation data is used)")
     p.add_argument("--checkpoint", required=True, help="ours, a training workdir (final_model/) or an HF directory")
     p.add_argument("--out", required=True, help="output directory")
@@ -223,13 +225,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch_size", type=int, default=0, help="0 = the config's eval.batch_size")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    try:
-        evaluator = build_evaluator(args.config, checkpoint=args.checkpoint, max_records=args.max_records,
-                                    batch_size=args.batch_size)
-        metrics = evaluator(args.out)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    evaluator = build_evaluator(args.config, checkpoint=args.checkpoint, max_records=args.max_records,
+                                batch_size=args.batch_size)
+    metrics = evaluator(args.out)
     print(json.dumps(metrics, indent=2, sort_keys=True))
     return 0
 

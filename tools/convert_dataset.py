@@ -16,6 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from coordexp_jax.cli import ArgumentParser, guard  # noqa: E402
 from coordexp_jax.data import converters, records  # noqa: E402
 from coordexp_jax.errors import CoordExpError  # noqa: E402
 
@@ -45,8 +46,9 @@ def write_validated(dicts, out: str, check_images: str, report: records.Validati
     return n
 
 
+@guard
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--format", required=True, choices=list(converters.FORMATS) + ["jsonl2coco"])
     p.add_argument("--input", required=True, help="annotation file (JSON / JSONL)")
     p.add_argument("--images", help="image directory (required except for jsonl2coco)")

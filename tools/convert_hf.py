@@ -5,11 +5,17 @@
 """
 
 import argparse
+import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from coordexp_jax.cli import ArgumentParser, guard  # noqa: E402
+
+
+@guard
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hf_dir", required=True, help="HF directory: config.json + model.safetensors or sharded *.safetensors with model.safetensors.index.json")
     ap.add_argument("--out", required=True, help="output directory (must not exist or be empty; written atomically)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter dtype")
@@ -28,6 +34,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from coordexp_jax.weights.cli import run
-
-    sys.exit(run(main))
+    sys.exit(main())

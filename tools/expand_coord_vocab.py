@@ -6,11 +6,17 @@ embedding (and an untied lm_head). New rows: the mean of the base rows (default)
 """
 
 import argparse
+import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from coordexp_jax.cli import ArgumentParser, guard  # noqa: E402
+
+
+@guard
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--src", required=True, help="HF directory with config.json, safetensors and tokenizer files")
     ap.add_argument("--dst", required=True, help="output HF directory (must not exist or be empty; written atomically)")
     ap.add_argument("--init", default="mean", choices=["mean", "normal"], help="init rule of the new rows")
@@ -27,6 +33,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from coordexp_jax.weights.cli import run
-
-    sys.exit(run(main))
+    sys.exit(main())

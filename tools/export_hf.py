@@ -6,19 +6,23 @@ transformers.Qwen3VLForConditionalGeneration.from_pretrained loads unchanged.
 """
 
 import argparse
+import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from coordexp_jax.cli import ArgumentParser, guard  # noqa: E402
+
+
+@guard
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="our checkpoint directory (model_config.json + params/) or an HF directory")
     ap.add_argument("--out", required=True, help="output HF directory (must not exist or be empty; written atomically)")
     ap.add_argument("--tokenizer_dir", default=None, help="copy tokenizer/processor files from this directory")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="cast tensors (default: as stored)")
     ap.add_argument("--max_shard_gb", type=float, default=5.0, help="safetensors shard size limit in GiB")
     args = ap.parse_args(argv)
-
-    import os
 
     import jax.numpy as jnp
 
@@ -36,6 +40,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from coordexp_jax.weights.cli import run
-
-    sys.exit(run(main))
+    sys.exit(main())

@@ -9,11 +9,13 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from coordexp_jax.cli import ArgumentParser, guard  # noqa: E402
 from coordexp_jax.data import synthetic  # noqa: E402
 
 
+@guard
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--num", type=int, required=True, help="number of training images")
     p.add_argument("--val", type=int, default=0, help="number of held-out images (split 'val', own seed stream)")
@@ -52,4 +54,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

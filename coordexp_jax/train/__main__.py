@@ -23,13 +23,14 @@ def main(argv=None) -> int:
 
     shd.maybe_initialize_distributed()  # before any other JAX call
 
+    argv = list(sys.argv if argv is None else argv)
     FLAGS = flags.FlagValues()
+    # sys_argv: the overrides are read from this argv, not from sys.argv (main(argv) called in-process)
     config_flags.DEFINE_config_file("config", None, "path to a config file (get_config())", flag_values=FLAGS,
-                                    lock_config=True)
+                                    lock_config=True, sys_argv=argv)
     flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, resolved config); default "
                         "runs/<config name>", flag_values=FLAGS)
     flags.DEFINE_bool("export", True, "write the final model (LoRA merged) to WORKDIR/final_model", flag_values=FLAGS)
-    argv = list(sys.argv if argv is None else argv)
     if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
         print(__doc__.strip() + "\n\nflags:\n" + FLAGS.get_help())
         print("\nEvery config key can be overridden: --config.optim.lr=3e-4 --config.lora.enabled=True "

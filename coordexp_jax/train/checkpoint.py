@@ -32,6 +32,10 @@ class IncompatibleCheckpointError(CoordExpError, RuntimeError):
     """The workdir holds a checkpoint of a different model/config; the message names what differs."""
 
 
+class MissingCheckpointError(CoordExpError, FileNotFoundError):
+    """The checkpoint step asked for is not in the workdir; the message lists the steps that are."""
+
+
 class _StateAdapter:
     """Gives any iterator with JSON-able `get_state()`/`set_state()` the interface Grain's handler expects."""
 
@@ -147,6 +151,9 @@ class Checkpointer:
     def restore(self, abstract_state: Any, data_iter: Any | None = None, step: int | None = None) -> tuple[Any, int] | None:
         """Restores checkpoint `step` (default: the latest) into `abstract_state` (ShapeDtypeStructs with the target
         shardings) and `data_iter` (in place). Returns (state, step), or None when the workdir has no checkpoint."""
+        if step is not None and step not in self.manager.all_steps():
+            raise MissingCheckpointError(f"{self.directory}: no checkpoint of step {step} (steps: "
+                                         f"{sorted(self.manager.all_steps()) or 'none'})")
         step = self.manager.latest_step() if step is None else step
         if step is None:
             return None
@@ -188,4 +195,4 @@ def _hash(names: list[str]) -> str:
     return hashlib.sha1("\n".join(sorted(names)).encode()).hexdigest()[:16]
 
 
-__all__ = ["Checkpointer", "IncompatibleCheckpointError", "fingerprint"]
+__all__ = ["Checkpointer", "IncompatibleCheckpointError", "MissingCheckpointError", "fingerprint"]

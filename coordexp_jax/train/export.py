@@ -10,7 +10,6 @@ The model is rebuilt from the run's resolved config (`WORKDIR/config.json`), its
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -19,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
+
+from coordexp_jax.cli import ArgumentParser, guard
 
 
 def run_config(workdir: str) -> ml_collections.ConfigDict:
@@ -29,7 +30,10 @@ def run_config(workdir: str) -> ml_collections.ConfigDict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{workdir}: no config.json (not a training workdir)")
     with open(path) as f:
-        raw = json.load(f)
+        try:
+            raw = json.load(f)
+        except json.JSONDecodeError as e:
+            raise C.ConfigError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
 
     def tup(x):
         if isinstance(x, list):
@@ -87,22 +91,22 @@ def load_trained_model(workdir: str, step: int | None = None, use_ema: bool = Fa
     return mc, model, step
 
 
+@guard
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m coordexp_jax.train.export", description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="python -m coordexp_jax.train.export", description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", required=True, help="a training workdir (config.json + checkpoints/)")
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     ap.add_argument("--ema", action="store_true", help="export the EMA weights (runs with train.ema_decay > 0)")
     ap.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     args = ap.parse_args(argv)
-    from coordexp_jax.train.checkpoint import IncompatibleCheckpointError
     from coordexp_jax.weights.checkpoint import save_checkpoint
+    from coordexp_jax.weights.cli import atomic_dir
 
-    try:
+    if not os.path.isdir(args.workdir):
+        raise FileNotFoundError(f"--workdir {args.workdir}: not a directory")
+    with atomic_dir(args.out) as tmp:  # --out must not exist or be empty; nothing is left there on a failure
         mc, model, step = load_trained_model(args.workdir, args.step, args.ema)
-        save_checkpoint(args.out, model, mc)
-    except (FileNotFoundError, ValueError, IncompatibleCheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        save_checkpoint(tmp, model, mc)
     print(f"step {step} of {args.workdir} -> {args.out}")
     return 0
 

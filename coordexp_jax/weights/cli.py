@@ -1,17 +1,14 @@
-"""Shared plumbing of the weight CLIs: one error line + non-zero exit, and nothing left in --out on failure."""
+"""Shared plumbing of the weight CLIs: one error line + non-zero exit (`coordexp_jax.cli`), and nothing left in --out
+on failure."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
-import sys
 import tempfile
 
-from ..model.config import ConfigError
-from .names import WeightsError
-
-EXPECTED = (WeightsError, ConfigError, FileNotFoundError, NotADirectoryError, FileExistsError, ValueError, OSError)
+from ..cli import run_cli
 
 
 @contextlib.contextmanager
@@ -33,10 +30,6 @@ def atomic_dir(out: str):
 
 
 def run(main, argv=None) -> int:
-    """Calls main(argv); expected errors become one `error: ...` line on stderr and exit code 2."""
-    try:
-        main(argv)
-        return 0
-    except EXPECTED as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    """Calls main(argv); a user's error (WeightsError, ConfigError, a missing path, ...: any CoordExpError) becomes
+    one `error: ...` line on stderr and exit code 2 (`coordexp_jax.cli.run_cli`)."""
+    return run_cli(main, argv)
