@@ -434,8 +434,11 @@ class _Lexer:
 
 
 class _Fail(Exception):
-    def __init__(self, reason):
+    """A broken object; `done`: its closing brace was consumed (no resync needed)."""
+
+    def __init__(self, reason, done: bool = False):
         self.reason = reason
+        self.done = done
 
 
 def _expect(lx: _Lexer, kind: str):
@@ -449,12 +452,65 @@ def _is_obj_start(lx: _Lexer) -> bool:
     return lx.peek()[0] == "{" and lx.peek(1)[0] == "str" and lx.peek(2)[0] == ":"
 
 
-def _resync(lx: _Lexer, depth: float) -> None:
-    """Skip to the end of the broken object (bracket depth back to `depth`) or to the next object start."""
+_OBJECT_KEYS = ("desc", "bbox_2d")
+
+
+def _skip_value(lx: _Lexer) -> bool:
+    """Skips one JSON-ish value: a scalar lexeme, or a bracketed structure whose brackets match by type (strings,
+    numbers, words and coordinate tokens inside). True when skipped cleanly; False (stopped at the offending
+    lexeme) at a mismatched closer, a special token or a missing value; `_Fail("truncated")` at the end."""
+    t = lx.peek()
+    if t[0] in ("eof", "unterminated"):
+        raise _Fail("truncated")
+    if t[0] not in ("{", "["):
+        if t[0] in ("str", "num", "junk", "coord"):
+            lx.pop()
+            return True
+        return False
+    closers: list[str] = []
+    while True:
+        t = lx.peek()
+        if t[0] in ("eof", "unterminated"):
+            raise _Fail("truncated")
+        if t[0] in ("{", "["):
+            closers.append("}" if t[0] == "{" else "]")
+        elif t[0] in ("}", "]"):
+            if t[0] != closers[-1]:
+                return False
+            closers.pop()
+        elif t[0] == "special":
+            return False
+        lx.pop()
+        if not closers:
+            return True
+
+
+def _is_unknown_nested(lx: _Lexer) -> bool:
+    """At `"key": {` or `"key": [` with a key other than desc / bbox_2d."""
+    t = lx.peek()
+    return (t[0] == "str" and t[1] not in _OBJECT_KEYS and lx.peek(1)[0] == ":"
+            and lx.peek(2)[0] in ("{", "["))
+
+
+def _resync(lx: _Lexer, depth: float, skip_unknown: bool = True) -> None:
+    """Skip to the end of the broken object (bracket depth back to `depth`) or to the next object start.
+
+    With `skip_unknown`, the value of an unknown key (`"parts": [{...}]`) is skipped whole when its brackets
+    match, so objects nested in it are not taken for objects of the answer."""
     while True:
         t = lx.peek()
         if t[0] in ("eof", "unterminated") or _is_obj_start(lx):
             return
+        if skip_unknown and _is_unknown_nested(lx):
+            lx.pop()
+            lx.pop()
+            try:
+                _skip_value(lx)
+            except _Fail:
+                return
+            if lx.depth <= depth:
+                return
+            continue
         lx.pop()
         if lx.depth <= depth:
             return
@@ -490,40 +546,54 @@ def _coord_list(lx: _Lexer, n: int) -> tuple[list[int], list[int]]:
 
 
 def _json_object(lx: _Lexer) -> ParsedObject:
+    """One `{"desc": ..., "bbox_2d": [...]}` object. An unknown key drops the object (`unknown_key`, the first
+    problem found in it) but its value, nested lists and objects included, is skipped whole so the object's end
+    is found and the objects after it are kept."""
     _expect(lx, "{")
     desc, box = None, None
     seen = set()
-    while True:
-        t = lx.peek()
-        if t[0] == "}":
-            lx.pop()
-            break
-        key = _expect(lx, "str")[1]
-        _expect(lx, ":")
-        if key in seen:
-            raise _Fail("duplicate_key")
-        seen.add(key)
-        if key == "desc":
-            v = lx.peek()
-            if v[0] in ("eof", "unterminated"):
-                raise _Fail("truncated")
-            lx.pop()
-            if v[0] != "str" or v[1] is None:
-                raise _Fail("bad_desc")
-            desc = v[1]
-        elif key == "bbox_2d":
-            box = _coord_list(lx, 4)
-        else:
-            raise _Fail("unknown_key")
-        t = lx.peek()
-        if t[0] == ",":
-            lx.pop()
-        elif t[0] != "}":
-            raise _Fail("truncated" if t[0] in ("eof", "unterminated") else "syntax")
+    unknown = False
+    try:
+        while True:
+            t = lx.peek()
+            if t[0] == "}":
+                lx.pop()
+                break
+            key = _expect(lx, "str")[1]
+            _expect(lx, ":")
+            if key in seen:
+                _skip_value(lx)
+                raise _Fail("duplicate_key")
+            seen.add(key)
+            if key == "desc":
+                v = lx.peek()
+                if v[0] in ("eof", "unterminated"):
+                    raise _Fail("truncated")
+                lx.pop()
+                if v[0] != "str" or v[1] is None:
+                    raise _Fail("bad_desc")
+                desc = v[1]
+            elif key == "bbox_2d":
+                box = _coord_list(lx, 4)
+            else:
+                unknown = True
+                if not _skip_value(lx):
+                    raise _Fail("unknown_key")
+            t = lx.peek()
+            if t[0] == ",":
+                lx.pop()
+            elif t[0] != "}":
+                raise _Fail("truncated" if t[0] in ("eof", "unterminated") else "syntax")
+    except _Fail as f:
+        if unknown and f.reason != "truncated":
+            raise _Fail("unknown_key") from None
+        raise
+    if unknown:
+        raise _Fail("unknown_key", done=True)
     if desc is None:
-        raise _Fail("bad_desc")
+        raise _Fail("bad_desc", done=True)
     if box is None:
-        raise _Fail("missing_box")
+        raise _Fail("missing_box", done=True)
     return ParsedObject(desc, np.asarray(box[0], np.int32), np.asarray(box[1], np.int32))
 
 
@@ -541,7 +611,7 @@ def _parse_coordjson(units) -> tuple[list[ParsedObject], collections.Counter, bo
         if lx.peek()[0] in ("eof", "unterminated") and f.reason == "truncated":
             return objs, collections.Counter({"truncated": 1}) if units else dropped, False
         dropped["bad_prefix"] += 1
-        _resync(lx, -float("inf"))  # find the first object anywhere
+        _resync(lx, -float("inf"), skip_unknown=False)  # find the first object anywhere
     closed = False
     while True:
         t = lx.peek()
@@ -568,7 +638,8 @@ def _parse_coordjson(units) -> tuple[list[ParsedObject], collections.Counter, bo
             objs.append(_json_object(lx))
         except _Fail as f:
             dropped[f.reason] += 1
-            _resync(lx, d0)
+            if not f.done:
+                _resync(lx, d0)
     if closed:
         extra = 0
         while lx.peek()[0] not in ("eof",):

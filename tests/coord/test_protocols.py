@@ -189,3 +189,76 @@ def test_grounding_and_counting():
     assert c.positions.tolist() == s.coord_positions.tolist()
     c = P.parse_count(s.ids[:-8], TOK, TID)
     assert c.count == 3 and not c.closed and len(c.points) == 2
+
+
+# --------------------------------------------------------------------------- unknown keys of any nesting
+def _obj_text(desc, bins, extra=()):
+    """A coordjson object with extra (key, value-text) pairs inserted at the given key positions."""
+    items = [("desc", json.dumps(desc, ensure_ascii=False)),
+             ("bbox_2d", "[" + ", ".join(f"<|coord_{b}|>" for b in bins) + "]")]
+    for pos, key, val in extra:
+        items.insert(min(pos, len(items)), (key, val))
+    return "{" + ", ".join(f"{json.dumps(k)}: {v}" for k, v in items) + "}"
+
+
+_scalar_st = st.one_of(st.integers(-5, 10**6).map(str), st.sampled_from(["true", "false", "null", "1.5"]),
+                       desc_st.map(lambda d: json.dumps(d, ensure_ascii=False)),
+                       st.integers(0, 999).map(lambda k: f"<|coord_{k}|>"),
+                       st.builds(_obj_text, desc_st, bins_st))  # a well-formed protocol object, nested
+_value_st = st.recursive(_scalar_st, lambda inner: st.one_of(
+    st.lists(inner, max_size=3).map(lambda xs: "[" + ", ".join(xs) + "]"),
+    st.lists(st.tuples(st.sampled_from(["parts", "objects", "desc", "bbox_2d", "x"]), inner), max_size=3).map(
+        lambda kv: "{" + ", ".join(f"{json.dumps(k)}: {v}" for k, v in kv) + "}")), max_leaves=8)
+_extra_st = st.lists(st.tuples(st.integers(0, 2), st.sampled_from(["parts", "attributes", "children", "score"]),
+                               _value_st), min_size=1, max_size=2, unique_by=lambda t: t[1])
+
+
+@SETTINGS
+@given(objs=st.lists(st.tuples(desc_st, bins_st, st.one_of(st.none(), _extra_st), st.booleans()), max_size=5))
+def test_unknown_nested_keys_keep_every_top_level_object(objs):
+    # Objects carrying unknown keys (values: any JSON, nested lists/objects, nested protocol objects included) are
+    # dropped as unknown_key, some also with a 3-coordinate box before the unknown key; every well-formed
+    # top-level object is kept, in order, and nothing nested is taken for an answer object.
+    parts, want, reasons = [], [], {}
+    for desc, bins, extra, short in objs:
+        if extra is None:
+            parts.append(_obj_text(desc, bins))
+            want.append((desc, list(bins)))
+            continue
+        if short:  # broken before the unknown key: resync must still skip the nested value whole
+            extra = [(2, k, v) for _, k, v in extra]
+            parts.append(_obj_text(desc, bins[:3], extra))
+            key = "wrong_coord_count"
+        else:
+            parts.append(_obj_text(desc, bins, extra))
+            key = "unknown_key"
+        reasons[key] = reasons.get(key, 0) + 1
+    text = '{"objects": [' + ", ".join(parts) + "]}"
+    res = P.parse(encode_text(TOK, text) + [TID.im_end], TOK, TID, "coordjson")
+    assert [(o.desc, o.bins.tolist()) for o in res.objects] == want, text
+    assert res.dropped == reasons and res.closed, text
+
+
+def test_unknown_nested_keys_cases():
+    def run(*objs):
+        return P.parse(encode_text(TOK, '{"objects": [' + ", ".join(objs) + "]}"), TOK, TID, "coordjson")
+
+    a, b, c = _obj_text("a", (1, 2, 3, 4)), _obj_text("b", (5, 6, 7, 8)), _obj_text("c", (9, 9, 9, 9))
+    nested = _obj_text("part", (10, 11, 12, 13))
+    for pos in (0, 1, 2):  # the nested list before, between and after the known keys
+        r = run(_obj_text("car", (1, 2, 3, 4), [(pos, "parts", f"[{nested}, {nested}]")]), b, c)
+        assert r.descs() == ["b", "c"] and r.dropped == {"unknown_key": 1} and r.closed
+    r = run(a, _obj_text("x", (1, 2, 3, 4), [(1, "meta", '{"x": [{"y": [1, [2]]}], "z": "]}"}')]), b)
+    assert r.descs() == ["a", "b"] and r.dropped == {"unknown_key": 1} and r.closed  # brackets inside strings
+    r = run(_obj_text("x", (1, 2, 3), [(2, "parts", f"[{nested}]")]), b)  # broken box, then a nested list
+    assert r.descs() == ["b"] and r.dropped == {"wrong_coord_count": 1} and r.closed
+    r = run('{"desc": "x"}', b)  # the object closed: nothing after it is consumed by the recovery
+    assert r.descs() == ["b"] and r.dropped == {"missing_box": 1} and r.closed
+    r = run(a, '{"desc": "x"}')
+    assert r.descs() == ["a"] and r.dropped == {"missing_box": 1} and r.closed
+    # mismatched brackets in the unknown value: recovery falls back to the next object start
+    r = run(_obj_text("x", (1, 2, 3, 4), [(2, "parts", "[1}")]), b)
+    assert r.descs() == ["b"] and r.dropped == {"unknown_key": 1}
+    # truncated inside the nested value
+    r = P.parse(encode_text(TOK, '{"objects": [' + a + ', {"desc": "x", "parts": [' + nested[:-3]), TOK, TID)
+    assert r.descs() == ["a"] and r.dropped == {"truncated": 1} and not r.closed
