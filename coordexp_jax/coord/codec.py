@@ -6,6 +6,12 @@ Definitions (`../shared/reference/coordexp_method.md` §2):
 - pixels, `mode="coordexp"` (data written by the CoordExp project): c = x / (W - 1), c = y / (H - 1), and when a
   BOX is quantised x1, y1 are floored and x2, y2 ceiled (`box_to_bins(..., mode="coordexp")`).
 
+Qwen3-VL's own text grounding grid ("qwen1000", `coordexp_method.md` §2) is a separate scale, never mixed with
+the bins: integers q = clamp(round(1000 c), 0, 1000), c = q / 1000 (1001 values, 1000 included). It is what a
+released, unexpanded Qwen3-VL checkpoint writes as text (`protocols`' `qwen_text`) and what `box_format:
+qwen1000` data holds. Quantisation always rounds (the coordexp floor/ceil rule is for bins); `mode` only sets the
+pixel extent.
+
 Every function accepts numpy arrays (returns numpy) or jax arrays / tracers (returns jax arrays), so the same
 code serves the host-side data pipeline and jitted losses. Boxes are (x1, y1, x2, y2) in the last axis;
 point arrays are (x, y) in the last axis; both are interleaved x, y, so the pixel functions take either.
@@ -18,6 +24,7 @@ import numpy as np
 NUM_BINS = 1000
 MAX_BIN = NUM_BINS - 1  # 999
 MODES = ("continuous", "coordexp")
+QWEN_SCALE = 1000  # qwen1000: q in 0..1000, c = q / 1000
 # Slack against float error when flooring/ceiling in the coordexp mode (999 * x / (W - 1) may land a hair
 # above an integer that is exact in decimal).
 _QUANT_EPS = 1e-6
@@ -135,6 +142,30 @@ def point_px_to_bins(pt_px, width, height, mode: str = "continuous"):
 def bins_to_point_px(bins, width, height, mode: str = "continuous"):
     """Bins `[..., 2]` -> pixel points `[..., 2]`."""
     return norm_to_pixels(bins_to_norm(bins), width, height, mode)
+
+
+def norm_to_qwen1000(c):
+    """c -> q = clamp(round(1000 c), 0, 1000) as int32 (any shape; Qwen3-VL's text grounding grid)."""
+    xp = _xp(c)
+    c = _float(xp, c)
+    return xp.clip(xp.rint(c * QWEN_SCALE), 0, QWEN_SCALE).astype(xp.int32)
+
+
+def qwen1000_to_norm(q, dtype=None):
+    """q -> c = q / 1000 (any shape; float32 for jax, float64 for numpy unless `dtype`). No range check."""
+    xp = _xp(q)
+    dtype = dtype or (np.float64 if xp is np else xp.float32)
+    return xp.asarray(q).astype(dtype) / QWEN_SCALE
+
+
+def px_to_qwen1000(v_px, width, height, mode: str = "continuous"):
+    """Pixel coordinates `[..., 2n]` (interleaved x, y: points or boxes) -> qwen1000 ints, rounded and clamped."""
+    return norm_to_qwen1000(pixels_to_norm(v_px, width, height, mode))
+
+
+def qwen1000_to_px(q, width, height, mode: str = "continuous"):
+    """qwen1000 ints `[..., 2n]` -> pixels: 0 -> 0, 1000 -> W (continuous) or W - 1 (coordexp)."""
+    return norm_to_pixels(qwen1000_to_norm(q), width, height, mode)
 
 
 def bins_to_ids(bins, token_ids):

@@ -11,8 +11,9 @@ One JSON object per line::
 - `width`, `height`: the size of the image file in pixels (checked against the file header by default).
 - `objects`: a list of `{desc, bbox_2d}` (counting records may use `point_2d: [x, y]` instead of a box).
   `bbox_2d` is one of: four pixel numbers (`box_format="pixel"`, default), four ints 0..999 (`"norm1000"`: bins),
-  or four coordinate-token strings `"<|coord_k|>"` (recognised in every format). Pixels are converted to
-  normalised coordinates with the one codec (`coord/codec.py`, `pixel_mode` "continuous" = COCO or "coordexp").
+  four ints 0..1000 (`"qwen1000"`: Qwen3-VL's own grounding grid, c = q/1000), or four coordinate-token strings
+  `"<|coord_k|>"` (recognised in every format). Pixels are converted to normalised coordinates with the one
+  codec (`coord/codec.py`, `pixel_mode` "continuous" = COCO or "coordexp").
 - optional `task` ("detection" default, "grounding", "counting"), `prompt` (the full user instruction, used
   verbatim), `metadata` (free-form, carried along).
 
@@ -65,7 +66,7 @@ from coordexp_jax.data import image as image_lib
 log = logging.getLogger(__name__)
 
 TASKS = ("detection", "grounding", "counting")
-BOX_FORMATS = ("pixel", "norm1000")
+BOX_FORMATS = ("pixel", "norm1000", "qwen1000")
 CHECK_IMAGES = ("none", "exists", "header", "decode")
 KNOWN_FIELDS = ("images", "width", "height", "objects", "task", "prompt", "metadata")
 OBJECT_FIELDS = ("desc", "bbox_2d", "point_2d")
@@ -222,7 +223,7 @@ class _Ctx:
 
 
 def _parse_coords(raw, n: int, box_format: str, ctx: _Ctx, key: str):
-    """-> (values float64 [n], kind) with kind 'bins' (coord tokens / norm1000) or 'pixel'."""
+    """-> (values float64 [n], kind) with kind 'bins' (coord tokens / norm1000), 'qwen1000' or 'pixel'."""
     if not isinstance(raw, (list, tuple)) or len(raw) != n:
         ctx.fail("bad_value", f"{key} must be a list of {n} values, got {raw!r}"[:300])
     if all(isinstance(v, str) for v in raw):
@@ -239,12 +240,19 @@ def _parse_coords(raw, n: int, box_format: str, ctx: _Ctx, key: str):
         if not all(_is_int(v) or float(v).is_integer() for v in raw) or not all(0 <= v <= codec.MAX_BIN for v in raw):
             ctx.fail("bad_value", f"{key} in norm1000 must be integers 0..999, got {raw!r}")
         return np.asarray(raw, np.float64), "bins"
+    if box_format == "qwen1000":
+        top = codec.QWEN_SCALE
+        if not all(_is_int(v) or float(v).is_integer() for v in raw) or not all(0 <= v <= top for v in raw):
+            ctx.fail("bad_value", f"{key} in qwen1000 must be integers 0..1000, got {raw!r}")
+        return np.asarray(raw, np.float64), "qwen1000"
     return np.asarray(raw, np.float64), "pixel"
 
 
 def _normalise(vals, kind, width, height, pixel_mode):
     if kind == "bins":
         return np.asarray(codec.bins_to_norm(vals.astype(np.int64)), np.float64)
+    if kind == "qwen1000":
+        return np.asarray(codec.qwen1000_to_norm(vals.astype(np.int64)), np.float64)
     return np.asarray(codec.pixels_to_norm(vals, width, height, pixel_mode), np.float64)
 
 
@@ -455,18 +463,21 @@ def read_jsonl(path: str, **kw) -> tuple[list[Record], ValidationReport]:
 def record_to_json(r: Record, *, box_format: str = "pixel", pixel_mode: str = "continuous",
                    image_root: str | None = None, ndigits: int | None = None) -> dict:
     """A record as a contract dict. `box_format`: "pixel" (floats, rounded to `ndigits` if given), "norm1000"
-    (bins via the codec) or "tokens" (coord-token strings). Image paths are made relative to `image_root`."""
+    (bins via the codec), "qwen1000" (ints 0..1000, rounded) or "tokens" (coord-token strings). Image paths are
+    made relative to `image_root`."""
     def enc(v, n):
         v = np.asarray(v, np.float64)
         if box_format == "pixel":
             px = np.asarray(codec.norm_to_pixels(v, r.width, r.height, pixel_mode))
             return [round(float(x), ndigits) if ndigits is not None else float(x) for x in px]
+        if box_format == "qwen1000":
+            return [int(x) for x in np.asarray(codec.norm_to_qwen1000(v))]
         k = codec.box_to_bins(v, pixel_mode) if n == 4 else codec.norm_to_bins(v)
         k = [int(x) for x in np.asarray(k)]
         return k if box_format == "norm1000" else [f"<|coord_{x}|>" for x in k]
 
-    if box_format not in ("pixel", "norm1000", "tokens"):
-        raise ValueError(f"box_format must be pixel, norm1000 or tokens, got {box_format!r}")
+    if box_format not in ("pixel", "norm1000", "qwen1000", "tokens"):
+        raise ValueError(f"box_format must be pixel, norm1000, qwen1000 or tokens, got {box_format!r}")
     objs = []
     for o in r.objects:
         d = {"desc": o.desc}

@@ -60,6 +60,35 @@ def test_coordexp_floor_ceil():
     assert np.all(dec[:, :2] <= box[:, :2] + 1e-9) and np.all(dec[:, 2:] >= box[:, 2:] - 1e-9)
 
 
+def test_qwen1000_grid():
+    # Qwen3-VL's text grounding grid: q / 1000 with 1000 itself the far edge (fractions.Fraction as the exact
+    # reference: q / 1000 is the float nearest the rational, and rounding 1000 c is checked on exact halves).
+    from fractions import Fraction
+
+    q = np.arange(1001)
+    c = codec.qwen1000_to_norm(q)
+    assert c.dtype == np.float64 and all(float(Fraction(int(k), 1000)) == v for k, v in zip(q, c))
+    np.testing.assert_array_equal(codec.norm_to_qwen1000(c), q)  # exact round trip on the grid
+    np.testing.assert_array_equal(codec.norm_to_qwen1000(np.array([-0.2, 1.3, 0.0005, 0.0015])), [0, 1000, 0, 2])
+    w, h = 640, 480
+    np.testing.assert_array_equal(codec.qwen1000_to_px(np.array([0, 0, 1000, 1000]), w, h), [0, 0, w, h])
+    np.testing.assert_array_equal(codec.qwen1000_to_px(np.array([0, 0, 1000, 1000]), w, h, "coordexp"),
+                                  [0, 0, w - 1, h - 1])
+    # pixels -> q -> pixels within half a grid step (q = round(1000 x / W)); 1e-9 px: float64 rounding of x/W*1000
+    rng = np.random.default_rng(0)
+    pts = rng.uniform(0, 1, (200, 4)) * [w, h, w, h]
+    back = codec.qwen1000_to_px(codec.px_to_qwen1000(pts, w, h), w, h)
+    assert np.all(np.abs(back - pts) <= 0.5 * np.array([w, h, w, h]) / 1000 + 1e-9)
+    # the grid is not the bins': q / 1000 != q / 999 except at 0
+    assert np.all(codec.qwen1000_to_norm(q[1:1000]) != codec.bins_to_norm(q[1:1000]))
+    # jax in, jax out, same values: XLA may divide by multiplying with the reciprocal, so within one float32 ulp
+    # at 1 (2^-23) of the correctly rounded q / 1000, on any CPU
+    cj = codec.qwen1000_to_norm(jnp.arange(1001))
+    assert isinstance(cj, jax.Array) and cj.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(cj), (np.arange(1001) / 1000).astype(np.float32), rtol=0, atol=2**-23)
+    np.testing.assert_array_equal(np.asarray(codec.norm_to_qwen1000(cj)), q)
+
+
 def test_ids_and_jax(tids):
     k = np.array([0, 5, 999])
     ids = codec.bins_to_ids(k, tids)

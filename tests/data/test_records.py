@@ -103,6 +103,33 @@ def test_box_formats_and_codec_round_trip():
     assert d["objects"][0]["bbox_2d"] == ["<|coord_0|>", "<|coord_100|>", "<|coord_500|>", "<|coord_999|>"]
 
 
+def test_qwen1000_box_format():
+    """Qwen3-VL's 0..1000 grid: q/1000 exactly (norm1000 would read q/999, 0.1% off, and refuse 1000); 1000 is the
+    image edge, 1001 is refused naming the record; written back unchanged."""
+    base = {"images": ["a.png"], "width": 640, "height": 480}
+    rec = {**base, "objects": [{"desc": "a", "bbox_2d": [0, 100, 500, 1000]}, {"desc": "b", "bbox_2d": [1, 2, 3, 4]}]}
+    r = R.parse_record(rec, box_format="qwen1000", check_images="none")
+    assert [o.box for o in r.objects] == [(0.0, 0.1, 0.5, 1.0), (0.001, 0.002, 0.003, 0.004)]  # q / 1000 exactly
+    np.testing.assert_allclose(r.boxes_px()[0], [0, 48, 320, 480], rtol=0, atol=1e-9)  # 1000 -> H; float64 q/1000*H
+    for fmt in ("qwen1000", "pixel"):
+        d = R.record_to_json(r, box_format=fmt)
+        again = R.parse_record(d, box_format=fmt, check_images="none")
+        np.testing.assert_allclose(again.boxes(), r.boxes(), rtol=0, atol=1e-12)  # float64 round trip
+    assert R.record_to_json(r, box_format="qwen1000")["objects"][0]["bbox_2d"] == [0, 100, 500, 1000]
+    with pytest.raises(R.RecordError, match=r"q\.jsonl:7: bad_value: objects\[0\]\.bbox_2d in qwen1000 must be "
+                                            r"integers 0\.\.1000"):
+        R.parse_record({**base, "objects": [{"desc": "a", "bbox_2d": [0, 1, 2, 1001]}]}, where="q.jsonl:7",
+                       box_format="qwen1000", check_images="none")
+    with pytest.raises(R.RecordError, match="qwen1000 must be integers"):
+        R.parse_record({**base, "objects": [{"desc": "a", "bbox_2d": [0, 1, 2.5, 3]}]}, box_format="qwen1000",
+                       check_images="none")
+    # coordinate tokens stay bins (k/999) in every format
+    r2 = R.parse_record({**base, "objects": [{"desc": "a", "bbox_2d": ["<|coord_0|>", "<|coord_1|>",
+                                                                       "<|coord_2|>", "<|coord_999|>"]}]},
+                        box_format="qwen1000", check_images="none")
+    np.testing.assert_allclose(r2.objects[0].box, [0, 1 / 999, 2 / 999, 1.0], rtol=0, atol=1e-15)
+
+
 # ---------------------------------------------------------------- hypothesis properties
 W_H = st.tuples(st.integers(1, 4000), st.integers(1, 4000))
 
