@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from coordexp_jax import cli, evaluate, predict
+from coordexp_jax import evaluate, predict
 from coordexp_jax.train import __main__ as train_cli, export as export_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -272,6 +272,7 @@ def test_data_tools_errors(corpus, tmp_path, capsys):
 # --------------------------------------------------------------------------------------- the guard by itself
 
 def test_guard_collapses_lines_and_keeps_bug_tracebacks(capsys):
+    from coordexp_jax import cli
     from coordexp_jax.errors import CoordExpError
 
     def bad_record(argv):

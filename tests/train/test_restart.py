@@ -4,10 +4,12 @@ data.worker_count refused naming both counts."""
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from coordexp_jax.train import checkpoint, config as C, loop
 
@@ -45,8 +47,8 @@ def uninterrupted(tmp_path_factory):
     return d, res
 
 
-def test_max_minutes_stop_on_checkpoint_step_then_resume_and_rerun(tmp_path, uninterrupted, caplog):
-    ref_dir, ref = uninterrupted
+def test_max_minutes_stop_on_checkpoint_step_then_resume(tmp_path, uninterrupted, caplog):
+    ref_dir, _ = uninterrupted
     wd = str(tmp_path)
     # any positive limit is over after the first step; step 1 is a checkpoint step (ckpt_every=1), so the periodic
     # save and the save at the stop fall on the same step
@@ -61,16 +63,22 @@ def test_max_minutes_stop_on_checkpoint_step_then_resume_and_rerun(tmp_path, uni
     a, b = loop.read_metrics(ref_dir), loop.read_metrics(wd)
     # same data order and updates: the resumed run's losses are the uninterrupted run's, bit for bit
     assert [a[s]["loss"] for s in range(1, 6)] == [b[s]["loss"] for s in range(1, 6)]
+    stops = _stops(wd)
+    assert [(r["step"], r["reason"], r["steps_run"]) for r in stops] == [(1, "max_minutes", 1), (5, "steps", 4)]
+    assert "run the same command again to resume" in stops[0]["message"]
 
-    again = loop.train(_cfg(), wd, components=components())  # re-run of the finished run: nothing to train
+
+def test_rerun_of_finished_run(tmp_path, uninterrupted):
+    ref_dir, ref = uninterrupted
+    wd = str(tmp_path / "run")
+    shutil.copytree(ref_dir, wd)
+    again = loop.train(_cfg(), wd, components=components())  # nothing to train: restores the final checkpoint
     assert again["step"] == 5 and again["stop_reason"] == "complete" and again["steps_run"] == 0
     for x, y in zip(jax.tree.leaves(ref["state"].params), jax.tree.leaves(again["state"].params)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # the restored final state, unchanged
-    stops = _stops(wd)
-    assert [(r["step"], r["reason"], r["steps_run"]) for r in stops] == [(1, "max_minutes", 1), (5, "steps", 4),
-                                                                       (5, "complete", 0)]
-    assert "run the same command again to resume" in stops[0]["message"]
-    assert loop.read_metrics(wd, "stop")[5]["reason"] == "complete"
+    assert [(r["step"], r["reason"]) for r in _stops(wd)] == [(5, "steps"), (5, "complete")]
+    assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == sorted(os.listdir(os.path.join(ref_dir,
+                                                                                                "checkpoints")))
 
 
 def test_stop_after_on_checkpoint_step(tmp_path):
@@ -91,3 +99,60 @@ def test_resume_with_another_worker_count_names_both(tmp_path):
     with pytest.raises(checkpoint.IncompatibleCheckpointError,
                        match=r"data\.worker_count=0, but this run has data\.worker_count=2.*worker_count=0"):
         loop.train(_cfg(**{"data.worker_count": 2}), str(tmp_path), components=components())
+
+
+TINY_CONFIG = """
+from coordexp_jax.train.config import base_config
+
+
+def get_config():
+    c = base_config()
+    c.model.preset = "tiny"
+    c.data.kind = "jsonl"
+    c.data.path = {path!r}
+    c.data.image_size = 64
+    c.data.seq_len = 128
+    c.data.batch_size = 2
+    c.data.num_eval = 0
+    c.train.steps = 2
+    c.train.ckpt_every = 1
+    c.train.progress = False
+    c.train.tensorboard = False
+    c.train.async_checkpoint = False
+    c.eval.at_end = False
+    return c
+"""
+
+
+@pytest.mark.slow
+def test_cli_restarts_keep_final_model(tmp_path, capsys):
+    """The real CLI (tiny Qwen3-VL): a max_minutes stop on a checkpoint step writes final_model and exits 0, the
+    same command resumes and finishes, and a third run of it reports the run complete and keeps final_model."""
+    from coordexp_jax.train import __main__ as train_cli
+    from coordexp_jax.train.export import load_trained_model
+    from coordexp_jax.weights.checkpoint import load_checkpoint
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    shutil.copy(os.path.join(root, "fixtures", "data", "bad_inputs", "good.png"), tmp_path / "good.png")  # 64x48
+    rec = {"images": ["good.png"], "width": 64, "height": 48, "objects": [{"desc": "cat", "bbox_2d": [4, 5, 30, 40]}]}
+    (tmp_path / "d.jsonl").write_text((json.dumps(rec) + "\n") * 4)
+    (tmp_path / "tiny.py").write_text(TINY_CONFIG.format(path=str(tmp_path / "d.jsonl")))
+    wd = tmp_path / "run"
+    final = wd / "final_model" / "model_config.json"
+    argv = ["train", "--config", str(tmp_path / "tiny.py"), "--workdir", str(wd)]
+
+    assert train_cli.main(argv + ["--config.train.max_minutes=1e-9"]) == 0
+    assert "done: step 1 of 2 (max_minutes)" in capsys.readouterr().out
+    assert final.is_file()
+    assert train_cli.main(argv) == 0
+    assert "done: step 2 of 2 (steps)" in capsys.readouterr().out
+    written = final.stat().st_mtime_ns
+    assert train_cli.main(argv) == 0
+    assert "done: step 2 of 2 (complete)" in capsys.readouterr().out
+    assert final.stat().st_mtime_ns == written  # the finished run's final_model is kept, not rewritten
+    assert [r["reason"] for r in _stops(str(wd))] == ["max_minutes", "steps", "complete"]
+    _, model, step = load_trained_model(str(wd))
+    _, exported = load_checkpoint(str(wd / "final_model"))
+    assert step == 2
+    for x, y in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), jax.tree.leaves(nnx.state(exported, nnx.Param))):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
