@@ -114,6 +114,8 @@ def corpus(tmp_path_factory):
     c["config"] = str(d / "tiny.py")
     (d / "tiny.py").write_text(TINY_CONFIG.format(good=good))
     (d / "syntax.py").write_text("def get_config(:\n    pass\n")
+    (d / "bad_override.py").write_text(TINY_CONFIG.format(good=good).replace(
+        "    return c", "    c.model.overrides = {'text': {'hiden_size': 96}}\n    return c"))
     (d / "unknown_key.py").write_text(TINY_CONFIG.format(good=good).replace("    return c", "    c.optim.lrr = 1.0\n"
                                                                           "    return c"))
     c["no_lm_head"] = _hf_without_lm_head(c["config"], str(d / "hf_no_lm_head"))
@@ -148,7 +150,8 @@ def _train(c, tmp_path, *args, config=None):
 
 
 @pytest.mark.parametrize("case", ["missing_config", "config_syntax", "config_unknown_key", "override_unknown_key",
-                                  "override_bad_type", "override_out_of_range", "unknown_flag", "no_config"])
+                                  "override_bad_type", "override_out_of_range", "unknown_flag", "no_config",
+                                  "model_override_field"])
 def test_train_config_errors(case, corpus, tmp_path, capsys):
     d = corpus["dir"]
     argv, needles = {
@@ -160,6 +163,8 @@ def test_train_config_errors(case, corpus, tmp_path, capsys):
         "override_out_of_range": (_train(corpus, tmp_path, "--config.train.steps=-1"), ["train.steps", "-1"]),
         "unknown_flag": (_train(corpus, tmp_path, "--wrokdir=x"), ["wrokdir"]),
         "no_config": (["train"], ["--config is required"]),
+        "model_override_field": (_train(corpus, tmp_path, config=str(d / "bad_override.py")),
+                                 ["model.overrides.text.hiden_size"]),
     }[case]
     _expect(capsys, train_cli.main, argv, *needles)
 

@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from coordexp_jax.errors import CoordExpError
+from coordexp_jax.train.config import ConfigError
 from coordexp_jax.data.tokenizer import NUM_BINS, SMALL_TOKENIZER_DIR, TokenIds
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ def _replace_nested(obj, overrides: dict, where: str):
     fields = {f.name for f in dataclasses.fields(obj)}
     for k, v in overrides.items():
         if k not in fields:
-            raise ValueError(f"config key '{where}.{k}': {type(obj).__name__} has no field '{k}' "
+            raise ConfigError(f"config key '{where}.{k}': {type(obj).__name__} has no field '{k}' "
                              f"(fields: {sorted(fields)})")
         cur = getattr(obj, k)
         if dataclasses.is_dataclass(cur):
@@ -101,7 +102,7 @@ def model_config(cfg, ids: TokenIds):
 
         mc = checkpoint_config(path)  # the head as the loader resolves it (tied config + differing lm_head: untied)
         if mc.vocab_size != ids.vocab_size:
-            raise ValueError(f"model.checkpoint {path} has vocab_size {mc.vocab_size} but the tokenizer has "
+            raise ConfigError(f"model.checkpoint {path} has vocab_size {mc.vocab_size} but the tokenizer has "
                              f"{ids.vocab_size} ids (expand the vocabulary with tools/expand_coord_vocab.py)")
     else:
         mc = ModelConfig.preset(cfg.model.preset).with_vocab_size(ids.vocab_size)
@@ -111,7 +112,8 @@ def model_config(cfg, ids: TokenIds):
     if over:
         mc = _replace_nested(mc, over, "model.overrides")
     if ids.coord_start + NUM_BINS > mc.vocab_size:
-        raise ValueError(f"coordinate ids [{ids.coord_start}, {ids.coord_start + NUM_BINS}) exceed vocab_size {mc.vocab_size}")
+        raise ConfigError(f"coordinate ids [{ids.coord_start}, {ids.coord_start + NUM_BINS}) exceed vocab_size "
+                          f"{mc.vocab_size} (config key 'tokenizer.path' / 'model.checkpoint')")
     return mc
 
 
@@ -260,7 +262,7 @@ def data_specs(cfg) -> tuple[list, list | None]:
 def per_process_batch(global_batch: int) -> int:
     n = jax.process_count()
     if global_batch % n:
-        raise ValueError(f"config key 'data.batch_size' = {global_batch} is not divisible by {n} processes")
+        raise ConfigError(f"config key 'data.batch_size' = {global_batch} is not divisible by {n} processes")
     return global_batch // n
 
 
