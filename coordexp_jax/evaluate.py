@@ -169,10 +169,11 @@ def eval_setup(cfg, model_config, max_records: int = 0):
     from coordexp_jax.data.pipeline import load_source
     from coordexp_jax.data.prompts import SampleEncoder
     from coordexp_jax.train import build
+    from coordexp_jax.train.config import ConfigError
 
     _, eval_specs = build.data_specs(cfg)
     if not eval_specs:
-        raise ValueError("the config has no evaluation data (set data.eval_path, or use data.kind='synthetic')")
+        raise ConfigError("the config has no evaluation data (set data.eval_path, or use data.kind='synthetic')")
     recs = []
     for spec in eval_specs:
         recs += load_source(spec)[0]

@@ -118,29 +118,33 @@ def corpus(tmp_path_factory):
         "    return c", "    c.model.overrides = {'text': {'hiden_size': 96}}\n    return c"))
     (d / "unknown_key.py").write_text(TINY_CONFIG.format(good=good).replace("    return c", "    c.optim.lrr = 1.0\n"
                                                                           "    return c"))
-    c["no_lm_head"] = _hf_without_lm_head(c["config"], str(d / "hf_no_lm_head"))
+    c["no_lm_head"], c["checkpoint"] = _checkpoints(c["config"], str(d / "hf_no_lm_head"), str(d / "ours"))
     return c
 
 
-def _hf_without_lm_head(config_path, out):
-    """An HF directory of the tiny untied model (the project tokenizer's vocabulary) with lm_head.weight deleted."""
+def _checkpoints(config_path, hf_out, ours_out):
+    """The tiny untied model of the config (the project tokenizer's vocabulary): an HF directory with lm_head.weight
+    deleted, and the model in our checkpoint format."""
     from flax import nnx
     from safetensors.numpy import load_file, save_file
 
     from coordexp_jax.model.qwen3vl import Qwen3VL
     from coordexp_jax.train import build, config as C
+    from coordexp_jax.weights.checkpoint import save_checkpoint
     from coordexp_jax.weights.hf import save_hf_checkpoint
 
     cfg = C.validate(C.load_config_file(config_path))
     ids = build.token_ids(cfg)
     mc = build.model_config(cfg, ids)
     assert not mc.tie_word_embeddings
-    save_hf_checkpoint(Qwen3VL(mc, rngs=nnx.Rngs(0)), mc, out)
-    f = os.path.join(out, "model.safetensors")
+    model = Qwen3VL(mc, rngs=nnx.Rngs(0))
+    save_checkpoint(ours_out, model, mc)
+    save_hf_checkpoint(model, mc, hf_out)
+    f = os.path.join(hf_out, "model.safetensors")
     t = load_file(f)
     del t["lm_head.weight"]
     save_file(t, f, metadata={"format": "pt"})
-    return out
+    return hf_out, ours_out
 
 
 # ---------------------------------------------------------------------------------------------- python -m ...train
@@ -211,6 +215,8 @@ def test_evaluate_errors(corpus, tmp_path, capsys):
     _expect(capsys, evaluate.main, ["--config", cfg, "--checkpoint", str(tmp_path / "gone"), "--out", out], "gone")
     _expect(capsys, evaluate.main, ["--config", cfg, "--checkpoint", corpus["no_lm_head"], "--out", out], "lm_head")
     _expect(capsys, evaluate.main, ["--config", cfg, "--out", out], "--checkpoint")  # argparse: a missing argument
+    _expect(capsys, evaluate.main, ["--config", cfg, "--checkpoint", corpus["checkpoint"], "--out", out],
+            "no evaluation data")
 
 
 def test_predict_errors(corpus, tmp_path, capsys):
