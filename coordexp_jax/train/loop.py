@@ -312,11 +312,10 @@ def train(cfg, workdir: str, *, components: Components | None = None, eval_hook:
             ckpt.save(step, state, comps.data_iter, force=True)
             saved_step = step
         ckpt.wait()
-        if reason == "complete":  # a re-run of a finished run: evaluate only if the earlier call did not
+        if reason == "complete":  # a re-run of a finished run: the end's evaluation as the earlier call logged it
+            # (never re-run: every process must take the same branch, and only process 0 has metrics.jsonl)
             eval_res = {k: v for k, v in read_metrics(workdir, "eval").get(step, {}).items()
                         if k not in ("step", "kind")}
-            if cfg.eval.at_end and not eval_res:
-                eval_res = run_eval(step)
         elif cfg.eval.at_end and reason in ("steps", "max_minutes"):  # the run's end (steps or train.max_minutes)
             eval_res = run_eval(step)
     finally:
