@@ -15,7 +15,8 @@ from coordexp_jax.model.inputs import build_model_inputs, build_vision_inputs, g
 from coordexp_jax.model.qwen3vl import Qwen3VL, param_count
 from coordexp_jax.model.sharding import LOGICAL_AXES, logical_partition_specs
 
-# bf16 params + bf16 compute vs float32, tiny random model, logits of magnitude ~1: documented in docs/model.md
+# bf16 params + bf16 compute vs float32, tiny random model: max |dlogit| as a fraction of the largest float32
+# |logit| (~1 here, so ~5 bf16 ulps; measured 0.0056): documented in docs/model.md
 BF16_TOL = 0.02
 
 
@@ -74,6 +75,7 @@ def test_random_init_follows_initializer_range():
                     (lm.embed_tokens.embedding[: cfg.text.vocab_size], 0.1), (m.lm_head.kernel, 0.1),
                     (m.visual.blocks[0].attn.qkv.kernel, 0.05), (m.visual.patch_embed.kernel, 0.05),
                     (m.visual.merger.linear_fc2.kernel, 0.05)]:
+        # statistical, not float: the sample std of >= 3072 normal draws is within ~1.3% (1 sigma; seen <= 0.6%)
         np.testing.assert_allclose(float(jnp.std(w[...])), want, rtol=0.08)
     default = Qwen3VL(base, rngs=nnx.Rngs(0))
     np.testing.assert_allclose(float(jnp.std(default.language_model.layers[0].self_attn.q_proj.kernel[...])), 0.02,
@@ -97,7 +99,8 @@ def test_vision_builder_matches_torch_interpolate():
                         align_corners=True)[0].permute(1, 2, 0).numpy()  # [h,w,D]
     rc = arrays["vision_rope_rc"][0, :h * w]
     got = (table[arrays["vision_pos_taps"][0, :h * w]] * arrays["vision_pos_weights"][0, :h * w, :, None]).sum(1)
-    np.testing.assert_allclose(got, ref[rc[:, 0], rc[:, 1]], atol=1e-5)
+    # float32 bilinear blends of the table (4 taps, weights in [0, 1]): a few ulps of the largest entry
+    np.testing.assert_allclose(got, ref[rc[:, 0], rc[:, 1]], atol=1e-5 * np.abs(table).max())
     # block order: every 4 consecutive patches form one 2x2 window
     assert (rc[:4] == [[0, 0], [0, 1], [1, 0], [1, 1]]).all() and (rc[4:8] == [[0, 2], [0, 3], [1, 2], [1, 3]]).all()
 
@@ -127,7 +130,7 @@ def test_bf16_close_to_f32():
     s16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), s)  # same weights, rounded to bf16
     out = np.asarray(_logits(g16, s16, b))[..., : cfg.vocab_size]
     err = np.abs(out - ref).max()
-    assert err <= BF16_TOL, err
+    assert err <= BF16_TOL * np.abs(ref).max(), (err, np.abs(ref).max())
     assert err > 0  # it really ran in bf16
 
     print("bf16 max |dlogit|", err)
@@ -147,4 +150,6 @@ def test_remat_grads_equal():
     g_remat, s_remat = nnx.split(Qwen3VL(cfg, rngs=nnx.Rngs(1), remat=True))
     a, c = gr(g, nnx.state(s, nnx.Param)), gr(g_remat, nnx.state(s_remat, nnx.Param))
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(c)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7)
+        # the same float32 ops recomputed (XLA may fuse them differently): ulps of the leaf's largest gradient
+        # (seen <= 3e-7 of it)
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-5 * np.abs(np.asarray(y)).max())
