@@ -52,7 +52,11 @@ def test_hungarian_matches_scipy_on_1000_problems():
             _check_assignment(p2g[b], rv[b], cv[b])
             rows = np.nonzero(p2g[b] >= 0)[0]
             assert len(rows) == min(c.shape)
-            np.testing.assert_allclose(c[rows, p2g[b][rows]].sum(), c[r, col].sum(), rtol=1e-5, atol=1e-4)
+            # assign pads the real block with pad (matching._hungarian), so optax's float32 Hungarian works at that
+            # scale and may settle a near-tie a few float32 ulps of pad off the optimum (seen: 2.5 ulps, 2 of the
+            # 1000 problems; comparisons only, so ISA-independent); 16 ulps of pad, rtol for the float32 sums
+            pad = (min(c.shape) + 1) * (np.abs(c).max() + 1)
+            np.testing.assert_allclose(c[rows, p2g[b][rows]].sum(), c[r, col].sum(), rtol=1e-5, atol=16 * 2**-23 * pad)
 
 
 def _augmented_reference(c, fp, fn):
@@ -94,7 +98,9 @@ def test_dummy_fp_fn_option(method):
         _check_assignment(p2g[b], rv[b], cv[b])
         rows = np.nonzero(p2g[b] >= 0)[0]
         total = costs[b][rows, p2g[b][rows]].sum() + 1.0 * (n - len(rows)) + 1.2 * (m - len(rows))
-        assert total == pytest.approx(refs[b], abs=1e-4)
+        # well separated (any other assignment costs >= ~0.8 more): only the float32 rounding of the positive
+        # costs (<= 2**-24 of the total) separates the totals
+        assert total == pytest.approx(refs[b], rel=1e-5)
 
 
 def _separated_box_problem(rng, n, m, p):
@@ -159,7 +165,8 @@ def test_match_gate_masks_desc_and_stop_gradient():
     c = np.asarray(jax.jit(lambda p, g: M.box_cost_matrix(p, g, 2.0, 3.0))(pred, gt))
     can_p, can_g = np.asarray(boxes.canonicalize(np.nan_to_num(np.asarray(pred)))), np.asarray(boxes.canonicalize(gt))
     ref = 2 * boxes.pairwise_l1(can_p, can_g) + 3 * (1 - boxes.pairwise_giou(can_p, can_g))
-    np.testing.assert_allclose(c[[0, 1, 3]], ref[[0, 1, 3]], atol=1e-5)
+    # float32 vs float64: a few ulps of the largest cost (seen 8e-8 of it)
+    np.testing.assert_allclose(c[[0, 1, 3]], ref[[0, 1, 3]], atol=1e-6 * np.abs(ref[[0, 1, 3]]).max())
     assert np.all(c[2] == M.cost_bound(2.0, 3.0))
     with pytest.raises(ValueError, match="method"):
         M.assign(np.ones((2, 2)), method="auction")
