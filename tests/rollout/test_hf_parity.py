@@ -73,10 +73,13 @@ def test_greedy_matches_hf_generate(case):
         n = lengths[b]
         lg = hf_logits[b, :n].astype(np.float64)
         ref_lp = log_softmax(lg, -1)[np.arange(n), hf_toks[b, :n]]
-        np.testing.assert_allclose(out.logprobs[b, :n], ref_lp, atol=2e-4)
+        # our float32 logits match HF's to ~1e-6 of the largest |logit| (test_qwen3vl_parity); a log-prob moves by
+        # <= 2 max |dlogit| and an expectation in [0, 1] by about as much: 2e-4 / 1e-4 of that scale (seen 7e-7)
+        scale = max(1.0, np.abs(lg).max())
+        np.testing.assert_allclose(out.logprobs[b, :n], ref_lp, atol=2e-4 * scale)
         p = softmax(lg[:, 400:900], -1)
         chat = np.where(tid.is_coord(hf_toks[b, :n]), p @ (np.arange(500) / 499), np.nan)
-        np.testing.assert_allclose(out.coord_expectation[b, :n], chat, atol=1e-4)
+        np.testing.assert_allclose(out.coord_expectation[b, :n], chat, atol=1e-4 * scale)
 
 
 def test_real_model_second_batch_in_same_buckets_does_not_recompile(case):

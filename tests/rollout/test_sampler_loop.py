@@ -88,7 +88,9 @@ def test_greedy_matches_reference_with_per_row_stop(model, tid):
         assert out.row(b) == gen, (b, out.row(b), gen)
         assert out.lengths[b] == len(gen)
         assert bool(out.finished[b]) == (gen[-1] == stop)
-        np.testing.assert_allclose(out.logprobs[b, :len(gen)], lps, atol=2e-4)
+        # cached float32 decoding vs the naive recompute: log-probs of order 1-5 within ~1e-6 of them (seen 2e-6),
+        # expectations in [0, 1] within ~2e-7; atol 2e-4 of the log-prob scale, 2e-5 of the unit range
+        np.testing.assert_allclose(out.logprobs[b, :len(gen)], lps, atol=2e-4 * max(1.0, np.abs(lps).max()))
         np.testing.assert_allclose(out.coord_expectation[b, :len(gen)], chats, atol=2e-5)
         assert np.all(out.tokens[b, len(gen):] == tid.pad) and np.all(out.logprobs[b, len(gen):] == 0)
     assert out.finished[1] and out.lengths[1] == 5
@@ -106,7 +108,7 @@ def test_sampled_rollout_is_seeded_and_consistent(model, tid):
     # teacher-force the sampled tokens through the reference: model log-probs (T=1) must agree
     ref = reference_rollout(model, batch, tid, T, lambda x, b, k: int(a.tokens[b, k]))
     for b, (gen, lps, _) in enumerate(ref):
-        np.testing.assert_allclose(a.logprobs[b, :len(gen)], lps, atol=2e-4)
+        np.testing.assert_allclose(a.logprobs[b, :len(gen)], lps, atol=2e-4 * max(1.0, np.abs(lps).max()))  # as above
     # the sampling log-prob is the log-prob under the processed distribution, so >= the model one here (T < 1
     # sharpens, top-k/top-p renormalise); exact check on the first step through the prefill logits
     assert np.all(a.sample_logprobs <= 0)
