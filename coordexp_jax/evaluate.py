@@ -134,6 +134,7 @@ def _image_result(i: int, x: dict, key: str, pixel_mode: str) -> M.ImageResult:
 def _write_outputs(out_dir: str, rows: list[dict], metrics: dict, encoder, config: EvalConfig) -> None:
     from PIL import Image
 
+    from coordexp_jax.data.image import load_image
     from coordexp_jax.data.tokenizer import decode_ids
     from coordexp_jax.visualize import draw_prediction, write_html
 
@@ -154,8 +155,8 @@ def _write_outputs(out_dir: str, rows: list[dict], metrics: dict, encoder, confi
             f.write(json.dumps(line) + "\n")
             if "parsed" in x and len(entries) < config.num_pictures:
                 gt = [{"desc": o.desc, "bbox": list(b)} for o, b in zip(r.objects, r.boxes_px(encoder.cfg.pixel_mode))]
-                with Image.open(r.image) as im:
-                    pic = draw_prediction(im, x["pred"], gt)
+                # the image as the model saw it (EXIF orientation applied): the frame of the boxes
+                pic = draw_prediction(Image.fromarray(load_image(r.image)), x["pred"], gt)
                 name = f"pictures/{i:05d}.png"
                 pic.save(os.path.join(out_dir, name))
                 entries.append({"image": name, "caption": f"{os.path.basename(r.image)} [{r.task}]\n"
@@ -166,7 +167,7 @@ def _write_outputs(out_dir: str, rows: list[dict], metrics: dict, encoder, confi
 def eval_setup(cfg, model_config, max_records: int = 0):
     """(records, encoder, EvalConfig) of a training config's evaluation data, read and validated as the training
     pipeline reads its sources (`data.pipeline.load_source`), with the training prompt and image settings."""
-    from coordexp_jax.data.pipeline import load_source
+    from coordexp_jax.data.pipeline import image_check, load_source
     from coordexp_jax.data.prompts import SampleEncoder
     from coordexp_jax.train import build
     from coordexp_jax.train.config import ConfigError
@@ -174,12 +175,13 @@ def eval_setup(cfg, model_config, max_records: int = 0):
     _, eval_specs = build.data_specs(cfg)
     if not eval_specs:
         raise ConfigError("the config has no evaluation data (set data.eval_path, or use data.kind='synthetic')")
+    pcfg = build.prompt_config(cfg, model_config)
     recs = []
-    for spec in eval_specs:
-        recs += load_source(spec)[0]
+    for spec in eval_specs:  # images the processor refuses at these settings: skipped (counted) as in training
+        recs += load_source(spec, image_check(pcfg.image, pcfg.patches_per_slot))[0]
     n = max_records or cfg.eval.num_images
     recs = recs[:n] if n else recs
-    encoder = SampleEncoder(build.prompt_config(cfg, model_config), tokenizer_dir=build.tokenizer_dir(cfg))
+    encoder = SampleEncoder(pcfg, tokenizer_dir=build.tokenizer_dir(cfg))
     ecfg = EvalConfig(batch_size=cfg.eval.batch_size, num_pictures=cfg.eval.num_pictures)
     return recs, encoder, ecfg
 

@@ -127,13 +127,16 @@ def predict(args) -> dict:
         raise PredictError(f"--max-new-tokens must be in [1, --max-len={args.max_len}), got {args.max_new_tokens}")
     if not os.path.isfile(args.image):
         raise PredictError(f"--image {args.image}: file not found")
-    img = image_lib.load_image(args.image)  # ImageLoadError names the file
+    img = image_lib.load_image(args.image)  # ImageLoadError names the file; EXIF orientation applied, as in training
     H0, W0 = img.shape[:2]
     tok = _tokenizer(args)
     tid = token_ids_from_tokenizer(tok)
     im_kw = {k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels)) if v is not None}
     pcfg = PromptConfig(protocol=args.protocol, image=image_lib.ImageConfig(**im_kw), min_text_len=16,
                         max_text_len=args.max_len)
+    problem = image_lib.processing_problem(H0, W0, pcfg.image)  # e.g. aspect ratio > 200: before loading weights
+    if problem is not None:
+        raise PredictError(f"--image {args.image}: {problem}")
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     config, model = load_checkpoint(args.checkpoint, dtype)
     if tid.vocab_size > config.vocab_size:
