@@ -196,9 +196,8 @@ def add_coord_tokens(tokenizer, *, with_tags: bool = False) -> int:
 
     Returns the number of tokens added. Tokens already present are not added twice.
     """
-    new = [t for t in coord_tokens() if t not in tokenizer.get_vocab()]
-    if with_tags:
-        new += [t for t in TAG_TOKENS if t not in tokenizer.get_vocab()]
+    vocab = tokenizer.get_vocab()  # once: it is a fresh dict of the whole vocabulary per call
+    new = [t for t in coord_tokens() + (list(TAG_TOKENS) if with_tags else []) if t not in vocab]
     return tokenizer.add_tokens([plain_token(t) for t in new]) if new else 0
 
 
