@@ -211,8 +211,9 @@ def _synthetic_sources(cfg) -> tuple[list, list]:
                                max_objects=cfg.data.max_objects)
     out = synthetic_dir(cfg)
     paths = syn.ensure_dataset(out, cfg.data.num_train, max(cfg.data.num_eval, 1), seed=cfg.data.seed, cfg=scfg)
-    return ([SourceSpec("synthetic", paths["train"]["jsonl"])],
-            [SourceSpec("synthetic_val", paths["val"]["jsonl"])])
+    key = "grounding" if cfg.data.synthetic_task == "grounding" else "jsonl"  # one record per unique phrase
+    return ([SourceSpec("synthetic", paths["train"][key])],
+            [SourceSpec("synthetic_val", paths["val"][key])])
 
 
 def _fusion_specs(cfg) -> list:

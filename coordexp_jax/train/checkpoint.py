@@ -180,13 +180,17 @@ def fingerprint(cfg, vocab_size: int, trainable_names: list[str]) -> dict:
     model = dict(c["model"])
     model.pop("remat", None)  # recomputation does not change the parameters
     model.pop("dtype", None)
-    return {
+    out = {
         "model": json.loads(json.dumps(model)),
         "lora": json.loads(json.dumps(c["lora"])),
         "vocab_size": int(vocab_size),
         "trainable": {"count": len(trainable_names), "hash": _hash(trainable_names)},
         "data_iter": {"worker_count": int(c.get("data", {}).get("worker_count", 0))},
     }
+    kind = c.get("train", {}).get("kind", "sft")
+    if kind != "sft":  # a GRPO state counts updates, not steps: never resumed as an SFT run (nor the reverse)
+        out["train_kind"] = kind
+    return out
 
 
 def _hash(names: list[str]) -> str:

@@ -86,6 +86,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.min_objects = 1
     c.data.seed = 0
     c.data.worker_count = 0
+    c.data.synthetic_task = "detection"  # synthetic records read: 'detection' or 'grounding' (one per unique phrase)
 
     c.loss = ml_collections.ConfigDict()
     c.loss.ce = 1.0
@@ -135,6 +136,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.rules = DEFAULT_RULES
 
     c.train = ml_collections.ConfigDict()
+    c.train.kind = "sft"  # 'sft' (Stage-1, with Stage-2 steps when stage2.ratio > 0) | 'grpo' (train/grpo_loop.py)
     c.train.steps = 100
     c.train.grad_accum = 1
     c.train.seed = 0
@@ -168,7 +170,38 @@ def base_config() -> ml_collections.ConfigDict:
     c.stage2.desc_weight = 8.0  # matching cost of a description mismatch
     c.stage2.use_expectation = True  # match with the rollout's expectation boxes
     c.stage2.max_new_tokens = 0  # rollout length; 0 = eval.max_new_tokens
+
+    # GRPO (train.kind = 'grpo', train/grpo_loop.py): G sampled answers per prompt, rewards, group advantages,
+    # PPO-clip objective with a k3 KL to the starting weights (coordexp_method.md §8). train.steps counts rollout
+    # batches; each is used for `mu` optimizer updates.
+    c.grpo = ml_collections.ConfigDict()
+    c.grpo.num_generations = 8  # G: samples per prompt (a step rolls out data.batch_size x G answers)
+    c.grpo.temperature = 1.0  # sampling temperature (> 0); log-probs are taken at the same temperature
+    c.grpo.top_k = 0  # 0 = off
+    c.grpo.top_p = 1.0  # 1 = off
+    c.grpo.max_new_tokens = 0  # rollout length; 0 = eval.max_new_tokens
+    c.grpo.rewards = _reward_weights()  # reward name (rl/rewards.py REWARDS) -> weight; 0 = not computed
+    c.grpo.advantage = "grpo"  # rl/advantages.py kind
+    c.grpo.advantage_eps = 1e-4  # (r - mean) / (std + eps)
+    c.grpo.epsilon = 0.2  # PPO clip: ratio in [1 - epsilon, 1 + epsilon_high]
+    c.grpo.epsilon_high = 0.2
+    c.grpo.beta = 0.04  # weight of the k3 KL to the reference (the starting weights; with LoRA: adapters off)
+    c.grpo.mu = 1  # optimizer updates per rollout batch (old log-probs recorded before the first)
+    c.grpo.aggregation = "seq_mean_token_mean"  # train/grpo.py AGGREGATIONS (this one: DeepSeekMath's GRPO form)
+    c.grpo.protocol = ""  # answer protocol of prompts and rollouts; '' = data.protocol (else it replaces it)
+    c.grpo.logp_chunk = 256  # sequence chunk of the log-prob head (no [B, T, V] logits)
     return c
+
+
+# The reward set of the MMKD-RL-Grounding multi-box recipe (format + Gaussian point + Gaussian plane); every other
+# registered reward is listed with weight 0 so that a config may turn it on (and a typo is an unknown key).
+_DEFAULT_REWARDS = {"multi_box_format": 1.0, "multi_gaussian_point": 1.0, "multi_gaussian_plane": 1.0}
+
+
+def _reward_weights() -> ml_collections.ConfigDict:
+    from coordexp_jax.rl.rewards import REWARDS
+
+    return ml_collections.ConfigDict({k: float(_DEFAULT_REWARDS.get(k, 0.0)) for k in sorted(REWARDS)})
 
 
 class ConfigError(CoordExpError, ValueError):
@@ -257,6 +290,20 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "stage2.giou_weight": (_non_negative, ">= 0"),
     "stage2.desc_weight": (_non_negative, ">= 0"),
     "stage2.max_new_tokens": (_non_negative, ">= 0"),
+    "data.synthetic_task": (_one_of("detection", "grounding"), "'detection' or 'grounding'"),
+    "train.kind": (_one_of("sft", "grpo"), "'sft' or 'grpo'"),
+    "grpo.num_generations": (lambda v: v >= 2, ">= 2 (advantages compare samples of one prompt)"),
+    "grpo.temperature": (_positive, "> 0"),
+    "grpo.top_k": (_non_negative, ">= 0"),
+    "grpo.top_p": (lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
+    "grpo.max_new_tokens": (_non_negative, ">= 0"),
+    "grpo.advantage_eps": (_non_negative, ">= 0"),
+    "grpo.epsilon": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "grpo.epsilon_high": (_non_negative, ">= 0"),
+    "grpo.beta": (_non_negative, ">= 0"),
+    "grpo.mu": (_positive, ">= 1"),
+    "grpo.logp_chunk": (_positive, "> 0"),
+    "grpo.rewards.*": (_non_negative, ">= 0"),
 }
 
 _LOSS_WEIGHTS = ("ce", "coord_ce", "soft_ce", "w1", "gate", "text_gate", "l1", "giou", "smooth_l1", "ciou")
@@ -286,9 +333,9 @@ def _type_name(default: Any) -> str:
 
 def _range_check(key: str, value: Any) -> None:
     check = RANGES.get(key)
-    if check is None and key.count(".") == 2:  # optim.<group>.lr_mult
-        head, _, leaf = key.split(".")
-        check = RANGES.get(f"{head}.*.{leaf}")
+    if check is None and key.count(".") == 2:  # optim.<group>.lr_mult, grpo.rewards.<name>
+        head, mid, leaf = key.split(".")
+        check = RANGES.get(f"{head}.*.{leaf}") or RANGES.get(f"{head}.{mid}.*")
     if check is not None and not check[0](value):
         raise ConfigError(f"config key '{key}' = {value!r} is out of range: must be {check[1]}")
 
@@ -339,7 +386,35 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             raise ConfigError(f"config key 'optim.group_patterns': unknown group {g!r} (groups: {sorted(groups)})")
     if full.data.min_objects > full.data.max_objects:
         raise ConfigError("config key 'data.min_objects' must be <= data.max_objects")
+    if full.train.kind == "grpo":
+        _check_grpo(full)
     return full
+
+
+def _check_grpo(full: ml_collections.ConfigDict) -> None:
+    """Cross-key checks of a GRPO config; `grpo.protocol`, when set, becomes `data.protocol` (prompts and parsing
+    must agree)."""
+    from coordexp_jax.coord.protocols import PROTOCOLS
+    from coordexp_jax.rl.advantages import KINDS
+    from coordexp_jax.train.grpo import AGGREGATIONS
+
+    g = full.grpo
+    if g.aggregation not in AGGREGATIONS:
+        raise ConfigError(f"config key 'grpo.aggregation' = {g.aggregation!r} is out of range: must be one of "
+                          f"{AGGREGATIONS}")
+    if g.advantage not in KINDS:
+        raise ConfigError(f"config key 'grpo.advantage' = {g.advantage!r} is out of range: must be one of {KINDS}")
+    if full.stage2.ratio > 0:
+        raise ConfigError("config key 'stage2.ratio' must be 0 with train.kind='grpo' (GRPO steps are all rollouts)")
+    if g.protocol:
+        if g.protocol not in PROTOCOLS:
+            raise ConfigError(f"config key 'grpo.protocol' = {g.protocol!r} is out of range: must be one of "
+                              f"{PROTOCOLS}")
+        full.data.protocol = g.protocol
+    if not any(float(w) > 0 for w in g.rewards.values()):
+        raise ConfigError("config key 'grpo.rewards': every reward weight is 0 (set at least one > 0)")
+    if g.epsilon_high < g.epsilon:
+        raise ConfigError(f"config key 'grpo.epsilon_high' = {g.epsilon_high} must be >= grpo.epsilon = {g.epsilon}")
 
 
 def _merge(dst: ml_collections.ConfigDict, src: Any) -> None:
