@@ -19,7 +19,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def _subprocess_env(n):
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n}"
+    # keep the caller's XLA flags (e.g. --xla_cpu_max_isa) so the subprocesses run the same code path
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}".strip()
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(HERE)), env.get("PYTHONPATH", "")])
     return env
@@ -31,8 +32,11 @@ def test_sharded_step_equals_single_device():
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.split("RESULT ", 1)[1])
     res2 = res["accum2"]
+    # the sharded step sums the same float32 terms in another order (per-device partial sums, all-reduce): losses
+    # within ~1e-7 relative, each state leaf (params, Adam moments, EMA) within ~2e-6 of its largest entry (the
+    # squared moment doubles the gradients' relative error); seen 1.2e-7 / 1.7e-6
     np.testing.assert_allclose(res2["loss8"], res2["loss1"], rtol=2e-6)
-    assert res2["max_state_diff"] < 2e-6, res2
+    assert res2["state_rel_diff"] < 2e-5, res2
     specs = res["specs"]
     # the parameters really are sharded over every mesh axis
     assert specs["['embed_tokens']['embedding'].value"] == str(P("tensor", "fsdp"))
@@ -93,7 +97,7 @@ def test_two_processes_with_jax_distributed_agree_with_one(tmp_path):
     two = json.loads(outs[0][0].split("RESULT ", 1)[1])
     assert (one["processes"], two["processes"], two["devices"]) == (1, 2, 2)
     assert len(two["losses"]) == 4
-    np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-6)
+    np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-6)  # float32 losses, other summation order
 
 
 def test_real_model_sharded_step_equals_single_device(tmp_path):
@@ -105,8 +109,9 @@ def test_real_model_sharded_step_equals_single_device(tmp_path):
     for m1, m8 in zip(res["loss1"], res["loss8"]):
         assert m1["count/l1"] > 0 and m1["count/gate"] > 0
         for k in m1:
+            # float32 sums/counts in another order: relative; atol 1e-7 only for metrics that are 0
             np.testing.assert_allclose(m8[k], m1[k], rtol=5e-6, atol=1e-7, err_msg=k)
-    assert res["max_state_diff"] < 5e-6, res["max_state_diff"]
+    assert res["state_rel_diff"] < 2e-5, res["state_rel_diff"]  # each leaf vs its largest entry, as above (seen 7e-7)
     specs = res["specs"]
     emb = [v for k, v in specs.items() if "embed_tokens" in k][0]
     assert emb == str(P("tensor", "fsdp")), specs
