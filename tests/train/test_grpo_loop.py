@@ -7,6 +7,7 @@ each completion a reward computed from its token ids instead (`_varied_rewards`)
 and the updates move the weights.
 """
 
+import dataclasses
 import zlib
 
 import jax
@@ -300,3 +301,12 @@ def test_ground_truth_reads_the_rows_answers(tmp_path):
         np.testing.assert_allclose(np.array([b for _, b in g[:2]]), want[:2], rtol=0, atol=1e-6)
         np.testing.assert_allclose(g[2][1], codec.bins_to_box(codec.box_to_bins(want[2])), rtol=0, atol=1e-12)
         assert np.abs(g[2][1] - want[2]).max() <= 0.5 / 999 + 1e-9
+    # qwen_text writes the coordinates as text on Qwen's 0..1000 grid and gets no box slots: the boxes as written
+    pcfg = dataclasses.replace(pcfg, protocol="qwen_text", text_bucket=256)
+    enc = prompts.SampleEncoder(pcfg, tokenizer=tok)
+    batch = prompts.Collator(pcfg, ids, prompts.released_model_config(pcfg, ids))([enc(r) for r in recs])
+    assert not batch["box_valid"].any()
+    for r, g in zip(recs, GL.ground_truth(batch, tok, ids, "qwen_text")):
+        assert sorted(d for d, _ in g) == sorted(o.desc for o in r.objects)
+        for d, b in g:  # q / 1000 of the rounded integers: within half a grid step of the record's box
+            assert min(np.abs(b - np.asarray(o.box)).max() for o in r.objects if o.desc == d) <= 0.5 / 1000 + 1e-9
