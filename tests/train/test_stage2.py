@@ -112,6 +112,7 @@ def test_targets_from_a_hand_made_rollout(setup):
     # Box slots: the two matched (at rollout coordinates, gt boxes) and the FN (its appended coordinates).
     assert new["box_valid"][0].sum() == 3
     np.testing.assert_array_equal(new["box_pos"][0, 0], pos0 - 1)
+    # normalised boxes in [0, 1] stored as float32: within half an ulp (6e-8); atol 1e-6 of the unit range
     np.testing.assert_allclose(new["box_target"][0, 0], gt0[2][1], atol=1e-6)
     np.testing.assert_array_equal(new["box_pos"][0, 2], P + parsed.objects[3].positions - 1)
     np.testing.assert_allclose(new["box_target"][0, 2], gt0[1][1], atol=1e-6)
@@ -123,7 +124,7 @@ def test_targets_from_a_hand_made_rollout(setup):
     # Row 2 (a perfect rollout) equals its Stage-1 row.
     for k in ("input_ids", "targets", "loss_mask", "box_pos", "box_valid"):
         np.testing.assert_array_equal(new[k][2], batch[k][2])
-    np.testing.assert_allclose(new["box_target"][2], batch["box_target"][2], atol=1e-6)
+    np.testing.assert_allclose(new["box_target"][2], batch["box_target"][2], atol=1e-6)  # [0, 1], as above
 
 
 class _FreeHidden:
