@@ -64,15 +64,20 @@ def test_expand_hf_dir(src, tmp_path, init):
         assert b[k][:n_base].tobytes() == a[k][:n_base].tobytes()  # old rows unchanged
         new = b[k][n_base:]
         if init == "mean":
-            np.testing.assert_allclose(new, np.broadcast_to(a[k][:n_base].astype(np.float64).mean(0), new.shape), rtol=0, atol=1e-7)
-        else:
+            # the float64 mean (numpy, the same reduction as grow_rows) rounded once to the stored dtype: half an ulp
+            mean = a[k][:n_base].astype(np.float64).mean(0)
+            np.testing.assert_allclose(new, np.broadcast_to(mean, new.shape), rtol=np.finfo(new.dtype).eps, atol=0)
+        else:  # statistical: >= 1001 x hidden draws of N(0, 0.02), sample std / mean far inside 10% of 0.02
             assert abs(new.std() - 0.02) < 0.002 and abs(new.mean()) < 0.002
     # transformers loads it; logits of old tokens on an old-token prompt are unchanged
     re = Qwen3VLForConditionalGeneration.from_pretrained(dst, attn_implementation="eager").eval()
     x = torch.tensor([[1, 7, 30, 2, 99, n_base - 1]])
     with torch.no_grad():
         before, after = model(input_ids=x).logits.numpy(), re(input_ids=x).logits.numpy()
-    np.testing.assert_allclose(after[..., :n_base], before[..., :n_base], rtol=0, atol=1e-6)
+    # the same float32 torch model with more rows (a wider lm_head matmul may block differently): a few ulps of
+    # the largest logit (seen: bit-equal)
+    np.testing.assert_allclose(after[..., :n_base], before[..., :n_base], rtol=0,
+                               atol=1e-6 * np.abs(before[..., :n_base]).max())
 
 
 def test_in_memory_matches_hf_dir(src, tmp_path):

@@ -74,7 +74,7 @@ def test_round_trip_bitwise_and_transformers_reload(hf_dir, tmp_path, capsys):
     re, info = Qwen3VLForConditionalGeneration.from_pretrained(out, output_loading_info=True, attn_implementation="eager")
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     assert bool(re.config.tie_word_embeddings) == cfg.tie_word_embeddings
-    np.testing.assert_array_equal(_hf_logits(re.eval()), _hf_logits(model))
+    np.testing.assert_array_equal(_hf_logits(re.eval()), _hf_logits(model))  # bitwise-equal weights, same program
 
 
 def test_sharded_export_and_load(hf_dir, tmp_path):
