@@ -217,6 +217,15 @@ def bench_trl(a, cfg, hf_dir, recs_per_step):
         setattr(obj, name, g)
 
     wrap(trainer, "_tokenize_prompts", "prep")
+    first_prompt = []
+    tokenize = trainer._tokenize_prompts
+
+    def tokenize_kept(*x, **k):
+        out = tokenize(*x, **k)
+        if not first_prompt:
+            first_prompt.append([int(t) for t in out[0][0]])
+        return out
+    trainer._tokenize_prompts = tokenize_kept
     wrap(trainer, "_generate", "rollout_with_prep")
     wrap(trainer, "_calculate_rewards", "reward")
     logp = trainer._get_per_token_logps_and_entropies
@@ -248,6 +257,11 @@ def bench_trl(a, cfg, hf_dir, recs_per_step):
 
     trainer.add_callback(Steps())
     trainer.train()
+    _, grid = enc.load_pixels(flat[0])
+    ours = enc.prompt_ids(flat[0], int(np.prod(grid)) // img.merge_size ** 2)
+    same = first_prompt and first_prompt[0] == list(ours)
+    print(f"prompt of record 0: ours {len(ours)} tokens, TRL {len(first_prompt[0]) if first_prompt else '?'} tokens, "
+          f"{'identical' if same else 'DIFFERENT'}")
     return per_step, lengths
 
 

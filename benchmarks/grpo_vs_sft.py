@@ -7,13 +7,13 @@ budget (docs/training.md, "GRPO vs continued SFT").
 Both arms read the demo's synthetic set through its grounding files (`data.kind=jsonl`, train_grounding.jsonl /
 val_grounding.jsonl), so that a seed (`data.seed`: the data order; `train.seed`: GRPO's sampling keys) changes the
 order, not the set. Arms, each `--minutes` of training (`train.max_minutes`; evaluation excluded):
-- grpo: `configs/grpo_demo.py` (G = 8 samples per prompt, format + Gaussian point + Gaussian plane rewards);
+- grpo: `configs/grpo_demo.py` (G = 8 samples per prompt, Gaussian point + Gaussian plane rewards);
 - sft:  `configs/demo.py` on the same grounding records, the demo objective (ce + soft_ce + w1 + gate), at a
   constant lr (`--sft-lr`), batch 16.
 Both start from `--stage1`. Every model (the start and each arm's final model) is scored the same way: greedy
 rollouts of the first `--eval-records` held-out grounding records (the val split), `grpo_loop.score_records`: the
-mean reward under grpo_demo's weights, each reward's mean, the parse rate and Acc@0.5 (IoU >= 0.5 of the first
-box). Writes `OUT/results.json` and prints a markdown table.
+mean reward under grpo_demo's weights (Gaussian point + plane, in [0, 2]), each reward's mean (IoU and format
+too), the parse rate and Acc@0.5 (IoU >= 0.5 of the first box). Writes `OUT/results.json` and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -89,7 +89,8 @@ def score(model_dir: str, a) -> dict:
     cfg = C.validate(cfg)
     mc, model = load_checkpoint(model_dir)
     records, encoder, _ = eval_setup(cfg, mc, a.eval_records)
-    weights = {k: float(w) for k, w in cfg.grpo.rewards.items() if float(w) > 0}
+    # the training reward (grpo_demo's weights) and, weighted 0 (reported only), the format and IoU rewards
+    weights = {k: float(w) for k, w in cfg.grpo.rewards.items() if float(w) > 0 or k in ("format", "iou")}
     sampler = make_sampler(model, encoder.token_ids, cfg)
     return score_records(sampler, records, encoder, model_config=mc, weights=weights, batch_size=32)
 
@@ -125,7 +126,7 @@ def main(argv=None):
             steps, elapsed = steps_done(wd)
             res[key] = dict(score(os.path.join(wd, "final_model"), a), steps=steps, train_s=elapsed, wall_s=time.time() - t0)
             json.dump(res, open(path, "w"), indent=1)
-    keys = ("reward", "rewards/format", "rewards/gaussian_point", "rewards/gaussian_plane", "acc@0.5", "parse_rate")
+    keys = ("reward", "rewards/gaussian_point", "rewards/gaussian_plane", "rewards/iou", "acc@0.5", "parse_rate")
     print("| model | steps | " + " | ".join(keys) + " |")
     print("|---" * (len(keys) + 2) + "|")
     for k, v in res.items():
