@@ -86,7 +86,8 @@ def test_boxes_in_original_pixels_and_score(setup, monkeypatch, capsys):
     res = json.load(open(os.path.join(out, "prediction.json")))
     o1, o2 = res["objects"]
     assert o1["desc"] == "red circle" and o2["desc"] == "cat"
-    # continuous pixels of the ORIGINAL 130x90 image: x = k/999 * 130, y = k/999 * 90
+    # continuous pixels of the ORIGINAL 130x90 image: x = k/999 * 130, y = k/999 * 90 (atol: the JSON's
+    # 2-decimal rounding, 0.005 px); scores from float32 log-probs: relative
     np.testing.assert_allclose(o1["bbox"], [0, 111 / 999 * 90, 130, 555 / 999 * 90], atol=0.01)
     np.testing.assert_allclose(o2["bbox"], [500 / 999 * 130, 500 / 999 * 90, 600 / 999 * 130, 700 / 999 * 90],
                                atol=0.01)
