@@ -11,11 +11,12 @@ format (TRL gets it through a chat template and a Qwen3-VL processor with our im
 image tokens per prompt).
 
 One step on each side: B prompts x G samples at temperature 1 (no top-k/top-p) of at most --new-tokens tokens
-(rollout); the same reward function (our parser + format, Gaussian point and Gaussian plane rewards); group
+(rollout); the same reward function (our parser + the Gaussian point and Gaussian plane rewards); group
 advantages (TRL scale_rewards='group'); the reference log-probs (beta 0.04); one AdamW update (lr 1e-5, clip 1.0)
 of the GRPO loss (ours 'seq_mean_token_mean' = TRL loss_type 'grpo', epsilon 0.2, one iteration per batch).
-TRL's prompt preprocessing (chat template, image processor) is timed apart as 'prep'; ours is the data pipeline's
-encoder + collator on the same records. Medians of --steps steps after one warm-up step (compiles, caches).
+'prep' is prompt preprocessing, timed apart: TRL's processor calls (tokenising the chat template, the image
+processor; it runs them for the rollout and again for the log-prob forward), ours the data pipeline's encoder +
+collator on the same records (in training it runs in the pipeline's worker processes). Medians of --steps steps after one warm-up step (compiles, caches).
 float32 on both sides; torch gets as many threads as JAX uses cores (--threads).
 """
 
@@ -37,7 +38,7 @@ sys.path.insert(0, ROOT)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-REWARDS = {"format": 1.0, "gaussian_point": 1.0, "gaussian_plane": 1.0}
+REWARDS = {"gaussian_point": 1.0, "gaussian_plane": 1.0}  # configs/grpo_demo.py's
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -179,9 +180,16 @@ def bench_trl(a, cfg, hf_dir, recs_per_step):
                                    min_pixels=img.min_pixels, max_pixels=img.max_pixels,
                                    size={"shortest_edge": img.min_pixels, "longest_edge": img.max_pixels})
 
+    tm = Timer()
+    in_generate = [False]
+
     class Processor(Qwen3VLProcessor):
         def check_argument_for_proper_class(self, name, arg):  # no video processor (it needs torchvision)
             return None
+
+        def __call__(self, *x, **k):  # every tokenisation + image processing, for the 'prep' column
+            with tm("prep_in_generate" if in_generate[0] else "prep_other"):
+                return super().__call__(*x, **k)
 
     proc = Processor(image_processor=improc, tokenizer=tok, video_processor=None, chat_template=CHAT_TEMPLATE)
     flat = [r for recs in recs_per_step for r in recs]
@@ -206,17 +214,21 @@ def bench_trl(a, cfg, hf_dir, recs_per_step):
                       save_strategy="no", use_cpu=True, bf16=False, fp16=False, shuffle_dataset=False,
                       dataloader_num_workers=0, seed=0, remove_unused_columns=False, disable_dropout=True)
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=ds, processing_class=proc)
-    tm = Timer()
 
-    def wrap(obj, name, key):
+    def wrap(obj, name, key, flag=False):
         f = getattr(obj, name)
 
         def g(*x, **k):
-            with tm(key):
-                return f(*x, **k)
+            in_generate[0] = flag
+            try:
+                with tm(key):
+                    return f(*x, **k)
+            finally:
+                in_generate[0] = False
         setattr(obj, name, g)
 
-    wrap(trainer, "_tokenize_prompts", "prep")
+    wrap(trainer, "_generate", "generate", flag=True)
+    wrap(trainer, "_calculate_rewards", "reward")
     first_prompt = []
     tokenize = trainer._tokenize_prompts
 
@@ -226,13 +238,10 @@ def bench_trl(a, cfg, hf_dir, recs_per_step):
             first_prompt.append([int(t) for t in out[0][0]])
         return out
     trainer._tokenize_prompts = tokenize_kept
-    wrap(trainer, "_generate", "rollout_with_prep")
-    wrap(trainer, "_calculate_rewards", "reward")
     logp = trainer._get_per_token_logps_and_entropies
 
     def logp_timed(*x, **k):
-        key = "ref_logp" if not torch.is_grad_enabled() else "update_logp"
-        with tm(key):
+        with tm("ref_logp" if not torch.is_grad_enabled() else "update_logp"):
             return logp(*x, **k)
     trainer._get_per_token_logps_and_entropies = logp_timed
     per_step, lengths = [], []
@@ -245,8 +254,8 @@ def bench_trl(a, cfg, hf_dir, recs_per_step):
         def on_step_end(self, *_, **__):
             total = time.perf_counter() - self.t0
             t = {k: sum(v) for k, v in tm.t.items()}
-            prep = t.get("prep", 0.0)
-            rollout = t.get("rollout_with_prep", 0.0) - prep
+            prep = t.get("prep_in_generate", 0.0) + t.get("prep_other", 0.0)
+            rollout = t.get("generate", 0.0) - t.get("prep_in_generate", 0.0)
             rew, ref = t.get("reward", 0.0), t.get("ref_logp", 0.0)
             per_step.append({"prep": prep, "rollout": rollout, "reward": rew, "ref_logp": ref,
                              "update": total - prep - rollout - rew - ref, "total": total})
