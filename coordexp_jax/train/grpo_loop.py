@@ -642,7 +642,8 @@ def train_grpo(cfg, workdir: str, *, components=None, eval_hook=None, stop_after
     sampler = parts.runner.sampler
     return {"step": step, "metrics": last, "eval": eval_res, "skipped": skipped, "compiles": compiles,
             "trainable_params": n_train, "frozen_params": n_frozen, "graphdef": parts.graphdef, "state": state,
-            "model_config": comps.model_config, "sampler_compiles": sampler.compile_count() if sampler else 0}
+            "model_config": comps.model_config, "stop_reason": reason, "steps_run": done_here,
+            "sampler_compiles": sampler.compile_count() if sampler else 0}
 
 
 def _rename(m: dict, metric_names: Sequence[str]) -> dict:

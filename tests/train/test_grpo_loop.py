@@ -242,7 +242,8 @@ def test_two_steps_end_to_end_and_restart_resumes(tmp_path, monkeypatch):
     _varied_rewards(monkeypatch)
     cfg = _cfg(tmp_path / "syn", **{"eval.at_end": True})
     res = loop.train(cfg, str(tmp_path / "a"))
-    assert res["step"] == 2 and res["compiles"] == 1 and res["sampler_compiles"] == 2
+    assert res["step"] == res["steps_run"] == 2 and res["stop_reason"] == "steps"
+    assert res["compiles"] == 1 and res["sampler_compiles"] == 2
     tr = loop.read_metrics(str(tmp_path / "a"))
     assert sorted(tr) == [1, 2]
     for s in (1, 2):
