@@ -1,12 +1,19 @@
 """Answer protocols: serialise object lists to token ids and parse token ids back (coordexp_method.md §3).
 
-Two protocols, both on token ids:
+Three protocols, all on token ids:
 
 - `coordjson` (default), one line, desc first:
   `{"objects": [{"desc": "black cat", "bbox_2d": [<|coord_110|>, <|coord_310|>, <|coord_410|>, <|coord_705|>]}]}`
   The desc is a JSON string (escaped with `json.dumps`); the coordinate tokens are bare. No objects:
   `{"objects": []}`.
 - `tags`: `<obj><desc>black cat</desc><box>` + 4 coordinate tokens + `</box></obj>`, repeated; no objects: empty.
+- `qwen_text`: Qwen3-VL's own grounding answer, coordinates as text on its 0..1000 grid (`codec` qwen1000,
+  c = q / 1000), so a released, unexpanded checkpoint can be trained and evaluated:
+  `[{"bbox_2d": [110, 310, 411, 706], "label": "black cat"}]` (one line; no objects: `[]`). It needs no added
+  token. Its ids are the tokenizer's own encoding of the whole text (what the model reads and writes), and each
+  coordinate's position is the token carrying the number's first digit. The parser also accepts the answer inside
+  a ```` ```json ```` fence, a bare object `{"bbox_2d": [...], "label": ...}` or several separated by commas, and
+  either key order; a coordinate must be an integer 0..1000 (else `bad_coord`).
 
 `serialize` returns the ANSWER BODY only: the ids above, WITHOUT the trailing `<|im_end|>` (the prompt builder
 appends the end of turn and supervises it). The ids are the concatenation of the tokenizer's encodings of the
@@ -15,7 +22,9 @@ gives exactly the protocol text above.
 
 `parse` works on token ids (a rollout, possibly with `<|im_end|>` and padding after it), never raises on any
 input, never evaluates text (descs are decoded by `json.loads` of one string literal only), returns every
-well-formed object with the positions of its 4 coordinate tokens, and counts what it dropped and why.
+well-formed object with the positions of its 4 coordinate tokens, and counts what it dropped and why. Every
+protocol gives the same `ParseResult`: `ParsedObject.bins` are always bins 0..999 (for `qwen_text` the nearest
+bins of q / 1000) and `ParsedObject.box` / `ParseResult.boxes()` the exact normalised box as written.
 
 Grounding answers are coordjson/tags object lists whose desc is the referring phrase (`serialize_grounding`).
 Counting answers (coordjson only): `{"count": 3, "points": [[<|coord_x|>, <|coord_y|>], ...]}`
@@ -24,6 +33,7 @@ Counting answers (coordjson only): `{"count": 3, "points": [[<|coord_x|>, <|coor
 
 from __future__ import annotations
 
+import codecs
 import collections
 import dataclasses
 import json
@@ -36,19 +46,21 @@ import numpy as np
 from coordexp_jax.coord import codec
 from coordexp_jax.data.tokenizer import decode_ids, encode_text
 
-PROTOCOLS = ("coordjson", "tags")
+PROTOCOLS = ("coordjson", "tags", "qwen_text")
+COORD_TOKEN_PROTOCOLS = ("coordjson", "tags")  # answers whose coordinates are the <|coord_k|> bin tokens
 ORDERS = ("sorted", "random", "given")
 
 # Reasons an object (or a stretch of output) is dropped by `parse`.
 REASONS = (
     "truncated",  # the output ended inside an object
-    "bad_prefix",  # coordjson: the answer does not start with {"objects": [
-    "bad_coord",  # a non-bin token (wildcard, text, number) where a coordinate token belongs
+    "bad_prefix",  # coordjson: the answer does not start with {"objects": [ (qwen_text: with [ or {)
+    "bad_coord",  # a non-bin token (wildcard, text, number) where a coordinate token belongs; qwen_text: not an
+    # integer 0..1000
     "wrong_coord_count",  # not exactly 4 coordinate tokens in a box
-    "bad_desc",  # desc missing, not a string, an invalid string literal, or containing special tokens
+    "bad_desc",  # desc (qwen_text: label) missing, not a string, an invalid string literal, or with special tokens
     "missing_box",  # object without bbox_2d / <box>
     "duplicate_key",  # the same key twice in one object
-    "unknown_key",  # coordjson: a key other than desc / bbox_2d
+    "unknown_key",  # coordjson: a key other than desc / bbox_2d (qwen_text: label / bbox_2d)
     "syntax",  # anything else that breaks the object
     "stray",  # tokens outside any object (between objects, or after the answer closed)
 )
@@ -77,11 +89,20 @@ class AnswerObject:
         return codec.box_to_bins(b, mode)
 
 
+def uses_coord_tokens(protocol: str) -> bool:
+    """Whether the protocol writes coordinates as `<|coord_k|>` bin tokens (coordjson, tags), so coordinate
+    losses, expectation decoding and box slots apply; `qwen_text` writes them as text."""
+    return protocol in COORD_TOKEN_PROTOCOLS
+
+
 @dataclasses.dataclass
 class Serialized:
     """`ids`: the answer body (no `<|im_end|>`); `coord_positions [M,4]`: index into `ids` of each coordinate
-    token; `bins [M,4]`; `order [M]`: index into the input list of each emitted object; `descs`: in emitted order;
-    `spans [M,2]`: [start, end) of each emitted object's tokens in `ids` (separators between objects excluded)."""
+    token (qwen_text: of the token carrying the number's first digit); `bins [M,4]` (bins 0..999; qwen_text: the
+    nearest bins of q / 1000); `order [M]`: index into the input list of each emitted object; `descs`: in emitted
+    order; `spans [M,2]`: [start, end) of each emitted object's tokens in `ids` (separators between objects
+    excluded; qwen_text: tokens that carry any of the object's characters); `boxes [M,4]`: the normalised boxes as
+    written (k / 999, or q / 1000 for qwen_text)."""
 
     ids: list[int]
     coord_positions: np.ndarray
@@ -89,22 +110,30 @@ class Serialized:
     order: np.ndarray
     descs: list[str]
     spans: np.ndarray | None = None
+    boxes: np.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class ParsedObject:
+    """`bins [4]` int32 in 0..999; `positions [4]` int32, indices into the parsed ids of the 4 coordinates;
+    `norm [4]` float64, the exact normalised box when the protocol's grid is not the bins' (qwen_text: q / 1000),
+    else None."""
+
     desc: str
     bins: np.ndarray  # [4] int32
     positions: np.ndarray  # [4] int32, indices into the parsed ids
+    norm: np.ndarray | None = None
 
     @property
     def box(self) -> np.ndarray:
-        """Normalised box (k / 999)."""
-        return codec.bins_to_box(self.bins)
+        """Normalised box as written: k / 999, or `norm` (q / 1000 for qwen_text)."""
+        return codec.bins_to_box(self.bins) if self.norm is None else self.norm
 
     def __eq__(self, other):
         return (isinstance(other, ParsedObject) and self.desc == other.desc
-                and np.array_equal(self.bins, other.bins) and np.array_equal(self.positions, other.positions))
+                and np.array_equal(self.bins, other.bins) and np.array_equal(self.positions, other.positions)
+                and (self.norm is None) == (other.norm is None)
+                and (self.norm is None or np.array_equal(self.norm, other.norm)))
 
 
 @dataclasses.dataclass
@@ -126,6 +155,10 @@ class ParseResult:
 
     def bins(self) -> np.ndarray:
         return np.array([o.bins for o in self.objects], np.int32).reshape(-1, 4)
+
+    def boxes(self) -> np.ndarray:
+        """`[M, 4]` float64 normalised boxes as written (`ParsedObject.box`: exact for every protocol)."""
+        return np.array([o.box for o in self.objects], np.float64).reshape(-1, 4)
 
     def positions(self) -> np.ndarray:
         return np.array([o.positions for o in self.objects], np.int32).reshape(-1, 4)
@@ -221,6 +254,8 @@ def serialize(objects: Sequence[AnswerObject], tokenizer, token_ids, protocol: s
     """
     _check_protocol(protocol, token_ids)
     p = _pieces(tokenizer, token_ids)
+    if protocol == "qwen_text":
+        return _serialize_qwen_text(objects, p, order, seed)
     m = len(objects)
     bins = np.zeros((m, 4), np.int32)
     for i, o in enumerate(objects):
@@ -261,7 +296,51 @@ def serialize(objects: Sequence[AnswerObject], tokenizer, token_ids, protocol: s
             ids += (t.box_close, t.obj_close)
             spans[n, 1] = len(ids)
     return Serialized(ids=ids, coord_positions=pos, bins=bins[perm], order=np.asarray(perm, np.int64),
-                      descs=[objects[i].desc for i in perm], spans=spans)
+                      descs=[objects[i].desc for i in perm], spans=spans, boxes=codec.bins_to_box(bins[perm]))
+
+
+def _qwen_values(o: AnswerObject, mode: str = "continuous") -> np.ndarray:
+    """An object's 4 coordinates on the qwen1000 grid: a box rounded (q = round(1000 c)), bins via k / 999."""
+    bins = o.to_bins(mode)  # validates (exactly one of box / bins, finite, in range)
+    c = codec.bins_to_norm(bins) if o.bins is not None else np.asarray(o.box, np.float64)
+    return codec.norm_to_qwen1000(c)
+
+
+def _serialize_qwen_text(objects: Sequence[AnswerObject], p: _Pieces, order: str, seed: int | None) -> Serialized:
+    """`[{"bbox_2d": [q, q, q, q], "label": "..."}, ...]` encoded as one text (the tokenizer's own tokens)."""
+    m = len(objects)
+    q = np.zeros((m, 4), np.int32)
+    for i, o in enumerate(objects):
+        p.check_desc(o.desc)
+        q[i] = _qwen_values(o)
+    perm = object_order(q, order, seed)
+    # The tokenizer's normaliser (Qwen: NFC) is applied to the labels up front, so the text decodes as written.
+    norm_fn = getattr(getattr(getattr(p.tokenizer, "backend_tokenizer", None), "normalizer", None), "normalize_str",
+                      None)
+    labels = [norm_fn(objects[i].desc) if norm_fn is not None else objects[i].desc for i in perm]
+    text, starts, spans_c = "[", [], []
+    for n, idx in enumerate(perm):
+        if n:
+            text += ", "
+        begin = len(text)
+        text += '{"bbox_2d": ['
+        for j in range(4):
+            if j:
+                text += ", "
+            starts.append(len(text))
+            text += str(int(q[idx, j]))
+        text += '], "label": ' + json.dumps(labels[n], ensure_ascii=False) + "}"
+        spans_c.append((begin, len(text) - 1))
+    text += "]"
+    ids = encode_text(p.tokenizer, text)
+    decoded, owner = _decode_with_owner(p.tokenizer, ids)
+    if decoded != text:
+        raise ValueError(f"the tokenizer does not give back the qwen_text answer: {text[:80]!r} -> {decoded[:80]!r}")
+    pos = np.asarray([owner[c] for c in starts], np.int32).reshape(m, 4)
+    spans = np.asarray([(owner[a], owner[b] + 1) for a, b in spans_c], np.int32).reshape(m, 2)
+    norm = codec.qwen1000_to_norm(q[perm]).reshape(m, 4)
+    return Serialized(ids=ids, coord_positions=pos, bins=codec.norm_to_bins(norm).reshape(m, 4),
+                      order=np.asarray(perm, np.int64), descs=labels, spans=spans, boxes=norm)
 
 
 def serialize_grounding(phrase: str, boxes, tokenizer, token_ids, protocol: str = "coordjson",
@@ -304,18 +383,68 @@ def serialize_count(points, tokenizer, token_ids, mode: str = "continuous") -> S
 # ("C", bin, pos) a coordinate token, ("S", id, pos) any other special token.
 
 
-def _units(ids: Sequence[int], tokenizer, token_ids, specials: frozenset) -> list:
+_BYTE_DECODER: dict | None = None
+
+
+def _byte_decoder() -> dict:
+    """Byte-level BPE's printable stand-in character -> byte (GPT-2's table, as `transformers` builds it)."""
+    global _BYTE_DECODER
+    if _BYTE_DECODER is None:
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+        _BYTE_DECODER = {c: b for b, c in bytes_to_unicode().items()}
+    return _BYTE_DECODER
+
+
+def _decode_with_owner(tokenizer, run: Sequence[int]) -> tuple[str, list[int]]:
+    """`decode_ids(run)` and, per decoded character, the index in `run` of the token that completes it.
+
+    Byte-level BPE tokens (Qwen's, the small tokenizer's) are mapped to their bytes and decoded incrementally;
+    any other tokenizer (or a mismatch with `decode_ids`) falls back to decoding growing prefixes."""
+    text = decode_ids(tokenizer, run)
+    try:
+        table = _byte_decoder()
+        dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        owner: list[int] = []
+        pieces: list[str] = []
+        for i, tok in enumerate(tokenizer.convert_ids_to_tokens([int(t) for t in run])):
+            pieces.append(dec.decode(bytes(table[ch] for ch in tok)))
+            owner += [i] * len(pieces[-1])
+        pieces.append(dec.decode(b"", final=True))
+        owner += [len(run) - 1] * len(pieces[-1])
+        if "".join(pieces) == text:
+            return text, owner
+    except (ImportError, KeyError, TypeError, ValueError):
+        pass
+    owner, done = [], 0
+    for i in range(len(run)):
+        n = len(decode_ids(tokenizer, run[:i + 1]))
+        owner += [i] * max(0, n - done)
+        done = max(done, n)
+    owner = (owner + [len(run) - 1] * len(text))[:len(text)]
+    return text, owner
+
+
+def _units(ids: Sequence[int], tokenizer, token_ids, specials: frozenset, char_pos: list | None = None) -> list:
+    """Units of `ids`; with `char_pos`, also appends per unit the index into `ids` of its token."""
     out: list = []
     run: list[int] = []
+    run_pos: list[int] = []
     cs, ce = token_ids.coord_start, token_ids.coord_end
 
     def flush():
         if run:
-            out.extend(decode_ids(tokenizer, run))
+            if char_pos is None:
+                out.extend(decode_ids(tokenizer, run))
+            else:
+                text, owner = _decode_with_owner(tokenizer, run)
+                out.extend(text)
+                char_pos.extend(run_pos[o] for o in owner)
             run.clear()
+            run_pos.clear()
 
     for pos, t in enumerate(ids):
-        if cs <= t < ce:
+        if 0 <= cs <= t < ce:  # a tokenizer without coordinate tokens has coord_start < 0
             flush()
             out.append(("C", t - cs, pos))
         elif t in specials:
@@ -323,6 +452,10 @@ def _units(ids: Sequence[int], tokenizer, token_ids, specials: frozenset) -> lis
             out.append(("S", t, pos))
         else:
             run.append(t)
+            run_pos.append(pos)
+            continue
+        if char_pos is not None:
+            char_pos.append(pos)
     flush()
     return out
 
@@ -353,11 +486,13 @@ _DIGITS = "0123456789"  # ASCII only (str.isdigit accepts '¹', which int() reje
 
 
 class _Lexer:
-    """JSON-ish lexemes over units: ("{",) ("}",) ("[",) ("]",) (":",) (",",) ("str", value|None) ("num", int)
-    ("coord", bin, pos) ("special", id, pos) ("junk", text) and ("eof",)."""
+    """JSON-ish lexemes over units: ("{",) ("}",) ("[",) ("]",) (":",) (",",) ("str", value|None)
+    ("num", int, pos) ("coord", bin, pos) ("special", id, pos) ("junk", text) and ("eof",). A number's pos is the
+    token of its first digit when `char_pos` (per unit, from `_units`) is given, else -1."""
 
-    def __init__(self, units):
+    def __init__(self, units, char_pos: Sequence[int] | None = None):
         self.u = units
+        self.cp = char_pos
         self.i = 0
         self.buf: list = []
         self.depth = 0  # bracket depth of the popped lexemes
@@ -409,8 +544,9 @@ class _Lexer:
             while j < n and isinstance(u[j], str) and u[j] in _DIGITS:
                 j += 1
             txt = "".join(u[self.i:j])
+            pos = self.cp[self.i] if self.cp is not None else -1
             self.i = j
-            return ("num", int(txt)) if len(txt) <= 9 else ("junk", txt)
+            return ("num", int(txt), pos) if len(txt) <= 9 else ("junk", txt)
         j = self.i
         while j < n and isinstance(u[j], str) and u[j] not in '{}[]:,"' and u[j] not in _WS:
             j += 1
@@ -485,14 +621,14 @@ def _skip_value(lx: _Lexer) -> bool:
             return True
 
 
-def _is_unknown_nested(lx: _Lexer) -> bool:
-    """At `"key": {` or `"key": [` with a key other than desc / bbox_2d."""
+def _is_unknown_nested(lx: _Lexer, keys: Sequence[str] = _OBJECT_KEYS) -> bool:
+    """At `"key": {` or `"key": [` with a key not in `keys`."""
     t = lx.peek()
-    return (t[0] == "str" and t[1] not in _OBJECT_KEYS and lx.peek(1)[0] == ":"
+    return (t[0] == "str" and t[1] not in keys and lx.peek(1)[0] == ":"
             and lx.peek(2)[0] in ("{", "["))
 
 
-def _resync(lx: _Lexer, depth: float, skip_unknown: bool = True) -> None:
+def _resync(lx: _Lexer, depth: float, skip_unknown: bool = True, keys: Sequence[str] = _OBJECT_KEYS) -> None:
     """Skip to the end of the broken object (bracket depth back to `depth`) or to the next object start.
 
     With `skip_unknown`, the value of an unknown key (`"parts": [{...}]`) is skipped whole when its brackets
@@ -501,7 +637,7 @@ def _resync(lx: _Lexer, depth: float, skip_unknown: bool = True) -> None:
         t = lx.peek()
         if t[0] in ("eof", "unterminated") or _is_obj_start(lx):
             return
-        if skip_unknown and _is_unknown_nested(lx):
+        if skip_unknown and _is_unknown_nested(lx, keys):
             lx.pop()
             lx.pop()
             try:
@@ -545,8 +681,68 @@ def _coord_list(lx: _Lexer, n: int) -> tuple[list[int], list[int]]:
     return bins, pos
 
 
-def _json_object(lx: _Lexer) -> ParsedObject:
-    """One `{"desc": ..., "bbox_2d": [...]}` object. An unknown key drops the object (`unknown_key`, the first
+def _number_list(lx: _Lexer, n: int, top: int) -> tuple[list[int], list[int]]:
+    """`[q, q, ..., q]` with exactly n integers in 0..top written as text -> (values, positions)."""
+    _expect(lx, "[")
+    vals, pos = [], []
+    while True:
+        t = lx.peek()
+        if t[0] == "num":
+            lx.pop()
+            if t[1] > top:
+                raise _Fail("bad_coord")
+            vals.append(t[1])
+            pos.append(t[2])
+        elif t[0] in ("eof", "unterminated"):
+            raise _Fail("truncated")
+        elif t[0] in ("coord", "special", "str", "junk"):
+            raise _Fail("bad_coord")
+        else:
+            raise _Fail("syntax")
+        t = lx.peek()
+        if t[0] == ",":
+            lx.pop()
+            continue
+        if t[0] == "]":
+            lx.pop()
+            break
+        if t[0] == "junk":  # 12.5, 1e3, ...
+            raise _Fail("bad_coord")
+        raise _Fail("truncated" if t[0] in ("eof", "unterminated") else "syntax")
+    if len(vals) != n:
+        raise _Fail("wrong_coord_count")
+    return vals, pos
+
+
+@dataclasses.dataclass(frozen=True)
+class _Dialect:
+    """A JSON object protocol: its desc key and how its `bbox_2d` is read -> (bins, positions, norm or None)."""
+
+    desc_key: str
+    read_box: object
+
+    @property
+    def keys(self) -> tuple[str, str]:
+        return (self.desc_key, "bbox_2d")
+
+
+def _read_coord_box(lx: _Lexer):
+    bins, pos = _coord_list(lx, 4)
+    return bins, pos, None
+
+
+def _read_qwen_box(lx: _Lexer):
+    q, pos = _number_list(lx, 4, codec.QWEN_SCALE)
+    norm = codec.qwen1000_to_norm(np.asarray(q, np.int64))
+    return codec.norm_to_bins(norm), pos, norm
+
+
+_COORDJSON = _Dialect("desc", _read_coord_box)
+_QWEN_TEXT = _Dialect("label", _read_qwen_box)
+
+
+def _json_object(lx: _Lexer, dialect: _Dialect = _COORDJSON) -> ParsedObject:
+    """One `{"desc": ..., "bbox_2d": [...]}` object (qwen_text: `label`, and integers 0..1000). An unknown key drops the object (`unknown_key`, the first
     problem found in it) but its value, nested lists and objects included, is skipped whole so the object's end
     is found and the objects after it are kept."""
     _expect(lx, "{")
@@ -565,7 +761,7 @@ def _json_object(lx: _Lexer) -> ParsedObject:
                 _skip_value(lx)
                 raise _Fail("duplicate_key")
             seen.add(key)
-            if key == "desc":
+            if key == dialect.desc_key:
                 v = lx.peek()
                 if v[0] in ("eof", "unterminated"):
                     raise _Fail("truncated")
@@ -574,7 +770,7 @@ def _json_object(lx: _Lexer) -> ParsedObject:
                     raise _Fail("bad_desc")
                 desc = v[1]
             elif key == "bbox_2d":
-                box = _coord_list(lx, 4)
+                box = dialect.read_box(lx)
             else:
                 unknown = True
                 if not _skip_value(lx):
@@ -594,7 +790,8 @@ def _json_object(lx: _Lexer) -> ParsedObject:
         raise _Fail("bad_desc", done=True)
     if box is None:
         raise _Fail("missing_box", done=True)
-    return ParsedObject(desc, np.asarray(box[0], np.int32), np.asarray(box[1], np.int32))
+    norm = None if box[2] is None else np.asarray(box[2], np.float64)
+    return ParsedObject(desc, np.asarray(box[0], np.int32), np.asarray(box[1], np.int32), norm)
 
 
 def _parse_coordjson(units) -> tuple[list[ParsedObject], collections.Counter, bool]:
@@ -647,6 +844,63 @@ def _parse_coordjson(units) -> tuple[list[ParsedObject], collections.Counter, bo
             extra += 1
         if extra:
             dropped["stray"] += 1
+    return objs, dropped, closed
+
+
+def _is_fence(t) -> bool:
+    return t[0] == "junk" and t[1].startswith("```")
+
+
+def _parse_qwen_text(units, char_pos) -> tuple[list[ParsedObject], collections.Counter, bool]:
+    """`[obj, ...]`, optionally inside a ```` ```json ```` fence; a bare object (or several, comma-separated) is
+    accepted too. Anything before the answer is `bad_prefix` (objects are still found), after it `stray`."""
+    lx = _Lexer(units, char_pos)
+    dropped: collections.Counter = collections.Counter()
+    objs: list[ParsedObject] = []
+    if _is_fence(lx.peek()):
+        lx.pop()
+    t = lx.peek()
+    if t[0] in ("eof", "unterminated"):
+        return objs, collections.Counter({"truncated": 1}) if units else dropped, False
+    bare = t[0] == "{"
+    if t[0] == "[":
+        lx.pop()
+    elif not bare:
+        dropped["bad_prefix"] += 1
+        _resync(lx, -float("inf"), skip_unknown=False)  # find the first object anywhere
+    closed = fence = False
+    while True:
+        t = lx.peek()
+        if t[0] in ("eof", "unterminated") or _is_fence(t):
+            fence = _is_fence(t)
+            if fence:
+                lx.pop()
+            closed = bare and not dropped["truncated"]
+            break
+        if t[0] == "]" and not bare:
+            lx.pop()
+            closed = True
+            break
+        if t[0] == ",":
+            lx.pop()
+            continue
+        if t[0] != "{":
+            dropped["stray"] += 1
+            lx.pop()  # at least one lexeme (a bare answer's "]" is stray too)
+            while lx.peek()[0] not in ("{", "]", "eof", "unterminated") and not _is_fence(lx.peek()):
+                lx.pop()
+            continue
+        d0 = lx.depth
+        try:
+            objs.append(_json_object(lx, _QWEN_TEXT))
+        except _Fail as f:
+            dropped[f.reason] += 1
+            if not f.done:
+                _resync(lx, d0, keys=_QWEN_TEXT.keys)
+    if closed and not fence and _is_fence(lx.peek()):
+        lx.pop()  # the closing fence
+    if closed and lx.peek()[0] != "eof":
+        dropped["stray"] += 1
     return objs, dropped, closed
 
 
@@ -748,11 +1002,16 @@ def parse(ids, tokenizer, token_ids, protocol: str = "coordjson") -> ParseResult
     clean, end, has_eos = _clean_ids(ids, token_ids)
     specials = _special_ids(tokenizer, token_ids)
     try:
-        units = _units(clean, tokenizer, token_ids, specials)
-        if protocol == "coordjson":
-            objs, dropped, closed = _parse_coordjson(units)
+        if protocol == "qwen_text":
+            char_pos: list[int] = []
+            units = _units(clean, tokenizer, token_ids, specials, char_pos)
+            objs, dropped, closed = _parse_qwen_text(units, char_pos)
         else:
-            objs, dropped, closed = _parse_tags(units, token_ids, tokenizer)
+            units = _units(clean, tokenizer, token_ids, specials)
+            if protocol == "coordjson":
+                objs, dropped, closed = _parse_coordjson(units)
+            else:
+                objs, dropped, closed = _parse_tags(units, token_ids, tokenizer)
     except Exception:  # noqa: BLE001 — a parser bug must not crash a rollout; counted instead
         objs, dropped, closed = [], collections.Counter({"internal_error": 1}), False
     return ParseResult(objects=objs, dropped=dict(dropped), closed=closed, end=end, has_eos=has_eos)

@@ -7,8 +7,9 @@ Chat format (Qwen; `qwen3vl_spec.md` §4.3)::
     <|im_start|>assistant\\n{answer}<|im_end|>
 
 `n = gh * gw / merge^2` (the image's merged tokens). The answer is written by `coord/protocols.py` (coordjson by
-default, or tags): detection lists every object; grounding lists the boxes of the referring phrase (the objects'
-desc); counting writes `{"count": N, "points": [...]}` (points, or box centres for boxed counting records).
+default, tags, or Qwen3-VL's own `qwen_text`): detection lists every object; grounding lists the boxes of the
+referring phrase (the objects' desc); counting writes `{"count": N, "points": [...]}` (points, or box centres for
+boxed counting records).
 A record's `prompt` replaces the instruction verbatim.
 
 Training arrays (docs/architecture.md, "a training batch"): targets are shifted (`targets[t] = input_ids[t+1]`),
@@ -16,6 +17,7 @@ Training arrays (docs/architecture.md, "a training batch"): targets are shifted 
 `<|im_end|>` included), `coord_mask` on those whose target is a coordinate bin, `box_pos[m, j]` the position whose
 logits predict coordinate j of object m (in emission order), `box_target` its normalised continuous box.
 Objects beyond `max_objects` (M) stay in the answer text (so CE still teaches the full list) but get no box slot.
+`qwen_text` answers write coordinates as text, so they get no box slots at all (no coordinate-token losses apply).
 """
 
 from __future__ import annotations
@@ -45,6 +47,11 @@ DEFAULT_INSTRUCTIONS = {
     ("grounding", "coordjson"): "Find the object described by the phrase and give its bounding box: {phrase}",
     ("grounding", "tags"): "Find the object described by the phrase and give its bounding box: {phrase}",
     ("counting", "coordjson"): "Count the objects of this category in the image: {category}",
+    # qwen_text: worded as Qwen3-VL's own grounding prompts ("... Report bbox coordinates in JSON format."), so a
+    # released checkpoint recognises the task
+    ("detection", "qwen_text"): "Locate every object in the image. Report bbox coordinates in JSON format.",
+    ("grounding", "qwen_text"): ('Locate every object that matches the description "{phrase}" in the image. '
+                                 "Report bbox coordinates in JSON format."),
 }
 
 
@@ -255,6 +262,8 @@ class SampleEncoder:
             seed = int(rng.integers(2**31)) if rng is not None else zlib.crc32(f"{self.seed}:{r.source}".encode())
         s = protocols.serialize([protocols.AnswerObject(o.desc, o.box) for o in objs], tok, t, cfg.protocol,
                                 cfg.order, seed=seed, mode=cfg.pixel_mode)
+        if not protocols.uses_coord_tokens(cfg.protocol):  # coordinates as text: no box slots
+            return s.ids, s.coord_positions, None
         boxes = np.asarray([objs[i].box for i in s.order], np.float32).reshape(-1, 4)
         return s.ids, s.coord_positions, boxes
 

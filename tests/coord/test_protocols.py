@@ -30,7 +30,7 @@ def expected_text(objs, protocol):
                    for o in objs)
 
 
-@pytest.mark.parametrize("protocol", P.PROTOCOLS)
+@pytest.mark.parametrize("protocol", P.COORD_TOKEN_PROTOCOLS)
 @SETTINGS
 @given(objs=objs_st, order=st.sampled_from(P.ORDERS), seed=st.integers(0, 1000))
 def test_round_trip(protocol, objs, order, seed):
@@ -74,7 +74,7 @@ def _random_ids(rng, n):
     return out[:n]
 
 
-@pytest.mark.parametrize("protocol", P.PROTOCOLS)
+@pytest.mark.parametrize("protocol", P.COORD_TOKEN_PROTOCOLS)
 @SETTINGS
 @given(seed=st.integers(0, 2**31 - 1), n=st.integers(0, 80), objs=objs_st, cut=st.floats(0, 1))
 def test_parse_never_raises(protocol, seed, n, objs, cut):
@@ -84,13 +84,14 @@ def test_parse_never_raises(protocol, seed, n, objs, cut):
              good[: int(cut * len(good))] + _random_ids(rng, n // 4) + good,  # garbage in the middle
              good + good]  # repetition
     for ids in cases:
-        for pr in P.PROTOCOLS:
+        for pr in P.COORD_TOKEN_PROTOCOLS:
             res = P.parse(ids, TOK, TID, pr)
             assert "internal_error" not in res.dropped
             assert all(0 <= b <= 999 for o in res.objects for b in o.bins)
             assert all(ids[p] == TID.coord_start + b for o in res.objects for p, b in zip(o.positions, o.bins))
         cr = P.parse_count(ids, TOK, TID)
         assert "internal_error" not in cr.dropped
+        assert "internal_error" not in P.parse(ids, TOK, TID, "qwen_text").dropped  # coord tokens, tags: no crash
     # a truncated well-formed answer keeps every complete object before the cut
     k = int(cut * len(good))
     res = P.parse(good[:k], TOK, TID, protocol)
@@ -175,7 +176,7 @@ def test_serialize_errors_and_cache():
 
 def test_grounding_and_counting():
     boxes = np.array([[0.5, 0.5, 0.9, 0.9], [0.1, 0.2, 0.3, 0.4]])
-    for pr in P.PROTOCOLS:
+    for pr in P.COORD_TOKEN_PROTOCOLS:
         s = P.serialize_grounding("the red ring", boxes, TOK, TID, pr)
         r = P.parse(s.ids, TOK, TID, pr)
         assert r.descs() == ["the red ring"] * 2
