@@ -6,11 +6,17 @@ their scores, what the parser dropped) and `index.html` with pictures of predict
 
 Per task (coordexp_method.md §9):
 - detection: COCO mAP / AP50 / AP75 (pycocotools) under the `constant` and `logprob` score rules, F1@0.5,
-  parse-failure, invalid-box and duplicate rates. Boxes come from the emitted coordinate tokens (k / 999); the
-  same metrics for the expectation boxes (ĉ of each coordinate distribution) are reported with an `exp_` prefix.
+  parse-failure, invalid-box and duplicate rates. Boxes are the answer's boxes as written
+  (`ParsedObject.box`: the emitted coordinate tokens k / 999, or q / 1000 for `qwen_text`); the same metrics
+  for the expectation boxes (ĉ of each coordinate distribution) are reported with an `exp_` prefix.
 - grounding: Acc@0.5 (IoU >= 0.5) of the first predicted box, for records with one ground-truth box.
 - counting: MAE / RMSE of the stated count.
 A predicted object's score is exp(mean log-prob of its 4 coordinate tokens) under the model at temperature 1.
+
+A protocol that writes coordinates as text (`qwen_text`) has no coordinate tokens, hence neither coordinate
+distributions nor coordinate-token log-probs: its detection metrics are the constant-score ones only
+(`det/AP_constant`, ..., F1 and the rates); the `logprob` AP, the `det/exp_*` keys, the objects' `score` and
+`objects_expectation` in predictions.jsonl are left out (never NaN).
 """
 
 from __future__ import annotations
@@ -40,19 +46,23 @@ class EvalConfig:
     categories: tuple[str, ...] = ()  # detection categories; () = every gt desc of the detection records
 
 
-def _objects_px(parsed: protocols.ParseResult, rollout_row, width, height, pixel_mode, use_expectation):
-    """Parsed objects -> dicts with boxes in pixels of the original image and logprob scores."""
+def _objects_px(parsed: protocols.ParseResult, rollout_row, width, height, pixel_mode, use_expectation,
+                scored: bool = True):
+    """Parsed objects -> dicts {"desc", "bbox" (pixels of the original image)[, "score"]}.
+
+    bbox: the box as written (`ParsedObject.box`), or with `use_expectation` the expectation ĉ at the 4
+    coordinate positions. `scored`: add "score" = exp(mean log-prob of the 4 coordinate tokens) (coordinate-token
+    protocols only; without it the object has no score and the constant rule applies)."""
     tokens_lp, coord_exp = rollout_row
     out = []
     for o in parsed.objects:
         pos = np.asarray(o.positions)
-        if use_expectation:
-            box = coord_exp[pos].astype(np.float64)
-        else:
-            box = codec.bins_to_box(o.bins).astype(np.float64)
+        box = coord_exp[pos].astype(np.float64) if use_expectation else np.asarray(o.box, np.float64)
         box_px = np.asarray(codec.norm_to_pixels(box, width, height, pixel_mode), np.float64)
-        score = float(np.exp(np.mean(tokens_lp[pos])))
-        out.append({"desc": o.desc, "bbox": [round(float(v), 3) for v in box_px], "score": score})
+        d = {"desc": o.desc, "bbox": [round(float(v), 3) for v in box_px]}
+        if scored:
+            d["score"] = float(np.exp(np.mean(tokens_lp[pos])))
+        out.append(d)
     return out
 
 
@@ -71,6 +81,7 @@ def evaluate_records(sampler, records: Sequence, encoder, *, model_config, confi
     if not records:
         raise ValueError("no records to evaluate")
     tok, ids, pcfg = encoder.tokenizer, encoder.token_ids, encoder.cfg
+    coords = protocols.uses_coord_tokens(pcfg.protocol)  # else: no expectation boxes, no log-prob scores
     rows, failures = [], 0
     bar = tqdm(total=len(records), desc="evaluate", unit="img", disable=not progress, dynamic_ncols=True)
     for start in range(0, len(records), config.batch_size):
@@ -87,8 +98,9 @@ def evaluate_records(sampler, records: Sequence, encoder, *, model_config, confi
                 parsed = protocols.parse(answer_ids, tok, ids, pcfg.protocol)
                 row["parsed"] = parsed
                 lp, ce = ro.logprobs[b], ro.coord_expectation[b]
-                row["pred"] = _objects_px(parsed, (lp, ce), r.width, r.height, pcfg.pixel_mode, False)
-                row["pred_exp"] = _objects_px(parsed, (lp, ce), r.width, r.height, pcfg.pixel_mode, True)
+                row["pred"] = _objects_px(parsed, (lp, ce), r.width, r.height, pcfg.pixel_mode, False, coords)
+                if coords:
+                    row["pred_exp"] = _objects_px(parsed, (lp, ce), r.width, r.height, pcfg.pixel_mode, True)
             rows.append(row)
         bar.update(len(chunk))
     bar.close()
@@ -97,9 +109,11 @@ def evaluate_records(sampler, records: Sequence, encoder, *, model_config, confi
     det = [x for x in rows if x["record"].task == "detection"]
     if det:
         cats = list(config.categories) or sorted({o.desc for x in det for o in x["record"].objects})
-        for prefix, key in (("", "pred"), ("exp_", "pred_exp")):
+        for prefix, key in (("", "pred"), ("exp_", "pred_exp")) if coords else (("", "pred"),):
             results = [_image_result(i, x, key, pcfg.pixel_mode) for i, x in enumerate(det)]
             m = M.detection_metrics(results, cats)
+            if not coords:  # no coordinate-token log-probs: the constant score rule only
+                m = {k: v for k, v in m.items() if not k.endswith("_logprob")}
             if prefix:
                 m = {k: v for k, v in m.items() if k.startswith(("AP", "f1"))}
             out.update({f"det/{prefix}{k}": v for k, v in m.items()})
@@ -126,7 +140,7 @@ def evaluate_records(sampler, records: Sequence, encoder, *, model_config, confi
 def _image_result(i: int, x: dict, key: str, pixel_mode: str) -> M.ImageResult:
     r = x["record"]
     gt = [M.PredObject(o.desc, tuple(b)) for o, b in zip(r.objects, r.boxes_px(pixel_mode))]
-    pred = [M.PredObject(p["desc"], tuple(p["bbox"]), p["score"]) for p in x[key]]
+    pred = [M.PredObject(p["desc"], tuple(p["bbox"]), p.get("score", 1.0)) for p in x[key]]
     parsed = bool(x["parsed"].objects) or (x["parsed"].closed and not x["parsed"].num_dropped)
     return M.ImageResult(i + 1, r.width, r.height, gt, pred, parsed=parsed)
 
@@ -148,8 +162,9 @@ def _write_outputs(out_dir: str, rows: list[dict], metrics: dict, encoder, confi
             line = {"image": r.image, "task": r.task, "source": r.source, "width": r.width, "height": r.height,
                     "answer": decode_ids(encoder.tokenizer, x["answer_ids"]), "finished": x["finished"]}
             if "parsed" in x:
-                line.update(objects=x["pred"], objects_expectation=x["pred_exp"], dropped=x["parsed"].dropped,
-                            closed=x["parsed"].closed)
+                line.update(objects=x["pred"], dropped=x["parsed"].dropped, closed=x["parsed"].closed)
+                if "pred_exp" in x:
+                    line["objects_expectation"] = x["pred_exp"]
             else:
                 line.update(count=x["count"].count, dropped=x["count"].dropped)
             f.write(json.dumps(line) + "\n")
@@ -210,9 +225,12 @@ def build_evaluator(config_path: str, *, checkpoint: str, max_records: int = 0, 
         raise FileNotFoundError(f"checkpoint directory not found: {checkpoint}")
     model_config, model = load_checkpoint(checkpoint)
     recs, encoder, ecfg = eval_setup(cfg, model_config, max_records)
-    if model_config.vocab_size != encoder.token_ids.vocab_size:
+    ids = encoder.token_ids
+    # an expanded checkpoint matches its tokenizer exactly; without coordinate tokens (qwen_text on a released
+    # checkpoint) the checkpoint may have spare rows after the tokenizer's ids (build.model_config's rule)
+    if (model_config.vocab_size != ids.vocab_size) if ids.has_coords else (model_config.vocab_size < ids.vocab_size):
         raise ConfigError(f"checkpoint {checkpoint} has vocab_size {model_config.vocab_size} but the config's "
-                         f"tokenizer has {encoder.token_ids.vocab_size} ids")
+                         f"tokenizer has {ids.vocab_size} ids")
     sampler = make_sampler(model, encoder.token_ids, cfg)
     return lambda out_dir: evaluate_records(sampler, recs, encoder, model_config=model_config, config=ecfg,
                                             out_dir=out_dir)

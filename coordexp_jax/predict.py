@@ -7,7 +7,8 @@ chat prompt), rolls out with the jitted sampler, parses the answer (`coord/proto
 - `prediction.json`: {"image", "width", "height", "prompt", "answer" (decoded text), "objects": [{"desc",
   "bbox" [x1, y1, x2, y2] in pixels of the ORIGINAL image, "bbox_expectation" (the same box from the expectation
   ĉ of each coordinate distribution), "score" = exp(mean log-prob of the 4 coordinate tokens under the model at
-  temperature 1)}], "parse" {"dropped", "closed"}, "num_tokens", "finished"};
+  temperature 1)}], "parse" {"dropped", "closed"}, "num_tokens", "finished"}; with `--protocol qwen_text`
+  (coordinates as text, no coordinate tokens) the objects have "desc" and "bbox" (q / 1000 as written) only;
 - `prediction.png`: the image with the boxes and labels drawn.
 
 Bad input (unreadable image, checkpoint that does not match its config or the tokenizer, prompt longer than the
@@ -24,6 +25,7 @@ import sys
 import numpy as np
 
 from coordexp_jax.cli import EXIT_USER_ERROR, guard
+from coordexp_jax.coord.protocols import PROTOCOLS, uses_coord_tokens
 from coordexp_jax.errors import CoordExpError
 
 EXIT_BAD_INPUT = EXIT_USER_ERROR
@@ -34,18 +36,22 @@ class PredictError(CoordExpError, ValueError):
 
 
 def objects_from_rollout(parsed, logprobs, coord_expectation, width: int, height: int,
-                         pixel_mode: str = "continuous") -> list[dict]:
+                         pixel_mode: str = "continuous", coord_tokens: bool = True) -> list[dict]:
     """Parsed objects of one rollout row -> dicts with boxes in pixels of the original (width x height) image.
 
     `logprobs [T]` / `coord_expectation [T]` are the rollout row's arrays (indices = the parser's positions).
+    bbox: the box as written (`ParsedObject.box`). `coord_tokens=False` (a protocol writing coordinates as text):
+    no "bbox_expectation" nor "score" (they need coordinate tokens).
     """
     from coordexp_jax.coord import codec
 
     out = []
     for o in parsed.objects:
         pos = np.asarray(o.positions)
-        box = np.asarray(codec.norm_to_pixels(codec.bins_to_box(o.bins).astype(np.float64), width, height,
-                                              pixel_mode))
+        box = np.asarray(codec.norm_to_pixels(np.asarray(o.box, np.float64), width, height, pixel_mode))
+        if not coord_tokens:
+            out.append({"desc": o.desc, "bbox": [round(float(v), 2) for v in box]})
+            continue
         exp_box = np.asarray(codec.norm_to_pixels(np.asarray(coord_expectation)[pos].astype(np.float64), width,
                                                   height, pixel_mode))
         score = float(np.exp(np.mean(np.asarray(logprobs, np.float64)[pos])))
@@ -64,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=None, help="instruction text (default: the detection instruction)")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer directory (default: the checkpoint's, else the project's small tokenizer)")
-    p.add_argument("--protocol", default=None, choices=("coordjson", "tags"),
+    p.add_argument("--protocol", default=None, choices=PROTOCOLS,
                    help="default: the checkpoint's preprocessing.json (written by training), else coordjson")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--max-len", type=int, default=8192, help="KV cache length limit: prompt + new tokens")
@@ -130,7 +136,7 @@ def predict(args) -> dict:
     img = image_lib.load_image(args.image)  # ImageLoadError names the file; EXIF orientation applied, as in training
     H0, W0 = img.shape[:2]
     tok = _tokenizer(args)
-    tid = token_ids_from_tokenizer(tok)
+    tid = token_ids_from_tokenizer(tok, require_coords=uses_coord_tokens(args.protocol))
     im_kw = {k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels)) if v is not None}
     pcfg = PromptConfig(protocol=args.protocol, image=image_lib.ImageConfig(**im_kw), min_text_len=16,
                         max_text_len=args.max_len)
@@ -158,7 +164,8 @@ def predict(args) -> dict:
     roll = sampler.generate(batch)
     row = roll.row(0)
     parsed = protocols.parse(row, tok, tid, args.protocol)
-    objects = objects_from_rollout(parsed, roll.logprobs[0], roll.coord_expectation[0], W0, H0, args.pixel_mode)
+    objects = objects_from_rollout(parsed, roll.logprobs[0], roll.coord_expectation[0], W0, H0, args.pixel_mode,
+                                   uses_coord_tokens(args.protocol))
     answer = decode_ids(tok, row[:-1] if roll.finished[0] else row)
     result = {"image": os.path.abspath(args.image), "width": W0, "height": H0,
               "prompt": encoder.instruction_text(rec), "answer": answer, "objects": objects,

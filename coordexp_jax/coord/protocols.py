@@ -243,6 +243,8 @@ def _check_protocol(protocol: str, token_ids) -> None:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     if protocol == "tags" and not token_ids.has_tags:
         raise ValueError("protocol 'tags' needs the tag tokens <obj> </obj> <desc> </desc> <box> </box> in the tokenizer")
+    if uses_coord_tokens(protocol) and token_ids.coord_start < 0:
+        raise ValueError(f"protocol {protocol!r} needs the coordinate tokens, which the tokenizer lacks (coord_start -1)")
 
 
 def serialize(objects: Sequence[AnswerObject], tokenizer, token_ids, protocol: str = "coordjson",

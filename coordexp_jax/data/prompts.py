@@ -197,7 +197,8 @@ class SampleEncoder:
     @property
     def token_ids(self) -> TokenIds:
         if self._ids is None:
-            self._ids = token_ids_from_tokenizer(self.tokenizer)
+            self._ids = token_ids_from_tokenizer(self.tokenizer,
+                                                 require_coords=protocols.uses_coord_tokens(self.cfg.protocol))
         return self._ids
 
     def _enc(self, text: str) -> list[int]:

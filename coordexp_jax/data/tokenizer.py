@@ -24,6 +24,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from coordexp_jax.errors import CoordExpError
+
 NUM_BINS = 1000
 COORD_WILDCARD = "<|coord_*|>"
 
@@ -76,7 +78,10 @@ class TokenIds:
 
     `coord_start` is the id of `<|coord_0|>`; bin k has id `coord_start + k` (contiguous by construction and
     checked in `token_ids_from_tokenizer`), so coordinate logits are the static slice
-    `logits[..., coord_start:coord_start + 1000]`.
+    `logits[..., coord_start:coord_start + 1000]`. A tokenizer without coordinate tokens (a released, unexpanded
+    one, read with `require_coords=False`) has `coord_start = coord_wildcard = -1`: `has_coords` is False, no id
+    is a coordinate (`is_coord` all False, `coord_end == coord_start`, so `[coord_start, coord_end)` is empty)
+    and `coord_id` raises.
     """
 
     vocab_size: int
@@ -108,16 +113,24 @@ class TokenIds:
         return self.im_end
 
     @property
+    def has_coords(self) -> bool:
+        """Whether the tokenizer has the coordinate tokens (False: `coord_start == -1`)."""
+        return self.coord_start >= 0
+
+    @property
     def coord_end(self) -> int:
-        """One past the id of `<|coord_999|>`."""
-        return self.coord_start + self.num_bins
+        """One past the id of `<|coord_999|>` (`coord_start` when there are no coordinate tokens: empty range)."""
+        return self.coord_start + self.num_bins if self.has_coords else self.coord_start
 
     def coord_id(self, k):
-        """Token id of bin k (int or array)."""
+        """Token id of bin k (int or array). Raises ValueError on a tokenizer without coordinate tokens."""
+        if not self.has_coords:
+            raise ValueError("the tokenizer has no coordinate tokens <|coord_0|>..<|coord_999|> (coord_start -1)")
         return self.coord_start + k
 
     def is_coord(self, ids):
-        """True where ids are bin tokens `<|coord_0|>`..`<|coord_999|>` (the wildcard is not a bin)."""
+        """True where ids are bin tokens `<|coord_0|>`..`<|coord_999|>` (the wildcard is not a bin); all False
+        without coordinate tokens."""
         ids = np.asarray(ids)
         return (ids >= self.coord_start) & (ids < self.coord_end)
 
@@ -130,28 +143,57 @@ class TokenIds:
         return min(self.obj_open, self.obj_close, self.desc_open, self.desc_close, self.box_open, self.box_close) >= 0
 
 
+class TokenizerError(CoordExpError, ValueError):
+    """A tokenizer that lacks what the configuration needs (a Qwen special token, the coordinate tokens of a
+    coordinate-token protocol); the one-line message names the tokenizer's directory."""
+
+
 def _vocab_id(tokenizer, token: str, *, required: bool = True) -> int:
     tid = tokenizer.convert_tokens_to_ids(token)
     unk = getattr(tokenizer, "unk_token_id", None)
     if tid is None or (unk is not None and tid == unk and token != tokenizer.unk_token):
         if required:
-            raise ValueError(f"tokenizer has no token {token!r}")
+            raise TokenizerError(f"tokenizer {_name(tokenizer)} has no token {token!r}")
         return -1
     return int(tid)
 
 
-def token_ids_from_tokenizer(tokenizer) -> TokenIds:
-    """Looks up every special id; raises naming the token if one is missing or the coord ids are not contiguous."""
+def _name(tokenizer) -> str:
+    return str(getattr(tokenizer, "name_or_path", "") or "(in memory)")
+
+
+def token_ids_from_tokenizer(tokenizer, *, require_coords: bool = True, name: str | None = None) -> TokenIds:
+    """Looks up every special id of `tokenizer`.
+
+    `require_coords=False` (a protocol that writes coordinates as text, e.g. `qwen_text`) accepts a tokenizer
+    without ANY coordinate token (a released, unexpanded one): `coord_start = coord_wildcard = -1`.
+    Raises TokenizerError (one line naming `name`, default the tokenizer's `name_or_path`) when a Qwen special
+    token is missing, when the coordinate tokens are required but absent, when only some of them are present, or
+    when their ids are not one contiguous range.
+    """
+    where = name or _name(tokenizer)
     ids = {k: _vocab_id(tokenizer, t) for k, t in (
         ("endoftext", "<|endoftext|>"), ("im_start", "<|im_start|>"), ("im_end", "<|im_end|>"),
         ("vision_start", "<|vision_start|>"), ("vision_end", "<|vision_end|>"),
         ("image_pad", "<|image_pad|>"), ("video_pad", "<|video_pad|>"))}
-    wildcard = _vocab_id(tokenizer, COORD_WILDCARD)
-    bins = np.array([_vocab_id(tokenizer, coord_token(k)) for k in range(NUM_BINS)])
-    if not np.array_equal(bins, bins[0] + np.arange(NUM_BINS)):
-        raise ValueError("coordinate tokens <|coord_0|>..<|coord_999|> do not form one contiguous id range")
+    wildcard = _vocab_id(tokenizer, COORD_WILDCARD, required=False)
+    bins = np.array([_vocab_id(tokenizer, coord_token(k), required=False) for k in range(NUM_BINS)])
     tags = {k: _vocab_id(tokenizer, t, required=False) for k, t in zip(
         ("obj_open", "obj_close", "desc_open", "desc_close", "box_open", "box_close"), TAG_TOKENS)}
+    if wildcard < 0 and np.all(bins < 0):
+        if require_coords:
+            raise TokenizerError(
+                f"tokenizer {where} has no coordinate tokens {COORD_WILDCARD}, <|coord_0|>..<|coord_999|>: the "
+                f"coordjson/tags protocols need them (expand it with tools/expand_coord_vocab.py, or use "
+                f"protocol 'qwen_text', which writes coordinates as text)")
+        return TokenIds(vocab_size=len(tokenizer), coord_wildcard=-1, coord_start=-1, **ids, **tags)
+    missing = [coord_token(k) for k in range(NUM_BINS) if bins[k] < 0] + ([COORD_WILDCARD] if wildcard < 0 else [])
+    if missing:
+        raise TokenizerError(f"tokenizer {where} has only some coordinate tokens: {len(missing)} missing, e.g. "
+                             f"{missing[0]!r}")
+    if not np.array_equal(bins, bins[0] + np.arange(NUM_BINS)):
+        raise TokenizerError(f"tokenizer {where}: coordinate tokens <|coord_0|>..<|coord_999|> do not form one "
+                             f"contiguous id range")
     return TokenIds(vocab_size=len(tokenizer), coord_wildcard=wildcard, coord_start=int(bins[0]), **ids, **tags)
 
 
@@ -178,6 +220,7 @@ def load_tokenizer(path: str):
                 shutil.copy2(os.path.join(path, fn), os.path.join(tmp, fn))
         unmark_special_files(tmp)
         tok = AutoTokenizer.from_pretrained(tmp, local_files_only=True)
+    tok.name_or_path = path  # errors name the user's directory, not the temporary copy
     log.info("%s: %d coordinate/tag tokens are registered as special (older expansion); read as plain added tokens",
              path, len(marked))
     return tok
@@ -273,12 +316,15 @@ def _default_corpus() -> list[str]:
     return lines
 
 
-def build_small_tokenizer(out_dir: str | None = None, *, corpus: Iterable[str] | None = None, base_vocab_size: int = 640):
+def build_small_tokenizer(out_dir: str | None = None, *, corpus: Iterable[str] | None = None, base_vocab_size: int = 640,
+                          with_coords: bool = True):
     """Builds the project's small byte-level BPE tokenizer (deterministic) and returns it as a
     `transformers.PreTrainedTokenizerFast`; saves it to `out_dir` when given.
 
     Layout: byte-level BPE base tokens, then the Qwen specials, the tag tokens, `<|coord_*|>` and
     `<|coord_0|>`..`<|coord_999|>` (contiguous); tags and coordinates are plain added tokens (`plain_token`).
+    `with_coords=False` leaves out the tag and coordinate tokens (the layout of a released, unexpanded
+    tokenizer: only the Qwen specials after the base vocabulary).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -293,8 +339,9 @@ def build_small_tokenizer(out_dir: str | None = None, *, corpus: Iterable[str] |
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
         additional_special_tokens=list(QWEN_SPECIAL_TOKENS), clean_up_tokenization_spaces=False)
-    fast.add_tokens([plain_token(t) for t in TAG_TOKENS + tuple(coord_tokens())])
-    token_ids_from_tokenizer(fast)  # validates the layout
+    if with_coords:
+        fast.add_tokens([plain_token(t) for t in TAG_TOKENS + tuple(coord_tokens())])
+    token_ids_from_tokenizer(fast, require_coords=with_coords)  # validates the layout
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)
         fast.save_pretrained(out_dir)

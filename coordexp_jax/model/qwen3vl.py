@@ -125,7 +125,11 @@ class Qwen3VL(nnx.Module):
         return logits
 
     def coord_logits(self, hidden, coord_start, num_bins: int = 1000):
-        """hidden [..., H] -> float32 [..., num_bins] = h @ W[coord_start:coord_start+num_bins].T (never the full vocab)."""
+        """hidden [..., H] -> float32 [..., num_bins] = h @ W[coord_start:coord_start+num_bins].T (never the full vocab).
+        Raises ValueError for a static coord_start < 0 (no coordinate tokens; `dynamic_slice` would clamp it to 0
+        and return text rows)."""
+        if isinstance(coord_start, int) and coord_start < 0:
+            raise ValueError(f"coord_logits: coord_start {coord_start} < 0 (the tokenizer has no coordinate tokens)")
         if self.lm_head is None:
             w = jax.lax.dynamic_slice_in_dim(self.language_model.embed_tokens.embedding[...], coord_start, num_bins, 0)
             return jnp.einsum("...h,vh->...v", hidden.astype(self.dtype), w.astype(self.dtype),

@@ -8,7 +8,7 @@ A `TokenDFA` is three tables built once on the host:
 - `next_state [n_states, n_classes] int32`.
 Inside the loop the state is one `int32` per row; masking is a gather of one row of `allowed` per batch row.
 
-Two builders:
+Three builders:
 - `tags_dfa`: the complete `tags` grammar (coordexp_method.md §3):
   `(<obj><desc>TEXT</desc><box>C C C C</box></obj>)* <|im_end|>`, TEXT = ordinary (non-special, non-coordinate)
   tokens. Every sequence it allows parses.
@@ -16,6 +16,9 @@ Two builders:
   that follow the box opening (the token sequence the serialiser writes before the first coordinate, e.g.
   `"bbox_2d": [`), separated by the serialiser's separator tokens (`, `), and nowhere else; end of turn is not
   allowed inside a box. Text outside boxes is not constrained (the JSON around the boxes is left to the model).
+- `text_dfa`: for `qwen_text` (coordinates written as text): one state that never allows a coordinate token (the
+  bins and the wildcard), which the protocol does not write; on a tokenizer without coordinate tokens it allows
+  every id. The first two need the coordinate tokens and raise ValueError on a tokenizer without them.
 """
 
 from __future__ import annotations
@@ -81,6 +84,8 @@ class _Classes:
     """Assigns class ids: one per named token id, one for coordinate bins, one for the rest (last)."""
 
     def __init__(self, vocab_size: int, ids: Sequence[int], coord_start: int, num_bins: int):
+        if coord_start < 0:
+            raise ValueError("constraint classes need the coordinate tokens (coord_start is -1)")
         uniq = sorted(set(int(i) for i in ids))
         for i in uniq:
             if not 0 <= i < vocab_size:
@@ -97,9 +102,27 @@ class _Classes:
 
 
 def _coord_row(vocab_size: int, tid: TokenIds) -> np.ndarray:
+    """`[V] bool`, True at the bins `<|coord_0|>`..`<|coord_999|>` (all False without coordinate tokens)."""
     row = np.zeros((vocab_size,), bool)
-    row[tid.coord_start:tid.coord_end] = True
+    if tid.has_coords:
+        row[tid.coord_start:tid.coord_end] = True
     return row
+
+
+def _need_coords(tid: TokenIds, what: str) -> None:
+    if not tid.has_coords:
+        raise ValueError(f"the {what} constraint needs the coordinate tokens, which the tokenizer lacks "
+                         f"(coord_start -1); protocol 'qwen_text' writes coordinates as text")
+
+
+def text_dfa(tid: TokenIds, vocab_size: int) -> TokenDFA:
+    """The `qwen_text` constraint: one state, every id allowed except the coordinate bins and the wildcard (when
+    the tokenizer has them). Token classes: 0 = coordinate token, 1 = every other id."""
+    forbid = _coord_row(vocab_size, tid)
+    if tid.coord_wildcard >= 0:
+        forbid[tid.coord_wildcard] = True
+    return TokenDFA((~forbid)[None], np.where(forbid, 0, 1).astype(np.int32), np.zeros((1, 2), np.int32), 0,
+                    "qwen_text")
 
 
 def tags_dfa(tid: TokenIds, vocab_size: int, special_ids: Sequence[int]) -> TokenDFA:
@@ -107,6 +130,7 @@ def tags_dfa(tid: TokenIds, vocab_size: int, special_ids: Sequence[int]) -> Toke
     the coordinate wildcard, ...); they and the bins are excluded from descriptions."""
     if not tid.has_tags:
         raise ValueError("the tokenizer has no <obj>/<desc>/<box> tokens: the tags protocol is unavailable")
+    _need_coords(tid, "tags")
     V = vocab_size
     OUT, DOPEN, DESC, BOPEN, C0, C1, C2, C3, BCLOSE, OCLOSE = range(10)
     cl = _Classes(V, [tid.obj_open, tid.obj_close, tid.desc_open, tid.desc_close, tid.box_open, tid.box_close,
@@ -145,6 +169,7 @@ def coordjson_dfa(tid: TokenIds, vocab_size: int, open_seq: Sequence[int], sep_s
     """Coordinate placement for `coordjson` (module docstring). `open_seq`: ids written right before the first
     coordinate of a box; `sep_seq`: ids between two coordinates. Detection of `open_seq` in free text is a KMP
     automaton over the classes of its ids."""
+    _need_coords(tid, "coordjson")
     open_seq = [int(t) for t in open_seq]
     sep_seq = [int(t) for t in sep_seq]
     if not open_seq:
@@ -221,11 +246,14 @@ def coordjson_sequences(render: Callable[[list[tuple[str, list[int]]]], list[int
 
 
 def protocol_constraint(protocol: str, tokenizer, tid: TokenIds, vocab_size: int | None = None) -> TokenDFA:
-    """The constraint of an answer protocol for this tokenizer: `tags_dfa` or `coordjson_dfa` (box opening and
-    separator token sequences taken from `coord.protocols.serialize`, so they are the ids training used)."""
+    """The constraint of an answer protocol for this tokenizer: `tags_dfa`, `coordjson_dfa` (box opening and
+    separator token sequences taken from `coord.protocols.serialize`, so they are the ids training used) or, for
+    `qwen_text`, `text_dfa`."""
     from coordexp_jax.coord import protocols
 
     V = int(vocab_size) if vocab_size is not None else tid.vocab_size
+    if protocol in protocols.COORD_TOKEN_PROTOCOLS:
+        _need_coords(tid, protocol)
     if protocol == "tags":
         return tags_dfa(tid, V, tokenizer.all_special_ids)
     if protocol == "coordjson":
@@ -235,4 +263,6 @@ def protocol_constraint(protocol: str, tokenizer, tid: TokenIds, vocab_size: int
 
         open_seq, sep = coordjson_sequences(render, tid)
         return coordjson_dfa(tid, V, open_seq, sep)
-    raise ValueError(f"no constraint for protocol {protocol!r} (choose coordjson or tags)")
+    if protocol == "qwen_text":
+        return text_dfa(tid, V)
+    raise ValueError(f"no constraint for protocol {protocol!r} (choose one of {protocols.PROTOCOLS})")

@@ -88,7 +88,7 @@ class Rollout:
     tokens [B, T] int32 (pad id after a row stops; the stop token itself is included), logprobs [B, T] float32
     (model log-prob at temperature 1 of each emitted token, 0 after the stop), sample_logprobs [B, T] float32
     (log-prob under the distribution sampled from; 0 for greedy), coord_expectation [B, T] float32 (ĉ in [0, 1] where
-    the emitted token is a coordinate bin, NaN elsewhere), lengths [B] int32 (emitted tokens including the stop
+    the emitted token is a coordinate bin, NaN elsewhere: all NaN for a tokenizer without coordinate tokens), lengths [B] int32 (emitted tokens including the stop
     token), finished [B] bool (stopped by end of turn, not by max_new_tokens).
     """
 
@@ -206,9 +206,12 @@ class Sampler:
         tok = jnp.where(done, ids.pad, tok)
         lp = jnp.where(done, 0.0, sampling.token_logprob(raw, tok))
         slp = jnp.where(done, 0.0, slp)
-        is_coord = (tok >= ids.coord_start) & (tok < ids.coord_end) & ~done
-        chat = sampling.coord_expectation(raw, ids.coord_start, ids.num_bins, cfg.coord_tau)
-        chat = jnp.where(is_coord, chat, jnp.nan)
+        if ids.has_coords:
+            is_coord = (tok >= ids.coord_start) & (tok < ids.coord_end) & ~done
+            chat = sampling.coord_expectation(raw, ids.coord_start, ids.num_bins, cfg.coord_tau)
+            chat = jnp.where(is_coord, chat, jnp.nan)
+        else:  # no coordinate tokens (coord_start -1): no token is a bin, there are no coordinate logits
+            chat = jnp.full(tok.shape, jnp.nan, jnp.float32)
         col = lambda buf, v: jax.lax.dynamic_update_slice_in_dim(buf, v[:, None].astype(buf.dtype), step, axis=1)
         carry = dict(carry)
         carry["tokens"] = col(carry["tokens"], tok)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 NEG_INF = -jnp.inf
 
@@ -88,8 +89,12 @@ def token_logprob(logits, tokens):
 def coord_expectation(logits, coord_start: int, num_bins: int = 1000, tau: float = 1.0):
     """ĉ = Σ_k softmax(s / τ)_k · k / (num_bins - 1), with s the coordinate logits `[coord_start, +num_bins)`.
 
-    `logits [B, V]` -> `[B]` float32 in [0, 1] (coordexp_method.md §4).
+    `logits [B, V]` -> `[B]` float32 in [0, 1] (coordexp_method.md §4). Raises ValueError for a static
+    `coord_start < 0` (a tokenizer without coordinate tokens: `dynamic_slice` would clamp it to id 0 and slice text
+    logits silently).
     """
+    if isinstance(coord_start, (int, np.integer)) and coord_start < 0:
+        raise ValueError(f"coord_expectation: coord_start {coord_start} < 0 (the tokenizer has no coordinate tokens)")
     s = jax.lax.dynamic_slice_in_dim(logits, coord_start, num_bins, axis=-1).astype(jnp.float32) / jnp.float32(tau)
     p = jax.nn.softmax(s, axis=-1)
     grid = jnp.arange(num_bins, dtype=jnp.float32) / jnp.float32(num_bins - 1)

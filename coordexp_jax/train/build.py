@@ -70,9 +70,18 @@ def tokenizer_dir(cfg) -> str:
 
 
 def token_ids(cfg) -> TokenIds:
-    from coordexp_jax.data.tokenizer import load_tokenizer, token_ids_from_tokenizer
+    """The tokenizer's ids. The coordinate tokens are required only when `data.protocol` writes them (coordjson,
+    tags); for `qwen_text` a tokenizer without them (released, unexpanded) gives `coord_start = -1`.
+    Raises ConfigError (one line naming `tokenizer.path` and the directory) when a required token is missing."""
+    from coordexp_jax.coord.protocols import uses_coord_tokens
+    from coordexp_jax.data.tokenizer import TokenizerError, load_tokenizer, token_ids_from_tokenizer
 
-    return token_ids_from_tokenizer(load_tokenizer(tokenizer_dir(cfg)))
+    path = tokenizer_dir(cfg)
+    try:
+        return token_ids_from_tokenizer(load_tokenizer(path), require_coords=uses_coord_tokens(cfg.data.protocol),
+                                        name=path)
+    except TokenizerError as e:
+        raise ConfigError(f"config key 'tokenizer.path' (data.protocol {cfg.data.protocol!r}): {e}") from None
 
 
 def _replace_nested(obj, overrides: dict, where: str):
@@ -93,7 +102,12 @@ def _replace_nested(obj, overrides: dict, where: str):
 
 def model_config(cfg, ids: TokenIds):
     """The ModelConfig: from the checkpoint's config when `model.checkpoint` is set, else the preset; then
-    `model.overrides` (nested: {'text': {'hidden_size': 96}}), with the tokenizer's vocabulary and vision ids."""
+    `model.overrides` (nested: {'text': {'hidden_size': 96}}), with the tokenizer's vocabulary and vision ids.
+
+    Vocabulary checks (ConfigError naming the keys): with coordinate tokens (`ids.has_coords`) the checkpoint's
+    vocab_size must equal the tokenizer's length (an expanded checkpoint) and the coordinate ids must lie inside
+    it; without them (`qwen_text` on a released, unexpanded checkpoint) the checkpoint needs a row for every
+    tokenizer id and may have more (the released checkpoints' spare rows: 151936 rows for 151669 ids)."""
     from coordexp_jax.model.config import ModelConfig
 
     if cfg.model.checkpoint:
@@ -101,9 +115,13 @@ def model_config(cfg, ids: TokenIds):
         from coordexp_jax.weights.checkpoint import checkpoint_config
 
         mc = checkpoint_config(path)  # the head as the loader resolves it (tied config + differing lm_head: untied)
-        if mc.vocab_size != ids.vocab_size:
+        if ids.has_coords and mc.vocab_size != ids.vocab_size:
             raise ConfigError(f"model.checkpoint {path} has vocab_size {mc.vocab_size} but the tokenizer has "
                              f"{ids.vocab_size} ids (expand the vocabulary with tools/expand_coord_vocab.py)")
+        if not ids.has_coords and mc.vocab_size < ids.vocab_size:
+            raise ConfigError(f"model.checkpoint {path} has vocab_size {mc.vocab_size}, fewer rows than the "
+                             f"tokenizer's {ids.vocab_size} ids (config key 'tokenizer.path': use the checkpoint's "
+                             f"own tokenizer)")
     else:
         mc = ModelConfig.preset(cfg.model.preset).with_vocab_size(ids.vocab_size)
         mc = mc.replace(image_token_id=ids.image_pad, video_token_id=ids.video_pad,
@@ -111,7 +129,7 @@ def model_config(cfg, ids: TokenIds):
     over = cfg.model.overrides.to_dict() if hasattr(cfg.model.overrides, "to_dict") else dict(cfg.model.overrides)
     if over:
         mc = _replace_nested(mc, over, "model.overrides")
-    if ids.coord_start + NUM_BINS > mc.vocab_size:
+    if ids.has_coords and ids.coord_start + NUM_BINS > mc.vocab_size:
         raise ConfigError(f"coordinate ids [{ids.coord_start}, {ids.coord_start + NUM_BINS}) exceed vocab_size "
                           f"{mc.vocab_size} (config key 'tokenizer.path' / 'model.checkpoint')")
     return mc
@@ -155,7 +173,7 @@ def make_model_fn(cfg, mc, ids: TokenIds) -> tuple[Callable[[], nnx.Module], boo
 
     def finish(model, fresh: bool):
         """Init options (only for a freshly initialised model: a checkpoint keeps its trained rows), then LoRA."""
-        if fresh and cfg.model.coord_init == "sinusoidal":
+        if fresh and cfg.model.coord_init == "sinusoidal" and ids.has_coords:
             H = mc.text.hidden_size
             rows = jnp.asarray(sinusoidal_rows(NUM_BINS, H, 0.02))
             emb = model.language_model.embed_tokens.embedding
@@ -271,7 +289,9 @@ def build_components(cfg) -> Components:
     """The real components: Qwen3-VL (random init or a checkpoint), the Stage-1 objective, Grain data."""
     from coordexp_jax.data.pipeline import make_train_iterator
     from coordexp_jax.train.objective import Stage1Objective
+    from coordexp_jax.train.stage2 import check_protocol
 
+    check_protocol(cfg)  # Stage-2 with qwen_text: refused before anything is built
     ids = token_ids(cfg)
     mc = model_config(cfg, ids)
     make_model, materialize = make_model_fn(cfg, mc, ids)

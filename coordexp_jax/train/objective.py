@@ -9,6 +9,10 @@ except ce, which is always reported.
 The geometry terms use the expectation box b_hat at `box_pos` (softmax over the 1000 coordinate logits at tau).
 Vocabulary statistics (ce, gate, text_gate) come from full logits, or, with `loss.ce_chunk > 0`, from
 `chunked_vocab_stats` so that `[B, S, V]` logits are never materialised.
+
+Without coordinate tokens (`coord_start = -1`: protocol `qwen_text` on a released, unexpanded tokenizer) there are
+no coordinate logits: only `ce` applies (coordinates are ordinary text targets), and a config that weights a
+coordinate, gate or box term is refused (`Stage1Objective.from_config`, ConfigError naming the key).
 """
 
 from __future__ import annotations
@@ -41,7 +45,8 @@ class Stage1Objective:
     """`weights`: term -> weight (ce always present); coord_start: id of <|coord_0|>; vocab_size: the real vocabulary
     (padded rows excluded); tau, sigma, truncate: §5; ce_chunk: sequence chunk of the vocabulary statistics (0 =
     materialise the logits); coord_positions: K > 0 scores coord_ce/soft_ce/w1 at the first K coordinate targets
-    of each row only (gathered before the coordinate head; the loop warns when a row has more), 0 = all."""
+    of each row only (gathered before the coordinate head; the loop warns when a row has more), 0 = all.
+    coord_start = -1: no coordinate tokens, `weights` may hold `ce` only (ValueError otherwise)."""
 
     weights: dict
     coord_start: int
@@ -52,9 +57,24 @@ class Stage1Objective:
     ce_chunk: int = 0
     coord_positions: int = 0
 
+    def __post_init__(self):
+        extra = sorted(t for t in self.weights if t != "ce")
+        if self.coord_start < 0 and extra:
+            raise ValueError(f"Stage1Objective: terms {extra} need coordinate tokens (coord_start is -1)")
+
     @classmethod
     def from_config(cls, loss_cfg, coord_start: int, vocab_size: int) -> "Stage1Objective":
+        """From `config.loss`. Raises ConfigError naming the first `loss.<term>` with a weight > 0 that needs
+        coordinate tokens when there are none (`coord_start < 0`)."""
         w = {t: float(loss_cfg[t]) for t in TERMS if t == "ce" or float(loss_cfg[t]) > 0}
+        if coord_start < 0:
+            from coordexp_jax.train.config import ConfigError
+
+            extra = [t for t in TERMS if t in w and t != "ce"]
+            if extra:
+                raise ConfigError(f"config key 'loss.{extra[0]}' = {w[extra[0]]}: the tokenizer has no coordinate "
+                                  f"tokens (protocol qwen_text writes coordinates as text), so only loss.ce applies; "
+                                  f"set {', '.join('loss.' + t for t in extra)} to 0")
         return cls(weights=w, coord_start=int(coord_start), vocab_size=int(vocab_size), tau=float(loss_cfg.tau),
                    sigma=float(loss_cfg.sigma), truncate=float(loss_cfg.truncate), ce_chunk=int(loss_cfg.ce_chunk),
                    coord_positions=int(loss_cfg.coord_positions))

@@ -95,6 +95,7 @@ def schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule
 def multipliers(params: nnx.State, cfg: ml_collections.ConfigDict, vocab_size: int, coord_start: int) -> Any:
     """A pytree like `params` of lr multipliers: a float per parameter, or for coordinate-row parameters a
     `(axis, base, coord)` triple (rows [coord_start, coord_start + 1000) of the vocabulary axis get `coord`).
+    With no coordinate tokens (`coord_start < 0`) there are no coordinate rows: every parameter gets its group's.
 
     Leaves are static Python values (built from the path and shape only).
     """
@@ -106,7 +107,7 @@ def multipliers(params: nnx.State, cfg: ml_collections.ConfigDict, vocab_size: i
         base = 0.0 if (o[group].freeze or cfg.lora.enabled) else float(o[group].lr_mult)
         if "lora_a" in p or "lora_b" in p:
             return float(o[group].lr_mult)
-        if is_coord_row_param(p, cfg):
+        if is_coord_row_param(p, cfg) and coord_start >= 0:
             axes = [i for i, d in enumerate(leaf.shape) if d == vocab_size]
             if len(axes) != 1:
                 raise ValueError(f"optim: cannot find the vocabulary axis (size {vocab_size}) of '{p}' {leaf.shape}")

@@ -24,6 +24,9 @@ counted by reason. Text re-serialisation canonicalises only whitespace/tokenisat
 coordinate tokens are exactly the emitted ones.
 
 Steps are routed deterministically: step s is a rollout step iff floor((s+1)ρ) > floor(sρ).
+
+Stage-2 needs a coordinate-token protocol (coordjson, tags): its targets are coordinate tokens. `Stage2Runner`
+refuses `qwen_text` (coordinates as text) with a ConfigError naming `stage2.ratio`.
 """
 
 from __future__ import annotations
@@ -94,10 +97,12 @@ def left_padded_prompts(batch: dict, pad_id: int) -> dict:
 
 
 def _gt_objects(batch: dict, b: int, plen: int, tokenizer, token_ids, protocol: str):
-    """Ground truth of row b from its own answer tokens (descs, bins) and box slots (continuous boxes)."""
+    """Ground truth of row b: descs and normalised boxes `[M, 4]` float64 read back from its own answer tokens
+    (`ParseResult.boxes()`: k / 999 for coordinate tokens, the exact q / 1000 for `qwen_text`), replaced by the
+    continuous `box_target` where the row has box slots."""
     n = int(np.asarray(batch["attention_mask"])[b].sum())
     parsed = protocols.parse(list(np.asarray(batch["input_ids"])[b, plen:n]), tokenizer, token_ids, protocol)
-    boxes = parsed.bins().astype(np.float64) / codec.MAX_BIN
+    boxes = parsed.boxes()
     valid = np.asarray(batch["box_valid"])[b]
     m = min(int(valid.sum()), len(boxes))
     boxes[:m] = np.asarray(batch["box_target"])[b, :m]  # exact continuous boxes where slots exist
@@ -166,7 +171,11 @@ def plan_row(pred_descs, pred_bins, pred_boxes, gt_descs, gt_boxes, p2g) -> tupl
 
 def build_row(plan: RowPlan, gt_boxes, gt_bins, prompt_ids, tokenizer, token_ids, protocol: str, mode: str,
               max_objects: int) -> dict:
-    """The new row: ids, targets, loss mask and box slots for a `RowPlan` (positions relative to the row)."""
+    """The new row: ids, targets, loss mask and box slots for a `RowPlan` (positions relative to the row).
+    Coordinate-token protocols only (raises ValueError for `qwen_text`: its targets would be text)."""
+    if not protocols.uses_coord_tokens(protocol):
+        raise ValueError(f"Stage-2 rows need a coordinate-token protocol {protocols.COORD_TOKEN_PROTOCOLS}, "
+                         f"got {protocol!r}")
     s = protocols.serialize(plan.objects, tokenizer, token_ids, protocol, order="given", mode=mode)
     P = len(prompt_ids)
     ids = np.asarray(list(prompt_ids) + list(s.ids) + [token_ids.eos], np.int32)
@@ -216,7 +225,7 @@ def rollout_batch(batch: dict, rollout, tokenizer, token_ids, cfg: Stage2Config,
             continue
         totals["parsed"] += 1
         gt_descs, gt_boxes = _gt_objects(batch, b, plen[b], tokenizer, token_ids, protocol)
-        pred_boxes = codec.bins_to_box(parsed.bins()).reshape(-1, 4)
+        pred_boxes = parsed.boxes()
         if cfg.use_expectation:
             exp_boxes = np.asarray(rollout.coord_expectation[b])[parsed.positions()].reshape(-1, 4)
             pred_boxes = np.where(np.isfinite(exp_boxes), exp_boxes, pred_boxes)
@@ -274,6 +283,17 @@ def rollout_batch(batch: dict, rollout, tokenizer, token_ids, cfg: Stage2Config,
     return out, metrics
 
 
+def check_protocol(cfg) -> None:
+    """Raises ConfigError (one line) when Stage-2 is on (`stage2.ratio > 0`) with a protocol that writes
+    coordinates as text (`qwen_text`): the rewritten rows supervise coordinate tokens."""
+    from coordexp_jax.train.config import ConfigError
+
+    if float(cfg.stage2.ratio) > 0 and not protocols.uses_coord_tokens(cfg.data.protocol):
+        raise ConfigError(f"config key 'stage2.ratio' = {cfg.stage2.ratio}: Stage-2 rollout training needs a "
+                          f"coordinate-token protocol {protocols.COORD_TOKEN_PROTOCOLS}, but data.protocol is "
+                          f"{cfg.data.protocol!r} (set stage2.ratio = 0)")
+
+
 class Stage2Runner:
     """Rewrites the micro-batches of rollout steps inside the training loop.
 
@@ -286,6 +306,7 @@ class Stage2Runner:
     def __init__(self, cfg, comps, graphdef):
         from coordexp_jax.data.tokenizer import load_tokenizer
 
+        check_protocol(cfg)
         s = cfg.stage2
         self.cfg = Stage2Config(ratio=float(s.ratio), method=s.method, iou_threshold=float(s.iou_threshold),
                                 l1_weight=float(s.l1_weight), giou_weight=float(s.giou_weight),
