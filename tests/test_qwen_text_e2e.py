@@ -331,3 +331,18 @@ def test_evaluate_records_uses_exact_boxes(released, tmp_path):
     # bbox is rounded to 3 decimals in the output: within 5e-4 px of q / 1000 in pixels (the k / 999 decode of
     # the nearest bin would be off by up to 0.5 / 999 of 64 px = 0.03 px)
     np.testing.assert_allclose(first["objects"][0]["bbox"], want, atol=5e-4 + 1e-9)
+
+
+def test_predict_objects_and_protocol_choices(released):
+    from coordexp_jax import predict
+
+    _, _, tok, ids = released
+    args = predict._parser().parse_args(["--checkpoint", "c", "--image", "i", "--out", "o", "--protocol", "qwen_text"])
+    assert args.protocol == "qwen_text"
+    a = P.serialize([P.AnswerObject("cat", box=(0.1234, 0.25, 0.5, 0.9876))], tok, ids, "qwen_text").ids
+    parsed = P.parse(a + [ids.eos], tok, ids, "qwen_text")
+    n = len(a) + 1
+    objs = predict.objects_from_rollout(parsed, np.full(n, -0.1), np.full(n, np.nan), 200, 100, "continuous",
+                                        coord_tokens=False)
+    # pixels of q / 1000 (continuous: c * W), rounded to 2 decimals by the writer; no expectation box, no score
+    assert objs == [{"desc": "cat", "bbox": [24.6, 25.0, 100.0, 98.8]}]
