@@ -143,9 +143,13 @@ def test_chunked_ce_matches_plain():
     b, s, h, v, cs = 2, 21, 16, 1030, 20
     hid = jnp.asarray(rng.normal(size=(b, s, h)), jnp.float32)
     emb = jnp.asarray(rng.normal(size=(v, h)) * 0.3, jnp.float32)
-    t = jnp.asarray(rng.integers(0, v, (b, s)))
+    # half the targets outside the coordinate block (ids < cs or >= cs + K), so CE counts real positions
+    t_np = np.where(rng.random((b, s)) < 0.5, rng.integers(0, cs, (b, s)), rng.integers(cs, v, (b, s)))
+    t = jnp.asarray(t_np)
     lm = jnp.asarray(rng.random((b, s)) < 0.8, jnp.float32)
     cm = jnp.asarray((t >= cs) & (t < cs + K)) & (lm > 0)
+    n_text = int(((np.asarray(lm) > 0) & ~np.asarray(cm)).sum())
+    assert n_text >= 5, n_text  # the comparison below must see non-coordinate CE positions
 
     def plain(hid, emb):
         return losses.ce(jnp.einsum("bsh,vh->bsv", hid, emb), t, lm, cm)[0]
@@ -154,8 +158,10 @@ def test_chunked_ce_matches_plain():
         return losses.ce_chunked(hid, emb, t, lm, cm, chunk_size=8)[0]
 
     # the same float32 math in chunks (other reduction order): ~1e-6 relative / of the largest entry
+    assert float(plain(hid, emb)) > 0.1  # CE of random logits over 1030 ids is ~ln(1030): not a vacuous 0 == 0
     assert float(chunked(hid, emb)) == pytest.approx(float(plain(hid, emb)), rel=1e-5)
     g1, g2 = jax.grad(plain, (0, 1))(hid, emb), jax.jit(jax.grad(chunked, (0, 1)))(hid, emb)
+    assert float(np.abs(np.asarray(g1[0])).max()) > 0  # gradients are compared where they are non-zero
     for a, b_ in zip(g1, g2):
         np.testing.assert_allclose(a, b_, rtol=1e-5, atol=1e-5 * np.abs(np.asarray(b_)).max())
     st_plain = losses.vocab_stats(jnp.einsum("bsh,vh->bsv", hid, emb), t, cs, 0.7)
