@@ -212,7 +212,8 @@ def bench_trl(a, cfg, hf_dir, recs_per_step):
                       learning_rate=1e-5, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
                       max_grad_norm=1.0, max_steps=len(recs_per_step), logging_steps=1, report_to=[],
                       save_strategy="no", use_cpu=True, bf16=False, fp16=False, shuffle_dataset=False,
-                      dataloader_num_workers=0, seed=0, remove_unused_columns=False, disable_dropout=True)
+                      dataloader_num_workers=0, seed=0, remove_unused_columns=False, disable_dropout=True,
+                      gradient_checkpointing=False)  # TRL's default is True; ours does not rematerialise either
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=ds, processing_class=proc)
 
     def wrap(obj, name, key, flag=False):
