@@ -182,3 +182,26 @@ def components(batch: int = 4, bad=(), model_seed: int = 0):
 
     return Components(make_model=lambda: StandIn(model_seed), objective=Objective(), data_iter=ListIterator(batch, bad=bad),
                       vocab_size=VOCAB, coord_start=COORD_START, spec_fn=spec_fn)
+
+
+def loop_config(steps: int = 6, **overrides):
+    """A base train config for the stand-in loop tests: lr 1e-2, `steps` steps, log every step, checkpoint every 2,
+    no progress bar/TensorBoard/async checkpointing/final evaluation; `overrides` maps dotted keys to values."""
+    from coordexp_jax.train import config as C
+
+    cfg = C.base_config()
+    cfg.optim.lr = 1e-2
+    cfg.train.steps = steps
+    cfg.train.log_every = 1
+    cfg.train.ckpt_every = 2
+    cfg.train.progress = False
+    cfg.train.tensorboard = False
+    cfg.train.async_checkpoint = False
+    cfg.eval.at_end = False
+    for k, v in overrides.items():
+        node = cfg
+        *head, leaf = k.split(".")
+        for h in head:
+            node = node[h]
+        node[leaf] = v
+    return cfg

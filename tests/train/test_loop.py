@@ -10,28 +10,13 @@ import pytest
 
 from coordexp_jax.train import build, checkpoint, config as C, loop
 
-from standin import components
+from standin import components, loop_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _cfg(**kw):
-    cfg = C.base_config()
-    cfg.optim.lr = 1e-2
-    cfg.train.steps = 6
-    cfg.train.log_every = 1
-    cfg.train.ckpt_every = 2
-    cfg.train.progress = False
-    cfg.train.tensorboard = False
-    cfg.train.async_checkpoint = False
-    cfg.eval.at_end = False
-    for k, v in kw.items():
-        node = cfg
-        *head, leaf = k.split(".")
-        for h in head:
-            node = node[h]
-        node[leaf] = v
-    return cfg
+    return loop_config(6, **kw)
 
 
 def test_nan_stop_names_the_step(tmp_path):

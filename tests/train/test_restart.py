@@ -13,26 +13,11 @@ from flax import nnx
 
 from coordexp_jax.train import checkpoint, config as C, loop
 
-from standin import components
+from standin import components, loop_config
 
 
 def _cfg(**kw):
-    cfg = C.base_config()
-    cfg.optim.lr = 1e-2
-    cfg.train.steps = 5
-    cfg.train.log_every = 1
-    cfg.train.ckpt_every = 2
-    cfg.train.progress = False
-    cfg.train.tensorboard = False
-    cfg.train.async_checkpoint = False
-    cfg.eval.at_end = False
-    for k, v in kw.items():
-        node = cfg
-        *head, leaf = k.split(".")
-        for h in head:
-            node = node[h]
-        node[leaf] = v
-    return cfg
+    return loop_config(5, **kw)
 
 
 def _stops(workdir):
