@@ -62,17 +62,66 @@ def duplicate_count(objects: Sequence[PredObject], iou_threshold: float = 0.9) -
     return dup
 
 
+@dataclasses.dataclass
+class ImageMatch:
+    """Greedy 1:1 matching of one image's predictions to its ground truth (see `match_image`).
+
+    pred_to_gt [P] int: index of the matched gt box, -1 = false positive.
+    gt_matched [G] bool: True when some prediction matched it, False = miss (false negative).
+    ious [P] float: IoU of each prediction with its matched gt box, nan when unmatched.
+    tp, fp, fn: counts (tp = matched pairs, fp = P - tp, fn = G - tp).
+    mean_iou: mean IoU over the matched pairs, nan when there are none.
+    """
+
+    pred_to_gt: np.ndarray
+    gt_matched: np.ndarray
+    ious: np.ndarray
+    tp: int
+    fp: int
+    fn: int
+    mean_iou: float
+
+
+def _desc_box(o) -> tuple[str, tuple[float, float, float, float]]:
+    """(desc, bbox) of an object with `.desc`/`.bbox` attributes or a dict {"desc", "bbox"}."""
+    if isinstance(o, dict):
+        return o["desc"], tuple(float(v) for v in o["bbox"])
+    return o.desc, tuple(float(v) for v in o.bbox)
+
+
+def match_image(pred: Sequence, gt: Sequence, iou_threshold: float = 0.5, match_desc: bool = True) -> ImageMatch:
+    """Match one image's predictions to its ground truth with `coord.matching.greedy_iou_match`: pairs in order
+    of decreasing IoU (ties: lower pred index, then lower gt index), accepted when IoU >= `iou_threshold` and,
+    with `match_desc`, the descs are equal. The same rule as `greedy_match_f1` (which pools these counts).
+
+    pred [P], gt [G]: objects with `.desc` / `.bbox` (e.g. `PredObject`) or dicts {"desc", "bbox"}; boxes in
+    pixels, (x1, y1, x2, y2). IoU is the exact float64 IoU of `coord.boxes.pairwise_iou_exact`.
+    Returns an `ImageMatch`.
+    """
+    p_desc, p_box = zip(*(_desc_box(o) for o in pred)) if len(pred) else ((), ())
+    g_desc, g_box = zip(*(_desc_box(o) for o in gt)) if len(gt) else ((), ())
+    labels = (list(p_desc), list(g_desc)) if match_desc else (None, None)
+    p2g = greedy_iou_match(list(p_box), list(g_box), iou_threshold, *labels)
+    gt_matched = np.zeros(len(g_box), bool)
+    gt_matched[p2g[p2g >= 0]] = True
+    ious = np.full(len(p_box), np.nan)
+    hit = np.nonzero(p2g >= 0)[0]
+    if hit.size:
+        iou = pairwise_iou_exact(np.asarray(p_box, np.float64), np.asarray(g_box, np.float64))
+        ious[hit] = iou[hit, p2g[hit]]
+    tp = int(hit.size)
+    return ImageMatch(pred_to_gt=p2g, gt_matched=gt_matched, ious=ious, tp=tp, fp=len(p_box) - tp,
+                      fn=len(g_box) - tp, mean_iou=float(ious[hit].mean()) if tp else float("nan"))
+
+
 def greedy_match_f1(results: Sequence[ImageResult], iou_threshold: float = 0.5, match_desc: bool = True) -> dict:
-    """Precision/recall/F1 pooled over images, with `coord.matching.greedy_iou_match` per image (pairs in order
-    of decreasing IoU, accepted when IoU >= threshold and, with `match_desc`, descs are equal)."""
-    
+    """Precision/recall/F1 pooled over images, with `match_image` per image (greedy 1:1 matching in order of
+    decreasing IoU, accepted when IoU >= threshold and, with `match_desc`, descs are equal)."""
     tp = n_pred = n_gt = 0
     for r in results:
         n_pred += len(r.pred)
         n_gt += len(r.gt)
-        labels = ([p.desc for p in r.pred], [g.desc for g in r.gt]) if match_desc else (None, None)
-        p2g = greedy_iou_match([p.bbox for p in r.pred], [g.bbox for g in r.gt], iou_threshold, *labels)
-        tp += int(np.sum(p2g >= 0))
+        tp += match_image(r.pred, r.gt, iou_threshold, match_desc).tp
     precision = tp / n_pred if n_pred else 0.0
     recall = tp / n_gt if n_gt else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0

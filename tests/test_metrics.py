@@ -161,3 +161,64 @@ def test_iou_exactly_at_threshold_counts_for_f1():
     g = [M.PredObject("cat", (0, 0, 10, 10))]
     r = [M.ImageResult(1, 20, 20, g, [M.PredObject("cat", (0, 0, 10, 5))])]  # IoU exactly 0.5
     assert M.greedy_match_f1(r)["tp"] == 1
+
+
+def _py_iou(a, b):
+    """Plain-Python IoU of two xyxy boxes (independent of coord.boxes)."""
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = max(a[2] - a[0], 0) * max(a[3] - a[1], 0) + max(b[2] - b[0], 0) * max(b[3] - b[1], 0) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _brute_match(pred, gt, thr, match_desc):
+    """Greedy matching by repeated search: take the best-IoU eligible pair among the unmatched ones (ties: lower
+    pred index, then lower gt index) until none is left."""
+    p2g = [-1] * len(pred)
+    used = [False] * len(gt)
+    while True:
+        best = None
+        for i, p in enumerate(pred):
+            if p2g[i] >= 0:
+                continue
+            for j, g in enumerate(gt):
+                if used[j] or (match_desc and p.desc != g.desc):
+                    continue
+                v = _py_iou(p.bbox, g.bbox)
+                if v >= thr and (best is None or v > best[0]):
+                    best = (v, i, j)
+        if best is None:
+            return p2g, used
+        p2g[best[1]] = best[2]
+        used[best[2]] = True
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("match_desc", [True, False])
+def test_match_image_matches_brute_force(seed, match_desc):
+    for r in _random_case(np.random.default_rng(seed), n_images=3):
+        m = M.match_image(r.pred, r.gt, 0.5, match_desc)
+        p2g, used = _brute_match(r.pred, r.gt, 0.5, match_desc)
+        assert m.pred_to_gt.tolist() == p2g and m.gt_matched.tolist() == used
+        assert (m.tp, m.fp, m.fn) == (sum(j >= 0 for j in p2g), p2g.count(-1), used.count(False))
+        want = [_py_iou(p.bbox, r.gt[j].bbox) if j >= 0 else np.nan for p, j in zip(r.pred, p2g)]
+        # IoU <= 1 computed from pixel boxes < 200 px in float64 two ways: they agree to ~1e-15, 1e-12 is ample.
+        np.testing.assert_allclose(m.ious, want, rtol=0, atol=1e-12)
+        if m.tp:
+            assert m.mean_iou == pytest.approx(np.nanmean(want), abs=1e-12)  # mean of values in [0, 1]
+        else:
+            assert np.isnan(m.mean_iou)
+
+
+def test_match_image_dicts_and_empty():
+    gt = [{"desc": "cat", "bbox": [0, 0, 10, 10]}, {"desc": "dog", "bbox": [20, 20, 30, 30]}]
+    pred = [{"desc": "cat", "bbox": [0, 0, 10, 5]}, {"desc": "cat", "bbox": [20, 20, 30, 30]}]
+    m = M.match_image(pred, gt)
+    assert m.pred_to_gt.tolist() == [0, -1] and m.gt_matched.tolist() == [True, False]
+    assert (m.tp, m.fp, m.fn) == (1, 1, 1) and m.mean_iou == 0.5  # IoU exactly 0.5 is accepted
+    assert M.match_image(pred, gt, match_desc=False).tp == 2
+    e = M.match_image([], gt)
+    assert (e.tp, e.fp, e.fn, e.pred_to_gt.shape, e.ious.shape) == (0, 0, 2, (0,), (0,)) and np.isnan(e.mean_iou)
+    e = M.match_image(pred, [])
+    assert (e.tp, e.fp, e.fn) == (0, 2, 0) and e.gt_matched.shape == (0,) and np.isnan(e.ious).all()
