@@ -119,6 +119,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.vision = _group()
     c.optim.merger = _group()
     c.optim.coord_rows = _group()  # rows of the coordinate tokens in the embedding (and an untied lm_head)
+    c.optim.heads = _group(lr_mult=5.0)  # regression heads (train.kind 'counting_regression'); trainable under LoRA
     c.optim.group_patterns = DEFAULT_GROUP_PATTERNS
     c.optim.coord_row_params = (r"embed_tokens", r"lm_head")  # regexes of params whose rows are vocabulary rows
 
@@ -137,6 +138,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict()
     c.train.kind = "sft"  # 'sft' (Stage-1, with Stage-2 steps when stage2.ratio > 0) | 'grpo' (train/grpo_loop.py)
+    # | 'counting_regression' (train/counting_loop.py)
     c.train.steps = 100
     c.train.grad_accum = 1
     c.train.seed = 0
@@ -190,6 +192,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.grpo.aggregation = "seq_mean_token_mean"  # train/grpo.py AGGREGATIONS (this one: DeepSeekMath's GRPO form)
     c.grpo.protocol = ""  # answer protocol of prompts and rollouts; '' = data.protocol (else it replaces it)
     c.grpo.logp_chunk = 256  # sequence chunk of the log-prob head (no [B, T, V] logits)
+
+    # Sequential counting with regression heads (train.kind = 'counting_regression', train/counting_loop.py,
+    # model/regression.py): two MLP heads read the final hidden states at the prompt's <x> and <y> tokens.
+    c.counting = ml_collections.ConfigDict()
+    c.counting.head_layers = 3  # Linear layers per head (the last maps to 1 output, then tanh)
+    c.counting.head_width = 0  # hidden width of the heads; 0 = the model's hidden size
+    c.counting.loss = "l1"  # 'l1' | 'mse' | 'smooth_l1' on x and y (normalised [-1, 1] units)
+    c.counting.smooth_l1_beta = 0.1  # transition point of smooth L1 (normalised units)
+    c.counting.order = "reading"  # counting order of the objects (data/counting.py orderings)
+    c.counting.done_prob = 0.0  # fraction of "all counted" samples (target (-1, -1)); 0 as in the seed recipe
+    c.counting.max_count = 16  # sequential inference stops after this many points
+    c.counting.grad_check = True  # first step: gradients must reach the heads and the LoRA weights (else an error)
     return c
 
 
@@ -291,7 +305,15 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "stage2.desc_weight": (_non_negative, ">= 0"),
     "stage2.max_new_tokens": (_non_negative, ">= 0"),
     "data.synthetic_task": (_one_of("detection", "grounding"), "'detection' or 'grounding'"),
-    "train.kind": (_one_of("sft", "grpo"), "'sft' or 'grpo'"),
+    "train.kind": (_one_of("sft", "grpo", "counting_regression"), "'sft', 'grpo' or 'counting_regression'"),
+    "counting.head_layers": (_positive, ">= 1"),
+    "counting.head_width": (_non_negative, ">= 0"),
+    "counting.loss": (_one_of("l1", "mse", "smooth_l1"), "'l1', 'mse' or 'smooth_l1'"),
+    "counting.smooth_l1_beta": (_positive, "> 0"),
+    "counting.order": (_one_of("reading", "left_to_right", "nearest_neighbour"),
+                       "'reading', 'left_to_right' or 'nearest_neighbour'"),
+    "counting.done_prob": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+    "counting.max_count": (_positive, "> 0"),
     "grpo.num_generations": (lambda v: v >= 2, ">= 2 (advantages compare samples of one prompt)"),
     "grpo.temperature": (_positive, "> 0"),
     "grpo.top_k": (_non_negative, ">= 0"),
