@@ -162,6 +162,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.num_pictures = 4
     c.eval.use_ema = True
 
+    # Loggers beside metrics.jsonl and TensorBoard (train/metrics_log.py).
+    c.log = ml_collections.ConfigDict()
+    c.log.num_pictures = 16  # evaluation pictures (worst first) sent to TensorBoard and W&B per evaluation
+    c.log.wandb = ml_collections.ConfigDict()
+    c.log.wandb.project = ""  # '' = no Weights & Biases (wandb is not imported)
+    c.log.wandb.entity = ""  # '' = the logged-in user's default entity
+    c.log.wandb.mode = "online"  # 'online' | 'offline' (written under log.wandb.dir; `wandb sync` later) | 'disabled'
+    c.log.wandb.name = ""  # run name; '' = the workdir's name
+    c.log.wandb.group = ""  # run group (a sweep's name)
+    c.log.wandb.dir = ""  # where wandb writes its run directory; '' = the workdir
+
     # Stage-2 rollout training (train/stage2.py): step s is a rollout step iff floor((s+1)*ratio) > floor(s*ratio).
     c.stage2 = ml_collections.ConfigDict()
     c.stage2.ratio = 0.0  # 0 = plain Stage-1
@@ -297,6 +308,8 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "eval.batch_size": (_positive, "> 0"),
     "eval.max_new_tokens": (_positive, "> 0"),
     "eval.num_pictures": (_non_negative, ">= 0"),
+    "log.num_pictures": (_non_negative, ">= 0"),
+    "log.wandb.mode": (_one_of("online", "offline", "disabled"), "'online', 'offline' or 'disabled'"),
     "stage2.ratio": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
     "stage2.method": (_one_of("hungarian", "sinkhorn"), "'hungarian' or 'sinkhorn'"),
     "stage2.iou_threshold": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
