@@ -1,52 +1,252 @@
-"""Pictures: boxes drawn on images (predicted and ground truth) and an HTML page of them.
+"""Pictures: predicted and ground-truth boxes drawn on an image, with a legend; and a simple HTML page of them.
 
-Used by `predict` (one image -> PNG) and `evaluate` (a page of images with predicted and true boxes).
-Boxes are in pixels of the image they are drawn on, (x1, y1, x2, y2).
+One drawing function, `draw_prediction`, serves `predict` (one PNG per image), `evaluate` (the report's pictures)
+and any TensorBoard image (`np.asarray(draw_prediction(...))` is an [H, W, 3] uint8 array).
+
+How a picture reads (`LEGEND` holds the same in data form for HTML pages, `legend_html` renders it):
+
+- ground truth: DASHED outline drawn just OUTSIDE its box, label under the box;
+  light green when a prediction matched it, light orange with a "MISS" tag when none did;
+- prediction: SOLID outline drawn just INSIDE its box, label above the box ("desc score");
+  light blue when it matched a ground-truth box, pink with an "FP" tag when it matched none
+  (without ground truth every prediction is light blue);
+- every line and label has a black halo, so it reads on any background (the colours are light tints, far from the
+  saturated colours of the synthetic shapes and of most photographs' objects);
+- a perfect hit shows the dashed green frame hugging the solid blue one: neither hides the other, and the two labels
+  sit on opposite sides of the box.
+
+Matching is `metrics.match_image` (greedy 1:1 by decreasing IoU, IoU >= 0.5, same desc): the rule of the F1 metric.
+Small images are upscaled (nearest neighbour) to `min_side` pixels first; line width and font size grow with the
+picture (`style_for`). Boxes are in pixels of the image given, (x1, y1, x2, y2).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import os
 from collections.abc import Sequence
 
-from PIL import Image, ImageDraw
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
-PRED_COLOUR = (230, 40, 40)
-GT_COLOUR = (30, 200, 60)
+GT_COLOUR = (140, 255, 140)  # ground truth found by a prediction (light green, dashed)
+MISS_COLOUR = (255, 200, 140)  # ground truth no prediction matched (light orange, dashed, "MISS")
+PRED_COLOUR = (150, 200, 255)  # prediction that matched a ground-truth box, or any prediction without gt
+FP_COLOUR = (255, 150, 230)  # prediction that matched no ground-truth box (pink, "FP")
+HALO_COLOUR = (0, 0, 0)
+TEXT_COLOUR = (0, 0, 0)
+LEGEND_BG = (255, 255, 255)
+
+SCORE_EXPLANATION = ("score = exp(mean log-prob of the box's 4 coordinate tokens), 0-1. The probability spreads "
+                     "over neighbouring coordinate bins, so a correct box often scores only 0.1-0.3: what counts is "
+                     "the ranking (AP with the logprob rule).")
+
+LEGEND = (  # (key, colour, style, label): what `draw_legend` draws and HTML pages can show
+    {"key": "gt", "colour": GT_COLOUR, "style": "dashed", "label": "ground truth (found)", "needs_gt": True},
+    {"key": "miss", "colour": MISS_COLOUR, "style": "dashed", "label": "MISS: ground truth not found",
+     "needs_gt": True},
+    {"key": "pred", "colour": PRED_COLOUR, "style": "solid", "label": "prediction: desc score", "needs_gt": False},
+    {"key": "fp", "colour": FP_COLOUR, "style": "solid", "label": "FP: prediction matching no ground truth",
+     "needs_gt": True},
+)
 
 
-def draw_boxes(image: Image.Image, boxes: Sequence[Sequence[float]], labels: Sequence[str] | None = None,
-               colour=PRED_COLOUR, width: int = 2) -> Image.Image:
-    """A copy of `image` with boxes (pixels of this image) and their labels drawn."""
-    img = image.convert("RGB")
-    draw = ImageDraw.Draw(img)
-    for i, box in enumerate(boxes):
-        x1, y1, x2, y2 = (float(v) for v in box)
-        x1, x2 = min(x1, x2), max(x1, x2)
-        y1, y2 = min(y1, y2), max(y1, y2)
-        draw.rectangle([x1, y1, x2, y2], outline=colour, width=width)
-        if labels is not None and i < len(labels) and labels[i]:
-            text = str(labels[i])
-            ty = y1 - 11 if y1 >= 11 else y1 + 1
-            draw.rectangle([x1, ty, x1 + draw.textlength(text) + 2, ty + 10], fill=colour)
-            draw.text((x1 + 1, ty - 1), text, fill=(255, 255, 255))
-    return img
+@dataclasses.dataclass(frozen=True)
+class Style:
+    """Sizes of one picture, in pixels of the (upscaled) picture."""
+
+    line: int  # outline width
+    halo: int  # black border on each side of a line or label
+    font_size: int  # label text height (TrueType, `ImageFont.load_default(size=...)`)
+    dash: int  # dash length of ground-truth outlines (gaps are 2/3 of it)
 
 
-def draw_prediction(image: Image.Image, pred: Sequence[dict], gt: Sequence[dict] = (),
-                    min_side: int = 384) -> Image.Image:
-    """Ground truth (green) under predictions (red). Objects are {"desc", "bbox"[, "score"]} in pixels of
-    `image`; small images are upscaled (nearest) to `min_side` first so labels stay legible."""
+def style_for(width: int, height: int) -> Style:
+    """Line width and font size scaled with the picture's longer side L: line = max(2, L/200), font = max(12, L/32)
+    (16 px at 512 px, 32 px at 1024 px, 62 px at 2000 px)."""
+    long_side = max(int(width), int(height))
+    line = max(2, round(long_side / 200))
+    return Style(line=line, halo=max(1, line // 2), font_size=max(12, round(long_side / 32)), dash=3 * line)
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)  # Pillow's bundled TrueType font (FreeType), any size
+
+
+def _hex(c) -> str:
+    return "#%02x%02x%02x" % tuple(c)
+
+
+def _get(o, key, default=None):
+    return o.get(key, default) if isinstance(o, dict) else getattr(o, key, default)
+
+
+def _box(o, scale: float) -> tuple[int, int, int, int]:
+    x1, y1, x2, y2 = (float(v) * scale for v in _get(o, "bbox"))
+    x1, x2 = sorted((x1, x2))  # an inverted box is drawn where it covers
+    y1, y2 = sorted((y1, y2))
+    return round(x1), round(y1), round(x2), round(y2)
+
+
+def _rect(draw, box, colour, width, grow=0):
+    """Outline of `box` grown by `grow` px on each side, `width` px wide, drawn inward from the grown edge."""
+    x1, y1, x2, y2 = box
+    draw.rectangle([x1 - grow, y1 - grow, x2 + grow, y2 + grow], outline=colour, width=width)
+
+
+def _dashed(draw, box, colour, width, dash, grow=0):
+    """Dashed outline: dashes of `dash` px with gaps of 2/3 of it, along each edge of `box` grown by `grow`."""
+    x1, y1, x2, y2 = box[0] - grow, box[1] - grow, box[2] + grow, box[3] + grow
+    step = dash + max(1, 2 * dash // 3)
+    for a, b, fixed, horizontal in ((x1, x2, y1, True), (x1, x2, y2 - width + 1, True),
+                                    (y1, y2, x1, False), (y1, y2, x2 - width + 1, False)):
+        for s in range(a, b + 1, step):
+            e = min(s + dash - 1, b)
+            if horizontal:
+                draw.rectangle([s, fixed, e, fixed + width - 1], fill=colour)
+            else:
+                draw.rectangle([fixed, s, fixed + width - 1, e], fill=colour)
+
+
+def _label(draw, text, anchor_x, top, colour, st: Style, font, img_w, img_h, below: bool):
+    """A filled label box with black text and a black border. `below`: placed with its top at `top`; else with its
+    bottom at `top`. Moved inside the picture when it would leave it."""
+    x0, y0, x1, y1 = draw.textbbox((0, 0), text, font=font)
+    pad = max(2, st.font_size // 6)
+    w, h = x1 - x0 + 2 * pad, y1 - y0 + 2 * pad
+    lx = min(max(anchor_x, 0), max(img_w - w, 0))
+    ly = top if below else top - h
+    ly = min(max(ly, 0), max(img_h - h, 0))
+    draw.rectangle([lx, ly, lx + w - 1, ly + h - 1], fill=colour, outline=HALO_COLOUR, width=max(1, st.halo))
+    draw.text((lx + pad - x0, ly + pad - y0), text, fill=TEXT_COLOUR, font=font)
+    return lx, ly, lx + w - 1, ly + h - 1
+
+
+def draw_prediction(image: Image.Image, pred: Sequence = (), gt: Sequence = (), match=None, *,
+                    min_side: int = 512, legend: bool = True, iou_threshold: float = 0.5) -> Image.Image:
+    """The picture of one image's predictions (and ground truth): see the module docstring for how it reads.
+
+    pred / gt: objects {"desc", "bbox"[, "score"]} (or with those attributes, e.g. `metrics.PredObject`), boxes in
+    pixels of `image`, (x1, y1, x2, y2). `match`: a `metrics.ImageMatch` of (pred, gt); computed with
+    `metrics.match_image(pred, gt, iou_threshold)` when gt is given and match is None. Without gt nothing is
+    marked as a hit, a miss or a false positive. The image is upscaled (nearest) so its longer side is at least
+    `min_side`; `legend`: a legend strip (colours, the score's meaning, TP/FP/miss counts) is added below.
+    Returns a new RGB image.
+    """
+    from coordexp_jax import metrics as M
+
     scale = max(1.0, min_side / max(image.width, image.height))
-    img = image.resize((round(image.width * scale), round(image.height * scale)), Image.NEAREST)
+    img = image.convert("RGB").resize((round(image.width * scale), round(image.height * scale)), Image.NEAREST)
+    W, H = img.size
+    st = style_for(W, H)
+    font = _font(st.font_size)
+    has_gt = len(gt) > 0
+    if has_gt and match is None:
+        match = M.match_image(pred, gt, iou_threshold)
+    gt_hit = match.gt_matched if has_gt else np.zeros(0, bool)
+    pred_hit = match.pred_to_gt >= 0 if has_gt else np.ones(len(pred), bool)
+    draw = ImageDraw.Draw(img)
+    w, h = st.line, st.halo
+    gt_boxes = [_box(o, scale) for o in gt]
+    pred_boxes = [_box(o, scale) for o in pred]
+    # ground truth: coloured band just outside the box (grown by h + w), black halo around it and in the gaps
+    for box, hit in zip(gt_boxes, gt_hit):
+        _rect(draw, box, HALO_COLOUR, w + 2 * h, grow=2 * h + w)
+        _dashed(draw, box, GT_COLOUR if hit else MISS_COLOUR, w, st.dash, grow=h + w)
+    # predictions: coloured band just inside the box, black halo on both sides
+    for box, hit in zip(pred_boxes, pred_hit):
+        _rect(draw, box, HALO_COLOUR, w + 2 * h, grow=h)
+        _rect(draw, box, PRED_COLOUR if hit else FP_COLOUR, w)
+    # labels last, so no line crosses them: gt under its box, predictions above theirs
+    for o, box, hit in zip(gt, gt_boxes, gt_hit):
+        text = str(_get(o, "desc", "")) if hit else f"MISS {_get(o, 'desc', '')}"
+        _label(draw, text, box[0] - 2 * h - w, box[3] + 2 * h + w + 1, GT_COLOUR if hit else MISS_COLOUR, st, font,
+               W, H, below=True)
+    for o, box, hit in zip(pred, pred_boxes, pred_hit):
+        score = _get(o, "score")
+        text = str(_get(o, "desc", "")) + (f" {float(score):.2f}" if score is not None else "")
+        _label(draw, text if hit else f"FP {text}", box[0] - h, box[1] - h - 1, PRED_COLOUR if hit else FP_COLOUR,
+               st, font, W, H, below=False)
+    if not legend:
+        return img
+    counts = None
+    if has_gt:
+        counts = f"TP {match.tp}   FP {match.fp}   MISS {match.fn}" + (
+            f"   mean IoU {match.mean_iou:.2f}" if match.tp else "")
+    strip = draw_legend(W, has_gt=has_gt, scored=any(_get(o, "score") is not None for o in pred), counts=counts,
+                        style=st)
+    out = Image.new("RGB", (W, H + strip.height), LEGEND_BG)
+    out.paste(img, (0, 0))
+    out.paste(strip, (0, H))
+    return out
 
-    def scaled(objs):
-        return [[float(v) * scale for v in o["bbox"]] for o in objs]
 
-    img = draw_boxes(img, scaled(gt), [o["desc"] for o in gt], GT_COLOUR)
-    labels = [f'{o["desc"]} {o["score"]:.2f}' if "score" in o else o["desc"] for o in pred]
-    return draw_boxes(img, scaled(pred), labels, PRED_COLOUR)
+def _wrap(draw, text: str, font, width: int) -> list[str]:
+    lines, cur = [], ""
+    for word in text.split():
+        cand = f"{cur} {word}".strip()
+        if cur and draw.textlength(cand, font=font) > width:
+            lines.append(cur)
+            cur = word
+        else:
+            cur = cand
+    return lines + ([cur] if cur else [])
+
+
+def draw_legend(width: int, *, has_gt: bool = True, scored: bool = True, counts: str | None = None,
+                style: Style | None = None) -> Image.Image:
+    """A white legend strip `width` px wide: a swatch per entry of `LEGEND` (those needing ground truth only when
+    `has_gt`), then `counts` (e.g. "TP 2 FP 1 MISS 1") and, when `scored`, `SCORE_EXPLANATION`."""
+    st = style or style_for(width, width)
+    font = _font(st.font_size)
+    pad = max(4, st.font_size // 2)
+    sw = 2 * st.font_size  # swatch width
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line_h = st.font_size + pad
+    # lay the swatches out left to right, wrapping
+    items, x, y = [], pad, pad
+    for e in LEGEND:
+        if e["needs_gt"] and not has_gt:
+            continue
+        label = e["label"] if has_gt or e["key"] != "pred" else "prediction: desc score"
+        iw = sw + pad // 2 + int(probe.textlength(label, font=font)) + 2 * pad
+        if x > pad and x + iw > width:
+            x, y = pad, y + line_h
+        items.append((x, y, e, label))
+        x += iw
+    y += line_h
+    text_lines = ([counts] if counts else []) + (_wrap(probe, SCORE_EXPLANATION, font, width - 2 * pad)
+                                                 if scored else [])
+    height = y + len(text_lines) * line_h + pad // 2
+    strip = Image.new("RGB", (width, height), LEGEND_BG)
+    d = ImageDraw.Draw(strip)
+    for x, y0, e, label in items:
+        box = (x + st.halo, y0 + st.font_size // 4, x + sw - st.halo, y0 + st.font_size - st.font_size // 4)
+        d.rectangle(box, fill=HALO_COLOUR)
+        inner = (box[0] + st.halo, box[1] + st.halo, box[2] - st.halo, box[3] - st.halo)
+        if e["style"] == "dashed":
+            _dashed(d, inner, e["colour"], max(1, inner[3] - inner[1] + 1), st.dash)
+        else:
+            d.rectangle(inner, fill=e["colour"])
+        d.text((x + sw + pad // 2, y0), label, fill=TEXT_COLOUR, font=font)
+    for line in text_lines:
+        d.text((pad, y), line, fill=TEXT_COLOUR, font=font)
+        y += line_h
+    return strip
+
+
+def legend_html(has_gt: bool = True) -> str:
+    """The legend as HTML (coloured swatches with the picture's line styles, and the score's meaning)."""
+    parts = []
+    for e in LEGEND:
+        if e["needs_gt"] and not has_gt:
+            continue
+        parts.append(f"<span class='swatch' style='display:inline-block;width:2em;height:0.8em;"
+                     f"border:3px {e['style']} {_hex(e['colour'])};outline:1px solid #000;margin:0 4px'></span>"
+                     f"{html.escape(e['label'])}")
+    return (f"<p class='legend'>{' &nbsp; '.join(parts)}</p>"
+            f"<p class='legend-score'>{html.escape(SCORE_EXPLANATION)}</p>")
 
 
 def write_html(out_dir: str, entries: Sequence[dict], title: str = "coordexp_jax evaluation",
@@ -63,12 +263,10 @@ def write_html(out_dir: str, entries: Sequence[dict], title: str = "coordexp_jax
                     "</figcaption></figure>")
     rows.append("</div>")
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
-            "body{font-family:sans-serif} .grid{display:flex;flex-wrap:wrap;gap:8px} figure{margin:0;width:390px}"
-            "figure img{max-width:384px} figcaption{font-size:12px;white-space:pre-wrap} "
-            ".summary td{padding:2px 8px} .legend span{padding:0 6px;color:#fff}</style></head><body>"
-            f"<h1>{html.escape(title)}</h1><p class='legend'><span style='background:rgb{GT_COLOUR}'>ground truth</span>"
-            f" <span style='background:rgb{PRED_COLOUR}'>prediction (desc score)</span></p>" + "\n".join(rows)
-            + "</body></html>")
+            "body{font-family:sans-serif} .grid{display:flex;flex-wrap:wrap;gap:8px} figure{margin:0;width:520px}"
+            "figure img{max-width:512px} figcaption{font-size:12px;white-space:pre-wrap} "
+            ".summary td{padding:2px 8px}</style></head><body>"
+            f"<h1>{html.escape(title)}</h1>{legend_html()}" + "\n".join(rows) + "</body></html>")
     path = os.path.join(out_dir, "index.html")
     with open(path, "w") as f:
         f.write(page)
