@@ -226,3 +226,89 @@ def counting_errors(pred_counts: Sequence[float], gt_counts: Sequence[float]) ->
     if p.size == 0:
         return {"mae": 0.0, "rmse": 0.0}
     return {"mae": float(np.abs(p - g).mean()), "rmse": float(np.sqrt(((p - g) ** 2).mean()))}
+
+
+# ----------------------------------------------------------------------------------------------- sequential counting
+# Sequential counting (coordexp_jax/counting.py): the model names one object per step. A step's point "hits" an
+# uncounted object when it lies inside that object's box, or, for objects annotated with a point only, within
+# `radius` pixels of the point. Pixels throughout (continuous, of the original image).
+
+
+def _uncounted_hit(point: np.ndarray, centres: np.ndarray, boxes: np.ndarray | None, radius: float | None,
+                   open_: np.ndarray) -> int:
+    """Index of the uncounted (`open_`) object the point hits (the one with the nearest centre when several do), or
+    -1. Objects with a box (a non-NaN row of `boxes` [N, 4]) are hit inside it (edges included); the others within
+    `radius` of their centre."""
+    d = np.hypot(centres[:, 0] - point[0], centres[:, 1] - point[1])
+    has_box = np.zeros(len(centres), bool) if boxes is None else ~np.isnan(boxes).any(1)
+    hit = np.zeros(len(centres), bool)
+    if has_box.any():
+        b = boxes[has_box]
+        hit[has_box] = (b[:, 0] <= point[0]) & (point[0] <= b[:, 2]) & (b[:, 1] <= point[1]) & (point[1] <= b[:, 3])
+    if (~has_box).any():
+        if radius is None:
+            raise ValueError("objects without a box need a hit radius (pixels)")
+        hit[~has_box] = d[~has_box] <= radius
+    hit &= open_
+    if not hit.any():
+        return -1
+    return int(np.flatnonzero(hit)[np.argmin(d[hit])])
+
+
+def sequential_point_metrics(pred_points, gt_points, gt_boxes=None, radius: float | None = None) -> dict:
+    """Per-step scores of one image's counting sequence.
+
+    `pred_points` `[S, 2]`: the points in the order the model named them; `gt_points` `[N, 2]` true centres;
+    `gt_boxes` `[N, 4]` (x1, y1, x2, y2; NaN rows for point-only objects) or None; `radius` (pixels) the hit radius
+    for point-only objects. Step s hits when its point hits an object not yet counted (`_uncounted_hit`); the hit
+    object is then counted (claimed), so naming an object twice hits once. The point error of a step is the
+    distance to the nearest uncounted centre (steps after every object is counted have none).
+
+    Returns {"steps": S, "hits": int, "hit_rate": hits / S (0 when S = 0), "point_errors": [float] px,
+    "mean_point_error_px": mean of point_errors (NaN when empty)}.
+    """
+    pred = np.asarray(pred_points, np.float64).reshape(-1, 2)
+    gt = np.asarray(gt_points, np.float64).reshape(-1, 2)
+    boxes = None if gt_boxes is None else np.asarray(gt_boxes, np.float64).reshape(-1, 4)
+    if boxes is not None and len(boxes) != len(gt):
+        raise ValueError(f"{len(boxes)} ground-truth boxes for {len(gt)} ground-truth points")
+    open_ = np.ones(len(gt), bool)
+    hits, errs = 0, []
+    for p in pred:
+        if open_.any():
+            errs.append(float(np.hypot(*(gt[open_] - p).T).min()))
+        j = _uncounted_hit(p, gt, boxes, radius, open_) if len(gt) else -1
+        if j >= 0:
+            hits += 1
+            open_[j] = False
+    return {"steps": len(pred), "hits": hits, "hit_rate": hits / len(pred) if len(pred) else 0.0,
+            "point_errors": errs, "mean_point_error_px": float(np.mean(errs)) if errs else float("nan")}
+
+
+def sequential_counting_metrics(pred_points: Sequence, gt_points: Sequence, gt_boxes: Sequence | None = None,
+                                radius: float | Sequence[float] | None = None) -> dict:
+    """Counting MAE / RMSE (`counting_errors` of the number of predicted points), next-point hit rate and mean
+    point error (pixels), pooled over images.
+
+    Lists per image: `pred_points[i]` `[S_i, 2]`, `gt_points[i]` `[N_i, 2]`, `gt_boxes[i]` `[N_i, 4]` or None;
+    `radius` one float or one per image. hit_rate = all hits / all predicted points; mean_point_error_px = the mean
+    over every step that had an uncounted object (`sequential_point_metrics`; NaN when none).
+    """
+    if len(pred_points) != len(gt_points):
+        raise ValueError(f"{len(pred_points)} predictions for {len(gt_points)} ground-truth images")
+    n = len(gt_points)
+    boxes = list(gt_boxes) if gt_boxes is not None else [None] * n
+    radii = list(radius) if isinstance(radius, (list, tuple, np.ndarray)) else [radius] * n
+    hits = steps = 0
+    errs: list[float] = []
+    for p, g, b, r in zip(pred_points, gt_points, boxes, radii):
+        m = sequential_point_metrics(p, g, b, r)
+        hits += m["hits"]
+        steps += m["steps"]
+        errs += m["point_errors"]
+    out = counting_errors([len(np.asarray(p).reshape(-1, 2)) for p in pred_points],
+                          [len(np.asarray(g).reshape(-1, 2)) for g in gt_points])
+    out.update({"hit_rate": hits / steps if steps else 0.0,
+                "mean_point_error_px": float(np.mean(errs)) if errs else float("nan"),
+                "num_images": n, "num_steps": steps})
+    return out
