@@ -214,6 +214,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.counting.order = "reading"  # counting order of the objects (data/counting.py orderings)
     c.counting.done_prob = 0.0  # fraction of "all counted" samples (target (-1, -1)); 0 as in the seed recipe
     c.counting.max_count = 16  # sequential inference stops after this many points
+    c.counting.template = ""  # user prompt template ending in "<x> <y>" (data/counting.py fields); '' = the seed's
+    c.counting.system_prompt = True  # the seed's system turn ("You are a vision assistant that locates ...")
     c.counting.grad_check = True  # first step: gradients must reach the heads and the LoRA weights (else an error)
     return c
 
