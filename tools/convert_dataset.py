@@ -3,7 +3,13 @@
   python tools/convert_dataset.py --format coco --input instances_val2017.json --images val2017 --out val.jsonl
   python tools/convert_dataset.py --format jsonl2coco --input val.jsonl --out val_coco.json
 
-Formats: coco, lvis, odvg, refcoco (--instances, --split), mmkd, fsc147 (--classes), jsonl2coco.
+  python tools/convert_dataset.py --format coco_class --category cup --input instances_val2017.json \
+      --images val2017 --out cups.jsonl
+  python tools/convert_dataset.py --format omnicount --input OmniCount-191 --split train --scenes Fruits,Urban \
+      --out omnicount_train.jsonl
+
+Formats: coco, lvis, odvg, refcoco (--instances, --split), mmkd, fsc147 (--classes), coco_class (--category,
+--keep_empty), omnicount (--split, --scenes, --classes; --images optional), jsonl2coco.
 Every output line is validated as the contract reads it back and the per-reason counts are printed. The output
 is written atomically: on an error (a truncated input, a record the contract refuses), or when no record passes
 validation, nothing is written (a previous file is kept) and the exit code is 2.
@@ -54,13 +60,18 @@ def main(argv=None) -> int:
     p.add_argument("--images", help="image directory (required except for jsonl2coco)")
     p.add_argument("--out", required=True, help="output .jsonl (or .json for jsonl2coco); written atomically")
     p.add_argument("--instances", help="refcoco: COCO instances JSON (default: instances.json next to --input)")
-    p.add_argument("--split", help="refcoco: keep only refs of this split (train/val/testA/...)")
-    p.add_argument("--classes", help="fsc147: ImageClasses_FSC147.txt")
-    p.add_argument("--label-map", help="odvg: JSON {label: name} for instances without 'category'")
+    p.add_argument("--split", help="refcoco: keep only refs of this split (train/val/testA/...); omnicount: the split "
+                                   "folder read under each scene (default train)")
+    p.add_argument("--classes", help="fsc147: ImageClasses_FSC147.txt; omnicount: comma-separated class names to keep")
+    p.add_argument("--category", help="coco_class: the category counted (name or id)")
+    p.add_argument("--scenes", help="omnicount: comma-separated scene folders (default: every one with the split)")
+    p.add_argument("--keep_empty", action="store_true",
+                   help="coco_class: keep images without the category (records with no objects)")
+    p.add_argument("--label_map", help="odvg: JSON {label: name} for instances without 'category'")
     p.add_argument("--categories", help="jsonl2coco: comma-separated category order (default: sorted descs)")
-    p.add_argument("--check-images", default="header", choices=records.CHECK_IMAGES,
+    p.add_argument("--check_images", default="header", choices=records.CHECK_IMAGES,
                    help="how the written JSONL's images are checked when it is read back")
-    p.add_argument("--include-crowd", action="store_true", help="coco/lvis: keep iscrowd=1 boxes")
+    p.add_argument("--include_crowd", action="store_true", help="coco/lvis: keep iscrowd=1 boxes")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     if not os.path.exists(a.input):
@@ -79,6 +90,8 @@ def main(argv=None) -> int:
                   f"{len(coco['categories'])} categories -> {a.out}")
             print(report.summary())
             return 0
+        if a.format == "omnicount" and not a.images:  # images lie beside each annotation file
+            a.images = a.input if os.path.isdir(a.input) else os.path.dirname(os.path.abspath(a.input))
         if not a.images or not os.path.isdir(a.images):
             p.error(f"--images {a.images}: not a directory")
         kw = {}
@@ -91,6 +104,12 @@ def main(argv=None) -> int:
                 kw = {"label_map": json.load(f)}
         elif a.format in ("coco", "lvis"):
             kw = {"include_crowd": a.include_crowd}
+        elif a.format == "coco_class":
+            kw = {"category": a.category, "include_crowd": a.include_crowd, "keep_empty": a.keep_empty}
+        elif a.format == "omnicount":
+            split = lambda v: [x.strip() for x in v.split(",") if x.strip()] if v else None  # noqa: E731
+            kw = {"split": a.split, "scenes": split(a.scenes), "classes": split(a.classes),
+                  "include_crowd": a.include_crowd}
         conv_report = records.ValidationReport()
         out_dir = os.path.dirname(os.path.abspath(a.out))
         report = records.ValidationReport()

@@ -14,6 +14,8 @@ changed silently: boxes are copied as they are (xywh -> xyxy is the only arithme
 | refcoco | refs JSON (`ref_id`, `ann_id`, `image_id`, `split`, `sentences[{sent}]`) + COCO instances JSON | one grounding record per sentence |
 | mmkd | MMKD-RL-Grounding JSON list (`image_path`, `height`, `width`, `instruction`, `abs_box {tag: [[x1,y1,x2,y2], ...]}` or `bbox`) | grounding, prompt = instruction, desc = tag ("object" for single `bbox`) |
 | fsc147 | FSC-147 annotation JSON (`{"img.jpg": {"points": [[x, y]], "box_examples_coordinates": ...}}`) + optional class file | counting, objects with `point_2d` |
+| coco_class | COCO instances JSON + one category (name or id) | counting, one record per image holding the category, objects with `bbox_2d` (centre = box centre) |
+| omnicount | OmniCount-191: `<root>/<Scene>/<split>/_annotations.coco.json` (COCO, images beside it), or one such file | counting, one record per (image, class present) |
 
 `records_to_coco` writes COCO instances JSON from validated records for evaluation (pycocotools loads it).
 """
@@ -31,7 +33,7 @@ from coordexp_jax.errors import CoordExpError
 from coordexp_jax.data import image as image_lib
 from coordexp_jax.data.records import Record, ValidationReport, json_lines, parse_record
 
-FORMATS = ("coco", "lvis", "odvg", "refcoco", "mmkd", "fsc147")
+FORMATS = ("coco", "lvis", "odvg", "refcoco", "mmkd", "fsc147", "coco_class", "omnicount")
 
 
 class ConversionError(CoordExpError, ValueError):
@@ -309,8 +311,165 @@ def from_fsc147(path, images_dir, out_dir=None, report=None, classes: str | None
                "metadata": {"source": "fsc147", "count": len(pts), "exemplars": ex}}
 
 
+def _counting_objects(anns, name: str, path: str, report: ValidationReport, include_crowd: bool):
+    """COCO annotations of one class on one image -> counting objects, or None when the record must be left out
+    (counted): a crowd region (its instances are not counted) or a box with a negative side. A box with a zero
+    side is an annotated instance all the same: it becomes a `point_2d` at its centre (counted)."""
+    objs = []
+    for i, a in anns:
+        aw = f"{path}: annotations[{i}] (id {a.get('id')})"
+        if a.get("iscrowd", 0) and not include_crowd:
+            report.add("crowd", aw, f"iscrowd=1: the {name!r} count of image {a.get('image_id')} is unknown "
+                                    f"(record left out)")
+            return None
+        x1, y1, x2, y2 = _xywh_to_xyxy(_need(a, "bbox", aw), aw)
+        if x2 < x1 or y2 < y1:
+            report.add("bad_box", aw, f"bbox {a['bbox']} has a negative width or height (record left out)")
+            return None
+        if x2 == x1 or y2 == y1:
+            report.add("point_from_degenerate_box", aw, f"bbox {a['bbox']} has zero width or height (kept as a "
+                                                        f"point)")
+            objs.append({"desc": name, "point_2d": [(x1 + x2) / 2, (y1 + y2) / 2]})
+        else:
+            objs.append({"desc": name, "bbox_2d": [x1, y1, x2, y2]})
+    return objs
+
+
+def _coco_counting(path: str, images_dir: str, out_dir: str | None, report: ValidationReport, *, wanted,
+                   meta: Mapping, include_crowd: bool, keep_empty: bool, rename=lambda n: n,
+                   data=None) -> Iterator[dict]:
+    """One counting record per (image, wanted class present) of a COCO instances file (`data`: its loaded JSON,
+    else read from `path`). `wanted(cat_id, name)` selects the classes; with `keep_empty` (one wanted class only)
+    images without it give a record with no objects and `metadata.class`."""
+    data = _load_json(path) if data is None else data
+    for k in ("images", "annotations", "categories"):
+        _need(data, k, path)
+    cats = {}
+    for j, c in enumerate(data["categories"]):
+        cw = f"{path}: categories[{j}]"
+        cats[_need(c, "id", cw)] = rename(str(_need(c, "name", cw)).strip())
+    chosen = {cid: n for cid, n in cats.items() if wanted(cid, n)}
+    by_img = collections.defaultdict(lambda: collections.defaultdict(list))
+    for i, a in enumerate(data["annotations"]):
+        aw = f"{path}: annotations[{i}] (id {a.get('id') if isinstance(a, Mapping) else None})"
+        cid = _need(a, "category_id", aw)
+        if cid not in cats:
+            raise ConversionError(f"{aw}: category_id {cid} is not in categories")
+        if cid in chosen:
+            by_img[_need(a, "image_id", aw)][cid].append((i, a))
+    for j, im in enumerate(data["images"]):
+        iid = _need(im, "id", f"{path}: images[{j}]")
+        where = f"{path}: image {iid}"
+        base = {"images": [_img_path(images_dir, _need(im, "file_name", where), out_dir)],
+                "width": _int(im, "width", where), "height": _int(im, "height", where), "task": "counting"}
+        present = by_img.get(iid, {})
+        if not present:
+            if keep_empty and len(chosen) == 1:
+                (cid, name), = chosen.items()
+                yield {**base, "objects": [], "metadata": {**meta, "image_id": iid, "class": name, "count": 0}}
+            else:
+                report.add("no_objects", where, "none of the counted classes (left out)")
+            continue
+        for cid in sorted(present, key=lambda c: chosen[c]):
+            objs = _counting_objects(present[cid], chosen[cid], path, report, include_crowd)
+            if objs is None:
+                continue
+            yield {**base, "objects": objs,
+                   "metadata": {**meta, "image_id": iid, "class": chosen[cid], "count": len(objs)}}
+
+
+def from_coco_class(path, images_dir, out_dir=None, report=None, category: str | int | None = None,
+                    include_crowd: bool = False, keep_empty: bool = False) -> Iterator[dict]:
+    """One class of a COCO instances JSON -> counting records: one per image holding the class, one object per
+    instance (`bbox_2d`, so the counted centre is the box centre; a zero-size box becomes a `point_2d`, counted).
+
+    `category`: the category name (exact) or id; ConversionError naming the file and the known names otherwise.
+    Left out and counted: images without the class (`no_objects`; `keep_empty` keeps them as records with no
+    objects and `metadata.class`), images with a crowd region of the class (`crowd`: the count is unknown;
+    `include_crowd` counts the region as one object), images with a box of negative size (`bad_box`).
+    """
+    report = report if report is not None else ValidationReport()
+    if category is None or (isinstance(category, str) and not category.strip()):
+        raise ConversionError(f"{path}: coco_class needs a category (name or id)")
+    data = _load_json(path)
+    ids = {c.get("id"): str(c.get("name")) for c in _need(data, "categories", path) if isinstance(c, Mapping)}
+    if isinstance(category, str) and category.strip().lstrip("-").isdigit() and category not in ids.values():
+        category = int(category)
+    if isinstance(category, int):
+        if category not in ids:
+            raise ConversionError(f"{path}: no category with id {category} (ids {sorted(ids)[:20]})")
+        name = ids[category]
+    else:
+        if category not in ids.values():
+            raise ConversionError(f"{path}: no category named {category!r} (known: {sorted(ids.values())[:30]})")
+        name = category
+    return _coco_counting(path, images_dir, out_dir, report, wanted=lambda cid, n: ids.get(cid) == name,
+                          meta={"source": "coco_class"}, include_crowd=include_crowd, keep_empty=keep_empty,
+                          data=data)
+
+
+OMNICOUNT_ANNOTATIONS = "_annotations.coco.json"
+
+
+def omnicount_files(root: str, split: str = "train", scenes: Sequence[str] | None = None) -> list[tuple[str, str]]:
+    """(scene, annotation file) of an OmniCount-191 root: `<root>/<Scene>/<split>/_annotations.coco.json` for every
+    scene folder that has one (or the `scenes` named, each required). ConversionError when none is found."""
+    if scenes:
+        out = []
+        for sc in scenes:
+            f = os.path.join(root, sc, split, OMNICOUNT_ANNOTATIONS)
+            if not os.path.isfile(f):
+                raise ConversionError(f"{f}: file not found (scene {sc!r}, split {split!r})")
+            out.append((sc, f))
+        return out
+    out = [(sc, os.path.join(root, sc, split, OMNICOUNT_ANNOTATIONS)) for sc in sorted(os.listdir(root))]
+    out = [(sc, f) for sc, f in out if os.path.isfile(f)]
+    if not out:
+        raise ConversionError(f"{root}: no <scene>/{split}/{OMNICOUNT_ANNOTATIONS} below it (is it the "
+                              f"OmniCount-191 root, and does split {split!r} exist?)")
+    return out
+
+
+def from_omnicount(path, images_dir=None, out_dir=None, report=None, split: str | None = None,
+                   scenes: Sequence[str] | None = None, classes: Sequence[str] | None = None,
+                   include_crowd: bool = False) -> Iterator[dict]:
+    """OmniCount-191 -> counting records, one per (image, class present), objects with `bbox_2d` (the counted centre
+    is the box centre; a zero-size box becomes a `point_2d`, counted).
+
+    Assumed layout (the released archive, as read by public loaders): one folder per scene (`Supermarket`, `Fruits`,
+    `Urban`, `Wild`, `Satellite`, `Vegetables`, `Birds`, `Pets`, `Household`), each with split folders (`train`,
+    `valid`/`test`) holding the images and a COCO instances file `_annotations.coco.json` (Roboflow export: `images`
+    {id, file_name, width, height}, `annotations` {image_id, category_id, bbox [x, y, w, h] pixels, iscrowd},
+    `categories` {id, name}; a category never used by an annotation, such as Roboflow's dataset-name category 0,
+    gives no record). Several classes per image (multi-label): one record each.
+
+    `path`: the root (with `split`, default "train", and optional `scenes`) or one `_annotations.coco.json`.
+    `images_dir`: where the file names are relative to; None (the root form always): the annotation file's folder.
+    `classes`: keep only these class names. `_` in class names becomes a space. Left out and counted as in
+    `from_coco_class` (`crowd`, `bad_box`; images without a kept class: `no_objects`).
+    """
+    report = report if report is not None else ValidationReport()
+    keep = None if not classes else {c.strip() for c in classes}
+    if os.path.isdir(path):
+        files = omnicount_files(path, split or "train", scenes)
+        images_dir = None
+    else:
+        if not os.path.isfile(path):
+            raise ConversionError(f"{path}: file not found")
+        files = [(os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(path)))), path)]
+
+    def gen():
+        for scene, f in files:
+            yield from _coco_counting(
+                f, images_dir or os.path.dirname(f), out_dir, report,
+                wanted=lambda cid, n: keep is None or n in keep,
+                meta={"source": "omnicount", "scene": scene, "split": os.path.basename(os.path.dirname(f))},
+                include_crowd=include_crowd, keep_empty=False, rename=lambda n: n.replace("_", " "))
+    return gen()
+
+
 CONVERTERS = {"coco": from_coco, "lvis": from_lvis, "odvg": from_odvg, "refcoco": from_refcoco, "mmkd": from_mmkd,
-              "fsc147": from_fsc147}
+              "fsc147": from_fsc147, "coco_class": from_coco_class, "omnicount": from_omnicount}
 
 
 def convert(fmt: str, path: str, images_dir: str, out_dir: str | None = None, report: ValidationReport | None = None,

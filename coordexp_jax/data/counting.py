@@ -204,6 +204,8 @@ def counting_class(record: Record, desc: str | None = None) -> str:
 
 
 def _class_objects(record: Record, desc: str | None, policy, report):
+    if not record.objects and policy["no_objects"] != "keep":  # nothing to count: the class does not matter
+        _fail(record, "no_objects", "no objects", policy, report)
     try:
         cls = counting_class(record, desc)
     except RecordError as e:
@@ -381,8 +383,9 @@ def draw_marks(image: np.ndarray, points, numbers: Sequence[int] | None = None, 
                scale: float = 1.0, fill=MARK_FILL, ring_colour=MARK_RING, text_colour=MARK_TEXT) -> np.ndarray:
     """A copy of `image` (uint8 `[H, W, 3]`) with a numbered mark on each of `points` (`[k, 2]` continuous pixels
     x, y; pixel i covers [i, i + 1)): a disc of `fill` with a `ring_colour` ring, the number (`numbers`, default
-    1..k) centred in `text_colour`. Drawn without anti-aliasing: every changed pixel is one of the three colours
-    and lies within `style.radius` + 1 px of its point. Later marks are drawn over earlier ones.
+    1..k) centred in `text_colour`. Each mark is centred on the pixel that contains its point (clamped to the
+    image), so it lies within `style.radius` + 0.5 px of that pixel's centre. Drawn without anti-aliasing: every
+    changed pixel is one of the three colours. Later marks are drawn over earlier ones.
 
     Sizes: `style` or `mark_style(H, W, max(numbers), scale)` (MarkError when the image is too small).
     """
@@ -399,18 +402,24 @@ def draw_marks(image: np.ndarray, points, numbers: Sequence[int] | None = None, 
         return img.copy()
     pil = Image.fromarray(img)
     d = ImageDraw.Draw(pil)
-    d.fontmode = "1"  # no anti-aliasing: crisp numbers, and only the mark colours are drawn
     font = _font(st.font_size)
     r, inner = st.radius, st.radius - st.ring
     bold = st.font_size // 16  # thicker strokes for large numbers (readable when the image is shown small)
     for (x, y), num in zip(pts, nums):
         if not (math.isfinite(x) and math.isfinite(y)):
             raise ValueError(f"draw_marks: point {num} is not finite: ({x}, {y})")
-        cx, cy = x - 0.5, y - 0.5  # continuous -> pixel-index coordinates (PIL draws on pixel indices)
+        # centred on the pixel that contains the point (PIL rounds coordinates to pixel indices anyway)
+        cx, cy = min(max(math.floor(x), 0), w - 1), min(max(math.floor(y), 0), h - 1)
         d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=tuple(ring_colour))
         d.ellipse([cx - inner, cy - inner, cx + inner, cy + inner], fill=tuple(fill))
-        d.text((cx, cy), str(num), fill=tuple(text_colour), font=font, anchor="mm", stroke_width=bold,
-               stroke_fill=tuple(text_colour))
+        # the number: rendered on a patch, thresholded (FreeType strokes are anti-aliased even in mode "1"),
+        # pasted in one colour
+        patch = Image.new("L", (2 * r + 1, 2 * r + 1), 0)
+        pd = ImageDraw.Draw(patch)
+        pd.fontmode = "1"
+        pd.text((r + 0.5, r + 0.5), str(num), fill=255, font=font, anchor="mm", stroke_width=bold, stroke_fill=255)
+        patch = patch.point(lambda v: 255 if v >= 128 else 0)
+        pil.paste(tuple(text_colour), (cx - r, cy - r, cx + r + 1, cy + r + 1), patch)
     return np.asarray(pil)
 
 
