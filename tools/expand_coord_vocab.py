@@ -3,6 +3,10 @@
 embedding (and an untied lm_head). New rows: the mean of the base rows (default) or N(0, 0.02).
 
     python tools/expand_coord_vocab.py --src DIR --dst DIR [--init mean|normal] [--seed N] [--with_tags]
+        [--with_regression]
+
+--with_regression also adds `<x>` and `<y>`, the token pair whose hidden states the regression heads of sequential
+counting read (train.kind 'counting_regression'). Tokens already present are not added again.
 """
 
 import argparse
@@ -22,13 +26,16 @@ def main(argv=None):
     ap.add_argument("--init", default="mean", choices=["mean", "normal"], help="init rule of the new rows")
     ap.add_argument("--seed", type=int, default=0, help="seed of the normal init")
     ap.add_argument("--with_tags", action="store_true", help="also add the tags-protocol tokens <obj> </obj> ...")
+    ap.add_argument("--with_regression", action="store_true",
+                    help="also add <x> <y> (sequential counting with regression heads)")
     args = ap.parse_args(argv)
 
     from coordexp_jax.weights.cli import atomic_dir
     from coordexp_jax.weights.vocab import expand_hf_dir
 
     with atomic_dir(args.dst) as tmp:
-        info = expand_hf_dir(args.src, tmp, init=args.init, seed=args.seed, with_tags=args.with_tags)
+        info = expand_hf_dir(args.src, tmp, init=args.init, seed=args.seed, with_tags=args.with_tags,
+                             with_regression=args.with_regression)
     print(f"wrote {args.dst}: " + ", ".join(f"{k}={v}" for k, v in info.items()))
 
 

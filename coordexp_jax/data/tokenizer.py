@@ -49,13 +49,37 @@ QWEN_SPECIAL_TOKENS = (
 # Special tokens of the `tags` protocol (coordexp_method.md §3).
 TAG_TOKENS = ("<obj>", "</obj>", "<desc>", "</desc>", "<box>", "</box>")
 
+# The token pair of sequential counting with regression heads (model/regression.py): the prompt ends with
+# "<x> <y>" and the heads read the final hidden states there. Plain added tokens like the coordinate tokens.
+REGRESSION_TOKENS = ("<x>", "<y>")
+
 # Files of an HF tokenizer directory (what `load_tokenizer` reads).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.json", "chat_template.jinja")
 
 log = logging.getLogger(__name__)
 
+
+class _NoTorchAdvice(logging.Filter):
+    """Drops the line `transformers` logs when it is imported without PyTorch ("PyTorch was not found. Models won't
+    be available ..."): the project uses transformers for tokenizers only (its models are JAX), so without torch
+    the line is noise on every command. Any other transformers message passes; code that needs torch (the HF
+    reference model in tests) fails on its own import when torch is absent."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "PyTorch was not found" not in record.getMessage()
+
+
+# on the "transformers" logger itself (its import-time advice is logged there; a filter survives transformers
+# resetting the logger's level), before any transformers import (coordexp_jax imports it via this module only)
+if not any(isinstance(f, _NoTorchAdvice) for f in logging.getLogger("transformers").filters):
+    logging.getLogger("transformers").addFilter(_NoTorchAdvice())
+
 SMALL_TOKENIZER_DIR = os.path.join(os.path.dirname(__file__), "assets", "small_tokenizer")
+# The small tokenizer plus `<x>`, `<y>` after its last id (every other id unchanged): the default tokenizer of
+# train.kind 'counting_regression' (a separate directory, so that models trained on the small tokenizer keep
+# matching its vocabulary size).
+SMALL_XY_TOKENIZER_DIR = os.path.join(os.path.dirname(__file__), "assets", "small_tokenizer_xy")
 
 
 def coord_token(k: int) -> str:
@@ -69,7 +93,7 @@ def coord_tokens() -> list[str]:
 
 
 # Tokens the project adds that must survive `decode(..., skip_special_tokens=True)`: coordinates and tags.
-PLAIN_TOKENS = tuple(coord_tokens()) + TAG_TOKENS
+PLAIN_TOKENS = tuple(coord_tokens()) + TAG_TOKENS + REGRESSION_TOKENS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +126,14 @@ class TokenIds:
     desc_close: int = -1
     box_open: int = -1
     box_close: int = -1
+    # `<x>` / `<y>` of sequential counting (REGRESSION_TOKENS); -1 where the tokenizer lacks them.
+    x_token: int = -1
+    y_token: int = -1
+
+    @property
+    def has_regression(self) -> bool:
+        """Whether the tokenizer has the `<x>` / `<y>` pair of the regression heads."""
+        return self.x_token >= 0 and self.y_token >= 0
 
     @property
     def pad(self) -> int:
@@ -180,6 +212,7 @@ def token_ids_from_tokenizer(tokenizer, *, require_coords: bool = True, name: st
     bins = np.array([_vocab_id(tokenizer, coord_token(k), required=False) for k in range(NUM_BINS)])
     tags = {k: _vocab_id(tokenizer, t, required=False) for k, t in zip(
         ("obj_open", "obj_close", "desc_open", "desc_close", "box_open", "box_close"), TAG_TOKENS)}
+    tags.update({k: _vocab_id(tokenizer, t, required=False) for k, t in zip(("x_token", "y_token"), REGRESSION_TOKENS)})
     if wildcard < 0 and np.all(bins < 0):
         if require_coords:
             raise TokenizerError(
@@ -233,14 +266,25 @@ def plain_token(content: str):
     return AddedToken(content, special=False, normalized=False, single_word=False, lstrip=False, rstrip=False)
 
 
-def add_coord_tokens(tokenizer, *, with_tags: bool = False) -> int:
-    """Adds the wildcard and the 1000 bin tokens (and optionally the tag tokens) as plain added tokens
-    (`plain_token`), in `coord_tokens()` order then `TAG_TOKENS`, so the ids are contiguous.
+def add_coord_tokens(tokenizer, *, with_tags: bool = False, with_regression: bool = False) -> int:
+    """Adds the wildcard and the 1000 bin tokens (and optionally the tag tokens, then the `<x>` `<y>` pair of the
+    regression heads) as plain added tokens (`plain_token`), in `coord_tokens()` order then `TAG_TOKENS` then
+    `REGRESSION_TOKENS`, so the ids are contiguous.
 
     Returns the number of tokens added. Tokens already present are not added twice.
     """
     vocab = tokenizer.get_vocab()  # once: it is a fresh dict of the whole vocabulary per call
-    new = [t for t in coord_tokens() + (list(TAG_TOKENS) if with_tags else []) if t not in vocab]
+    want = coord_tokens() + (list(TAG_TOKENS) if with_tags else []) + (list(REGRESSION_TOKENS) if with_regression
+                                                                        else [])
+    new = [t for t in want if t not in vocab]
+    return tokenizer.add_tokens([plain_token(t) for t in new]) if new else 0
+
+
+def add_regression_tokens(tokenizer) -> int:
+    """Adds `<x>` and `<y>` (plain added tokens, in that order, after the last id) where missing; returns how many
+    were added."""
+    vocab = tokenizer.get_vocab()
+    new = [t for t in REGRESSION_TOKENS if t not in vocab]
     return tokenizer.add_tokens([plain_token(t) for t in new]) if new else 0
 
 
@@ -317,14 +361,15 @@ def _default_corpus() -> list[str]:
 
 
 def build_small_tokenizer(out_dir: str | None = None, *, corpus: Iterable[str] | None = None, base_vocab_size: int = 640,
-                          with_coords: bool = True):
+                          with_coords: bool = True, with_regression: bool = False):
     """Builds the project's small byte-level BPE tokenizer (deterministic) and returns it as a
     `transformers.PreTrainedTokenizerFast`; saves it to `out_dir` when given.
 
     Layout: byte-level BPE base tokens, then the Qwen specials, the tag tokens, `<|coord_*|>` and
     `<|coord_0|>`..`<|coord_999|>` (contiguous); tags and coordinates are plain added tokens (`plain_token`).
     `with_coords=False` leaves out the tag and coordinate tokens (the layout of a released, unexpanded
-    tokenizer: only the Qwen specials after the base vocabulary).
+    tokenizer: only the Qwen specials after the base vocabulary). `with_regression=True` appends `<x>`, `<y>`
+    (`SMALL_XY_TOKENIZER_DIR` is this build).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -341,6 +386,8 @@ def build_small_tokenizer(out_dir: str | None = None, *, corpus: Iterable[str] |
         additional_special_tokens=list(QWEN_SPECIAL_TOKENS), clean_up_tokenization_spaces=False)
     if with_coords:
         fast.add_tokens([plain_token(t) for t in TAG_TOKENS + tuple(coord_tokens())])
+    if with_regression:
+        add_regression_tokens(fast)
     token_ids_from_tokenizer(fast, require_coords=with_coords)  # validates the layout
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)

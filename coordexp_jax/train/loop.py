@@ -173,6 +173,10 @@ def train(cfg, workdir: str, *, components: Components | None = None, eval_hook:
         from coordexp_jax.train.grpo_loop import train_grpo
 
         return train_grpo(cfg, workdir, components=components, eval_hook=eval_hook, stop_after=stop_after)
+    if cfg.train.kind == "counting_regression":  # regression heads at <x>/<y>: train/counting_loop.py
+        from coordexp_jax.train.counting_loop import prepare
+
+        components, eval_hook = prepare(cfg, components, eval_hook)
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
         config_lib.write_resolved(cfg, workdir)
@@ -208,7 +212,7 @@ def train(cfg, workdir: str, *, components: Components | None = None, eval_hook:
         step_lib.make_train_step(graphdef, comps.objective, tx, sched_box["s"], T.ema_decay), shardings, mesh)
     writer = MetricsWriter(workdir, T.tensorboard)
     hook = eval_hook
-    if hook is None and cfg.eval.kind == "detection":
+    if hook is None and cfg.eval.kind == "detection" and cfg.train.kind != "counting_regression":
         from coordexp_jax.train.eval_hook import detection_eval_hook
 
         hook = detection_eval_hook(cfg, comps)
@@ -265,6 +269,9 @@ def train(cfg, workdir: str, *, components: Components | None = None, eval_hook:
     out_of_time = False
     reason = "complete" if start >= T.steps else None
     batch = next_batch(start) if start < T.steps else None
+    first_check = comps.extra.get("first_step_check")  # e.g. gradients reach the counting heads and LoRA
+    if first_check is not None and start == 0 and batch is not None:
+        writer.write(start, first_check(graphdef, state, batch, comps.objective), kind="grad_check")
     try:
         while step < T.steps:
             state, metrics = step_fn(state, batch)

@@ -5,7 +5,9 @@ LoRA adapters 'lora' (they inherit the lr multiplier of the group of the layer t
 trainable at all: `trainable_filter` leaves it out of the differentiated state, so it gets neither gradients nor
 optimizer state. The vocabulary rows of the coordinate tokens in the embedding (and an untied lm_head) form the group
 'coord_rows' with their own lr multiplier; they stay trainable when the rest of their matrix is frozen (LoRA, or a
-frozen 'lm'), through a per-row gradient mask and update scale.
+frozen 'lm'), through a per-row gradient mask and update scale. The regression heads of sequential counting
+(`model/regression.py`, paths under `regression_heads/`) form the group 'heads' (`optim.heads`, lr multiplier 5 by
+default as in the VLM-regression counting recipe); they are new parameters, so they stay trainable under LoRA.
 
 Each group differs only by a constant lr multiplier, and AdamW's update is elementwise, so the groups are one
 `optax.adamw` followed by a per-parameter (or per-row) scale of its update: exactly AdamW with lr * multiplier
@@ -52,6 +54,14 @@ def param_group(path: str, patterns) -> str:
     return "lm"
 
 
+HEADS_PATTERN = r"(^|/)regression_heads(/|$)"
+
+
+def is_heads_param(path: str) -> bool:
+    """Whether a '/'-joined parameter path belongs to the regression heads (group 'heads')."""
+    return re.search(HEADS_PATTERN, path) is not None
+
+
 def is_coord_row_param(path: str, cfg: ml_collections.ConfigDict) -> bool:
     return any(re.search(p, path) for p in cfg.optim.coord_row_params)
 
@@ -64,6 +74,8 @@ def trainable_filter(cfg: ml_collections.ConfigDict) -> Callable[[tuple, Any], b
         if not isinstance(var, nnx.Param):
             return False
         p = "/".join(str(k) for k in path)
+        if is_heads_param(p):
+            return not o.heads.freeze
         group = param_group(p, o.group_patterns)
         if isinstance(var, nnx.LoRAParam):
             return not o[group].freeze
@@ -103,6 +115,8 @@ def multipliers(params: nnx.State, cfg: ml_collections.ConfigDict, vocab_size: i
 
     def one(path, leaf):
         p = path_str(path)
+        if is_heads_param(p):
+            return 0.0 if o.heads.freeze else float(o.heads.lr_mult)
         group = param_group(p, o.group_patterns)
         base = 0.0 if (o[group].freeze or cfg.lora.enabled) else float(o[group].lr_mult)
         if "lora_a" in p or "lora_b" in p:

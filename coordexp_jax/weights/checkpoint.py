@@ -3,6 +3,10 @@
 Layout of a directory written by `save_checkpoint`:
     model_config.json   HF-form config dict (ModelConfig.to_hf()) plus "format": "coordexp_jax" and the param dtype
     params/             orbax StandardCheckpointer of the pure-dict parameter state (padded vocabulary)
+    regression_heads.safetensors + regression_heads.json
+                        only for a model with regression heads (`model/regression.py`, sequential counting): the
+                        heads beside the Qwen3-VL parameters, in the same two files the HF export writes
+                        (`save_heads` / `load_heads`), so `params/` holds exactly the Qwen3-VL tree
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ from .names import WeightsError
 
 CONFIG_NAME = "model_config.json"
 FORMAT = "coordexp_jax"
+HEADS_WEIGHTS = "regression_heads.safetensors"
+HEADS_CONFIG = "regression_heads.json"
+HEADS_FORMAT = "coordexp_regression_heads"
 
 
 def is_ours(path: str) -> bool:
@@ -43,12 +50,116 @@ def checkpoint_config(path: str) -> ModelConfig:
     return ModelConfig.from_hf(path)
 
 
-def save_checkpoint(path: str, model_or_state, config: ModelConfig) -> None:
-    """Writes params (orbax) and the config into `path` (must not exist or be empty)."""
-    import orbax.checkpoint as ocp
+# ------------------------------------------------------------------------------------------- regression heads
+def heads_config_from_pure(pure: dict, activation: str = "gelu"):
+    """The HeadsConfig of a pure-dict heads state (`{'x': {'layers': {i: {'kernel', 'bias'}}}, 'y': ...}`)."""
+    from ..model.regression import HeadsConfig
 
+    layers = pure["x"]["layers"]
+    keys = sorted(layers, key=int)
+    k0 = layers[keys[0]]["kernel"]
+    width = int(layers[keys[0]]["kernel"].shape[1]) if len(keys) > 1 else 0
+    return HeadsConfig(hidden_size=int(k0.shape[0]), layers=len(keys), width=width, activation=activation)
+
+
+def save_heads(out_dir: str, heads, extra: dict | None = None) -> list[str]:
+    """Writes `heads` (a `RegressionHeads`, or its pure-dict state) as `regression_heads.safetensors` (float32,
+    torch `nn.Linear` layout: `x.layers.<i>.weight [out, in]`, `.bias [out]`, same for `y`) and
+    `regression_heads.json` (format, HeadsConfig fields, the tensor names, what the outputs mean, plus `extra`,
+    e.g. the `<x>`/`<y>` token ids). Returns the file names written."""
+    import numpy as np
+
+    from ..model.regression import REGRESSION_TOKENS_DOC, heads_from_numpy, heads_to_numpy
+    from .safetensors_io import write_file
+
+    if isinstance(heads, dict):
+        cfg = heads_config_from_pure(heads)
+        tensors = {}
+        for axis in ("x", "y"):
+            for i in sorted(heads[axis]["layers"], key=int):
+                lay = heads[axis]["layers"][i]
+                tensors[f"{axis}.layers.{int(i)}.weight"] = np.asarray(jax.device_get(lay["kernel"])).T
+                tensors[f"{axis}.layers.{int(i)}.bias"] = np.asarray(jax.device_get(lay["bias"]))
+        heads_from_numpy(cfg, tensors, where="regression heads")  # shape check
+    else:
+        cfg, tensors = heads.cfg, heads_to_numpy(heads)
+    tensors = {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}
+    names = sorted(tensors)
+    os.makedirs(out_dir, exist_ok=True)
+    write_file(os.path.join(out_dir, HEADS_WEIGHTS), [(n, tensors[n].shape, np.dtype(np.float32)) for n in names],
+               lambda n: tensors[n], metadata={"format": "pt"})
+    meta = dict(format=HEADS_FORMAT, **cfg.to_json(), tensors=names, outputs=REGRESSION_TOKENS_DOC, **(extra or {}))
+    with open(os.path.join(out_dir, HEADS_CONFIG), "w") as f:
+        json.dump(meta, f, indent=2)
+    return [HEADS_WEIGHTS, HEADS_CONFIG]
+
+
+def has_heads(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, HEADS_CONFIG))
+
+
+def load_heads(path: str):
+    """The `RegressionHeads` stored in directory `path` (`save_heads`), or None when it has no
+    `regression_heads.json`. Raises WeightsError naming the file on a bad JSON, a missing safetensors file, a
+    missing or mis-shaped tensor."""
+    from ..model.regression import HeadsConfig, heads_from_numpy
+    from .safetensors_io import read_header, read_tensor
+
+    cpath = os.path.join(path, HEADS_CONFIG)
+    if not os.path.isfile(cpath):
+        return None
+    try:
+        with open(cpath) as f:
+            meta = json.load(f)
+        if meta.get("format") != HEADS_FORMAT:
+            raise ValueError(f"format is {meta.get('format')!r}, not {HEADS_FORMAT!r}")
+        cfg = HeadsConfig(hidden_size=int(meta["hidden_size"]), layers=int(meta["layers"]),
+                          width=int(meta.get("width", 0)), activation=str(meta.get("activation", "gelu")))
+    except (ValueError, KeyError, TypeError) as e:
+        raise WeightsError(f"{cpath}: not a regression-heads description ({e})") from None
+    wpath = os.path.join(path, HEADS_WEIGHTS)
+    if not os.path.isfile(wpath):
+        raise WeightsError(f"{wpath}: missing (described by {HEADS_CONFIG})")
+    header, start = read_header(wpath)
+    tensors = {n: read_tensor(wpath, info, start, n) for n, info in header.items() if n != "__metadata__"}
+    try:
+        return heads_from_numpy(cfg, tensors, where=wpath)
+    except ValueError as e:
+        raise WeightsError(str(e)) from None
+
+
+def split_heads(model_or_state):
+    """(Qwen3-VL part, heads) of a model or a parameter state: a Module keeps its heads module; a state gives the
+    pure-dict heads subtree (or None)."""
+    from ..model.regression import ATTR, heads_of
+
+    if isinstance(model_or_state, nnx.Module):
+        return nnx.state(model_or_state, nnx.Param), heads_of(model_or_state)
     state = _split_state(model_or_state)
     pure = nnx.to_pure_dict(state)
+    heads = pure.pop(ATTR, None)
+    return (pure if heads is not None else state), heads
+
+
+def _attach_loaded_heads(path: str, model):
+    from ..model.regression import attach_heads
+
+    heads = load_heads(path)
+    if heads is not None:
+        attach_heads(model, heads)
+    return model
+
+
+def save_checkpoint(path: str, model_or_state, config: ModelConfig) -> None:
+    """Writes params (orbax) and the config into `path` (must not exist or be empty); a model with regression heads
+    also gets `regression_heads.safetensors` + `.json` (`save_heads`), never inside `params/`."""
+    import orbax.checkpoint as ocp
+
+    from ..model.regression import ATTR
+
+    state, heads = split_heads(model_or_state)
+    pure = state if isinstance(state, dict) else nnx.to_pure_dict(state)
+    pure.pop(ATTR, None)
     path = os.path.abspath(path)
     os.makedirs(path, exist_ok=True)
     ckptr = ocp.StandardCheckpointer()
@@ -58,12 +169,16 @@ def save_checkpoint(path: str, model_or_state, config: ModelConfig) -> None:
     meta = dict(config.to_hf(), format=FORMAT, param_dtype=dt.pop() if len(dt) == 1 else "mixed")
     with open(os.path.join(path, CONFIG_NAME), "w") as f:
         json.dump(meta, f, indent=2)
+    if heads is not None:
+        save_heads(path, heads)
 
 
 def load_checkpoint(path: str, dtype=None, *, compute_dtype=None, return_state: bool = False, remat: bool = False):
     """Loads an HF directory or one of ours. Returns (ModelConfig, Qwen3VL) or (ModelConfig, (graphdef, state)).
 
-    dtype: parameter dtype (default: float32 for HF, the saved dtype for ours).
+    dtype: parameter dtype (default: float32 for HF, the saved dtype for ours). Regression heads stored beside the
+    weights (`regression_heads.json` + `.safetensors`, in our format or an HF export) are attached to the model
+    (`model.regression_heads`; float32).
     """
     if not os.path.isdir(path):
         raise WeightsError(f"{path}: checkpoint directory not found")
@@ -82,12 +197,16 @@ def load_checkpoint(path: str, dtype=None, *, compute_dtype=None, return_state: 
         nnx.replace_by_pure_dict(abstract, restored)
         state = abstract
     elif is_hf(path):
-        return load_hf_checkpoint(path, dtype or jnp.float32, compute_dtype=compute_dtype, return_state=return_state,
-                                  remat=remat)
+        config, model = load_hf_checkpoint(path, dtype or jnp.float32, compute_dtype=compute_dtype, remat=remat)
+        _attach_loaded_heads(path, model)
+        return (config, nnx.split(model)) if return_state else (config, model)
     elif os.path.isfile(os.path.join(path, "config.json")):
         raise WeightsError(f"{path}: no *.safetensors files (only safetensors checkpoints are read)")
     else:
         raise WeightsError(f"{path}: neither an HF checkpoint (config.json + *.safetensors) nor ours ({CONFIG_NAME} + params/)")
+    if has_heads(path):
+        model = _attach_loaded_heads(path, nnx.merge(graphdef, state))
+        return (config, nnx.split(model)) if return_state else (config, model)
     if return_state:
         return config, (graphdef, state)
     return config, nnx.merge(graphdef, state)

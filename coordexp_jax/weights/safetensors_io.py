@@ -54,8 +54,14 @@ def read_tensor(path: str, info: dict, data_start: int, name: str = "") -> np.nd
     return np.frombuffer(buf, dtype=dt).reshape(shape).copy()
 
 
+# Safetensors files of add-on modules written beside an HF model (not Qwen3-VL tensors): the regression heads of
+# sequential counting (weights/checkpoint.py save_heads).
+ADDON_FILES = ("regression_heads.safetensors",)
+
+
 def index_checkpoint(hf_dir: str) -> dict[str, tuple[str, dict, int]]:
-    """name -> (file, header entry, data start) over `model.safetensors.index.json` or every *.safetensors file."""
+    """name -> (file, header entry, data start) over `model.safetensors.index.json` or every *.safetensors file
+    (add-on files, `ADDON_FILES`, excluded)."""
     if not os.path.isdir(hf_dir):
         raise WeightsError(f"{hf_dir}: not a directory")
     idx_path = os.path.join(hf_dir, "model.safetensors.index.json")
@@ -67,7 +73,7 @@ def index_checkpoint(hf_dir: str) -> dict[str, tuple[str, dict, int]]:
             raise WeightsError(f"{idx_path}: cannot read weight_map ({e})") from None
         files = sorted(set(wm.values()))
     else:
-        files = sorted(f for f in os.listdir(hf_dir) if f.endswith(".safetensors"))
+        files = sorted(f for f in os.listdir(hf_dir) if f.endswith(".safetensors") and f not in ADDON_FILES)
         wm = None
     if not files:
         raise WeightsError(f"{hf_dir}: no *.safetensors files (only safetensors checkpoints are read)")

@@ -73,8 +73,10 @@ def expand_vocab_state(state, config: ModelConfig, new_vocab: int, new_ids, *, n
     return pure, new_cfg
 
 
-def expand_hf_dir(src: str, dst: str, *, init: str = "mean", seed: int = 0, with_tags: bool = False) -> dict:
-    """Adds `<|coord_*|>`, `<|coord_0|>`..`<|coord_999|>` (and optionally the tag tokens) to the tokenizer in `src` and
+def expand_hf_dir(src: str, dst: str, *, init: str = "mean", seed: int = 0, with_tags: bool = False,
+                  with_regression: bool = False) -> dict:
+    """Adds `<|coord_*|>`, `<|coord_0|>`..`<|coord_999|>` (and optionally the tag tokens, and the `<x>` `<y>` pair of
+    the regression heads with `with_regression`) to the tokenizer in `src` and
     writes the grown checkpoint to `dst` (must not exist). Streams tensor by tensor, keeping dtypes.
     Returns a summary dict (old/new vocab, coord_start, added ids)."""
     from ..data.tokenizer import add_coord_tokens, coord_token, load_tokenizer
@@ -86,7 +88,7 @@ def expand_hf_dir(src: str, dst: str, *, init: str = "mean", seed: int = 0, with
         log.warning(msg)
     tok = load_tokenizer(src)
     n_base = len(tok)
-    add_coord_tokens(tok, with_tags=with_tags)
+    add_coord_tokens(tok, with_tags=with_tags, with_regression=with_regression)
     new_len = len(tok)
     vocab = tok.get_vocab()
     new_ids = sorted(i for i in vocab.values() if i >= n_base)
@@ -135,5 +137,10 @@ def expand_hf_dir(src: str, dst: str, *, init: str = "mean", seed: int = 0, with
                 and fn not in ("special_tokens_map.json", "added_tokens.json", "vocab.json"):
             shutil.copy2(os.path.join(src, fn), os.path.join(dst, fn))
     tok.save_pretrained(dst)
-    return dict(old_vocab=V, new_vocab=new_V, n_base=n_base, tokenizer_size=new_len, coord_start=int(coord_ids[0]),
-                added=len(new_ids), init=init)
+    out = dict(old_vocab=V, new_vocab=new_V, n_base=n_base, tokenizer_size=new_len, coord_start=int(coord_ids[0]),
+               added=len(new_ids), init=init)
+    if with_regression:
+        from ..data.tokenizer import REGRESSION_TOKENS
+
+        out.update(x_token=int(vocab[REGRESSION_TOKENS[0]]), y_token=int(vocab[REGRESSION_TOKENS[1]]))
+    return out

@@ -1,0 +1,512 @@
+"""Sequential counting with regression heads (`train.kind = 'counting_regression'`): data, model, evaluation.
+
+`python -m coordexp_jax.train --config configs/counting_demo.py` runs it through the ordinary loop of
+`train/loop.py` (resume, metrics.jsonl / TensorBoard, orbax checkpoints with the data iterator, `train.max_minutes`,
+the final model): `loop.train` hands a counting config to `prepare`, which supplies the loop's `Components` and
+evaluation hook:
+
+- model: Qwen3-VL (random init or `model.checkpoint`, LoRA per `lora.*`) with two regression heads attached
+  (`model/regression.py`: `counting.head_layers` Linear layers of width `counting.head_width`, tanh), trained at
+  `optim.lr * optim.heads.lr_mult` (default 5x, `train/optim.py` group 'heads');
+- tokenizer: `tokenizer.path`, or the project's small tokenizer with `<x>` `<y>` (`SMALL_XY_TOKENIZER_DIR`); the
+  pair is required (ConfigError naming `tokenizer.path`: expand with `tools/expand_coord_vocab.py
+  --with_regression`);
+- data: counting records (`data.kind = 'synthetic'`: one shape class, `data.min_objects..data.max_objects`
+  instances with clutter, generated once under the cache; 'jsonl': `data.path` / `data.eval_path`), one counting
+  step per row built by `data/counting.py` (`CountingSampler`: order `counting.order`, k drawn per (seed, epoch,
+  index), the first k objects marked with numbers, the (k+1)-th centre as target; "all counted" samples with
+  probability `counting.done_prob`), encoded by `encode_counting`;
+- objective: `train/counting_objective.py` (L1 / MSE / smooth L1 on x and y, `loss/x`, `loss/y`);
+- first step (`counting.grad_check`): the gradient of the first batch must be non-zero on the heads and, with LoRA,
+  on the LoRA weights; the norms are logged (metrics.jsonl kind 'grad_check') and a zero one raises
+  `GradientFlowError`;
+- evaluation (`eval.every`, `eval.at_end`): `eval.num_images` held-out records counted one object at a time by
+  `coordexp_jax.counting.count_sequentially` with a jitted prefill-only `predict_next` (one forward of the
+  marked image and the prompt; the heads at `<x>`/`<y>`), up to `counting.max_count` points; counting MAE / RMSE,
+  hit rate and mean point error (`metrics.sequential_counting_metrics`), the "predict the training mean count"
+  baseline's MAE, and `eval.num_pictures` side-by-side pictures (input | output with numbered marks and the ground
+  truth, the prompt as caption) under `workdir/eval/step_<N>/`.
+
+The prompt of a row is the chat's system turn (when the counting config has one) and the user turn up to its last
+token `<y>`: `<|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n<|vision_start|><|image_pad|>..
+<|vision_end|>{prompt ending "<x> <y>"}`. Nothing after `<y>` can change the two hidden states (causal
+attention), so nothing follows it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from coordexp_jax.data.tokenizer import SMALL_XY_TOKENIZER_DIR, TokenIds, encode_text
+from coordexp_jax.errors import CoordExpError
+
+log = logging.getLogger(__name__)
+
+BATCH_KEYS = ("x_pos", "y_pos", "target", "valid")
+SYNTHETIC_CLASS = "circle"
+
+
+class GradientFlowError(CoordExpError, RuntimeError):
+    """The first step's gradient is zero on the regression heads or on the LoRA weights: they would not train."""
+
+
+# ------------------------------------------------------------------------------------------------ config pieces
+def tokenizer_dir(cfg) -> str:
+    """`tokenizer.path`, or the small tokenizer with `<x>` `<y>`."""
+    from coordexp_jax.train.build import _check_path
+
+    return _check_path("tokenizer.path", cfg.tokenizer.path) if cfg.tokenizer.path else SMALL_XY_TOKENIZER_DIR
+
+
+def token_ids(cfg) -> TokenIds:
+    """The tokenizer's ids; ConfigError naming `tokenizer.path` when it lacks `<x>` / `<y>`."""
+    from coordexp_jax.data.tokenizer import load_tokenizer, token_ids_from_tokenizer
+    from coordexp_jax.train.config import ConfigError
+
+    path = tokenizer_dir(cfg)
+    ids = token_ids_from_tokenizer(load_tokenizer(path), require_coords=False, name=path)
+    if not ids.has_regression:
+        raise ConfigError(f"config key 'tokenizer.path': tokenizer {path} has no <x> / <y> tokens (train.kind "
+                          f"'counting_regression'); add them with tools/expand_coord_vocab.py --with_regression")
+    return ids
+
+
+def sequential_config(cfg):
+    """The `data.counting.SequentialCountingConfig` of `cfg.counting` (done samples iff `counting.done_prob > 0`;
+    `counting.template` / `counting.system_prompt` replace the seed's prompts). ConfigError on a bad template."""
+    from coordexp_jax.data import counting as C
+
+    p = float(cfg.counting.done_prob)
+    kw = {"template": cfg.counting.template} if cfg.counting.template else {}
+    if not cfg.counting.system_prompt:
+        kw["system_template"] = None
+    try:
+        return C.SequentialCountingConfig(order=cfg.counting.order, include_done=p > 0, done_prob=p, **kw)
+    except C.CountingConfigError as e:
+        from coordexp_jax.train.config import ConfigError
+
+        raise ConfigError(f"config key 'counting.template': {e}") from None
+
+
+def synthetic_config(cfg):
+    """The synthetic counting set: one shape class, `data.min_objects..max_objects` instances (sized so that 12
+    fit a 128 px image without hiding one another), clutter."""
+    from coordexp_jax.data import synthetic as syn
+
+    s = cfg.data.image_size
+    return syn.SyntheticConfig(image_size=(s, s), classes=(SYNTHETIC_CLASS,), min_objects=cfg.data.min_objects,
+                               max_objects=cfg.data.max_objects, min_size_frac=0.09, max_size_frac=0.16,
+                               max_overlap=0.05, clutter=4)
+
+
+def synthetic_dir(cfg) -> str:
+    if cfg.data.path:
+        return cfg.data.path
+    key = json.dumps({"counting": dataclasses.asdict(synthetic_config(cfg)), "n": cfg.data.num_train,
+                      "v": cfg.data.num_eval, "seed": cfg.data.seed}, sort_keys=True, default=str)
+    root = os.environ.get("COORDEXP_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "coordexp_jax"))
+    return os.path.join(root, "counting_" + hashlib.sha1(key.encode()).hexdigest()[:10])
+
+
+def counting_records(cfg) -> tuple[list, list]:
+    """(train records, held-out records) of `cfg.data` (see the module docstring); paths checked (DataPathError)."""
+    from coordexp_jax.data import records as R, synthetic as syn
+    from coordexp_jax.train.build import _check_path
+
+    if cfg.data.kind == "synthetic":
+        paths = syn.ensure_dataset(synthetic_dir(cfg), cfg.data.num_train, max(cfg.data.num_eval, 1),
+                                   seed=cfg.data.seed, cfg=synthetic_config(cfg))
+        return R.read_jsonl(paths["train"]["jsonl"])[0], R.read_jsonl(paths["val"]["jsonl"])[0]
+    if cfg.data.kind != "jsonl":
+        from coordexp_jax.train.config import ConfigError
+
+        raise ConfigError(f"config key 'data.kind' = {cfg.data.kind!r}: counting_regression reads 'synthetic' or "
+                          f"'jsonl' records")
+    train = R.read_jsonl(_check_path("data.path", cfg.data.path))[0]
+    val = R.read_jsonl(_check_path("data.eval_path", cfg.data.eval_path))[0] if cfg.data.eval_path else []
+    return train, val
+
+
+# ------------------------------------------------------------------------------------------------ encoding
+class CountingEncoder:
+    """Counting samples (marked image, system, prompt, target) -> the batch of `counting_objective`.
+
+    `tokenizer`, `ids` (with `<x>` `<y>`), `pcfg` (`data.prompts.PromptConfig`: image settings, text bucket,
+    patches per image slot), `model_config` (vision table size, image token id)."""
+
+    def __init__(self, tokenizer, ids: TokenIds, pcfg, model_config):
+        self.tok, self.ids, self.pcfg, self.mc = tokenizer, ids, pcfg, model_config
+        self._cache: dict[str, list[int]] = {}
+
+    def _enc(self, text: str) -> list[int]:
+        if text not in self._cache:
+            self._cache[text] = encode_text(self.tok, text)
+        return list(self._cache[text])
+
+    def prompt_ids(self, system: str | None, prompt: str, num_image_tokens: int) -> list[int]:
+        """System turn (if any) + user turn through the prompt's last token (module docstring)."""
+        t = self.ids
+        out: list[int] = []
+        if system is not None:
+            out += [t.im_start] + self._enc("system\n" + system) + [t.im_end] + self._enc("\n")
+        out += [t.im_start] + self._enc("user\n") + [t.vision_start] + [t.image_pad] * num_image_tokens
+        return out + [t.vision_end] + self._enc(prompt)
+
+    def __call__(self, images: Sequence[np.ndarray], systems: Sequence[str | None], prompts: Sequence[str],
+                 targets: np.ndarray | None = None, batch_size: int | None = None) -> dict:
+        """Right-padded batch of `batch_size` rows (default len(images); extra rows are copies of row 0 with
+        `valid` 0): model inputs, `x_pos`, `y_pos` `[B]` int32, `target [B, 2]` float32, `valid [B]` float32.
+        Raises ValueError when a prompt lacks `<x>`/`<y>` or does not fit the text bucket."""
+        from coordexp_jax.data import image as image_lib
+        from coordexp_jax.data.prompts import bucket_len
+        from coordexp_jax.model.inputs import build_model_inputs
+        from coordexp_jax.model.regression import token_positions
+
+        n = len(images)
+        B = batch_size or n
+        pad = list(range(n)) + [0] * (B - n)
+        pvs, grids, rows = [], [], []
+        for i in pad:
+            pv, grid, _ = image_lib.process_image(np.asarray(images[i]), self.pcfg.image)
+            pvs.append(pv)
+            grids.append(tuple(int(x) for x in grid))
+            rows.append(self.prompt_ids(systems[i], prompts[i], int(np.prod(grid)) // self.pcfg.image.merge_size ** 2))
+        S = bucket_len(max(len(r) for r in rows), self.pcfg)
+        ids = np.full((B, S), self.ids.pad, np.int32)
+        am = np.zeros((B, S), np.int32)
+        for b, r in enumerate(rows):
+            ids[b, :len(r)], am[b, :len(r)] = r, 1
+        P = self.pcfg.patches_per_slot or max(4, 1 << int(max(np.prod(g) for g in grids) - 1).bit_length())
+        out = build_model_inputs(ids, am, grids, pvs, config=self.mc, num_slots=B, patches_per_slot=P)
+        out["x_pos"] = token_positions(ids, self.ids.x_token, name="<x>")
+        out["y_pos"] = token_positions(ids, self.ids.y_token, name="<y>")
+        tg = np.zeros((B, 2), np.float32)
+        if targets is not None:
+            tg[:n] = np.asarray(targets, np.float32).reshape(n, 2)
+        out["target"] = tg
+        out["valid"] = (np.arange(B) < n).astype(np.float32)
+        return out
+
+    def encode_samples(self, samples: Sequence, batch_size: int | None = None) -> dict:
+        """A batch of `data.counting.CountingSample`s."""
+        return self([s.image for s in samples], [s.system for s in samples], [s.prompt for s in samples],
+                    np.stack([s.target for s in samples]), batch_size)
+
+
+class CountingBatches:
+    """Host iterator of training batches: each epoch a seeded permutation of the sampler's records, B samples per
+    batch (`CountingSampler.sample(i, epoch)`: k drawn per (seed, epoch, index)). JSON-able state (epoch, position)
+    for the loop's checkpoints."""
+
+    def __init__(self, sampler, encoder: CountingEncoder, batch_size: int, seed: int = 0):
+        if len(sampler) == 0:
+            from coordexp_jax.data.records import DataConfigError
+
+            raise DataConfigError("no usable counting records (every record was skipped; see the log)")
+        self.sampler, self.encoder, self.B, self.seed = sampler, encoder, int(batch_size), int(seed)
+        self.epoch, self.pos = 0, 0
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.sampler))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        samples = []
+        while len(samples) < self.B:
+            perm = self._perm(self.epoch)
+            if self.pos >= len(perm):
+                self.epoch, self.pos = self.epoch + 1, 0
+                continue
+            samples.append(self.sampler.sample(int(perm[self.pos]), self.epoch))
+            self.pos += 1
+        return self.encoder.encode_samples(samples)
+
+    def get_state(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def set_state(self, state: dict) -> None:
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+
+
+# ------------------------------------------------------------------------------------------------ model
+def heads_config(cfg, mc):
+    from coordexp_jax.model.regression import HeadsConfig
+
+    return HeadsConfig(hidden_size=mc.text.hidden_size, layers=int(cfg.counting.head_layers),
+                       width=int(cfg.counting.head_width))
+
+
+def make_model_fn(cfg, mc, ids):
+    """`build.make_model_fn` (Qwen3-VL, init options, LoRA) plus the regression heads (kept when the checkpoint
+    already has heads)."""
+    from coordexp_jax.model.regression import RegressionHeads, attach_heads, heads_of
+    from coordexp_jax.train import build
+
+    make, materialize = build.make_model_fn(cfg, mc, ids)
+    hcfg = heads_config(cfg, mc)
+
+    def make_model():
+        model = make()
+        if heads_of(model) is None:
+            attach_heads(model, RegressionHeads(hcfg, rngs=nnx.Rngs(cfg.train.seed + 2)))
+        elif heads_of(model).cfg != hcfg:
+            log.warning("model.checkpoint has regression heads %s; the counting.head_* keys (%s) are ignored",
+                        heads_of(model).cfg, hcfg)
+        return model
+
+    return make_model, materialize
+
+
+def build_components(cfg):
+    """The loop's `Components` for a counting config (module docstring)."""
+    from coordexp_jax.data import counting as C
+    from coordexp_jax.data.tokenizer import load_tokenizer
+    from coordexp_jax.train import build
+    from coordexp_jax.train.counting_objective import CountingObjective
+
+    ids = token_ids(cfg)
+    mc = build.model_config(cfg, ids)
+    make_model, materialize = make_model_fn(cfg, mc, ids)
+    pcfg = build.prompt_config(cfg, mc)
+    tdir = tokenizer_dir(cfg)
+    encoder = CountingEncoder(load_tokenizer(tdir), ids, pcfg, mc)
+    train_recs, val_recs = counting_records(cfg)
+    scfg = sequential_config(cfg)
+    sampler = C.CountingSampler(train_recs, scfg, seed=cfg.data.seed)
+    if sampler.report.counts:
+        log.warning("counting records: %s", sampler.report.one_line())
+    data_iter = CountingBatches(sampler, encoder, build.per_process_batch(cfg.data.batch_size), seed=cfg.data.seed)
+    train_counts = [it[0] for it in sampler.items]
+    mean_count = float(np.mean([C.object_geometry(r)[0].shape[0] for r in train_counts])) if train_counts else 0.0
+    return build.Components(
+        make_model=make_model, objective=CountingObjective.from_config(cfg), data_iter=data_iter,
+        vocab_size=mc.padded_vocab_size, coord_start=ids.coord_start, materialize=materialize, model_config=mc,
+        token_ids=ids, tokenizer_dir=tdir,
+        extra={"prompt_config": pcfg, "encoder": encoder, "val_records": val_recs[:cfg.data.num_eval],
+               "sequential_config": scfg, "train_mean_count": mean_count})
+
+
+# ------------------------------------------------------------------------------------------------ inference
+def make_point_fn(graphdef):
+    """Jitted `(state, batch) -> [B, 2]` heads' prediction (prefill only: one forward of the prompt, the heads at
+    `<x>`/`<y>`); `state` = the model's `nnx.split` state. Compiles once per batch shape."""
+    from coordexp_jax.model.regression import predict_points
+
+    @jax.jit
+    def fn(state, batch):
+        return predict_points(nnx.merge(graphdef, state), batch)
+
+    return fn
+
+
+def make_predict_next(model, encoder: CountingEncoder, system: str | None = None, point_fn=None):
+    """`predict_next(marked_image, prompt) -> (x, y)` in [-1, 1] for `counting.count_sequentially`: the marked
+    image is re-encoded each call, one jitted forward (`make_point_fn`). `point_fn` reuses a compiled function
+    (pass `(fn, state)` made from the same graphdef)."""
+    if point_fn is None:
+        graphdef, state = nnx.split(model)
+        fn = make_point_fn(graphdef)
+    else:
+        fn, state = point_fn
+
+    def predict_next(marked_image, prompt):
+        batch = encoder([marked_image], [system], [prompt])
+        return tuple(float(v) for v in np.asarray(fn(state, {k: jnp.asarray(v) for k, v in batch.items()}))[0])
+
+    return predict_next
+
+
+def predict_counting(model, image: np.ndarray, class_name: str, encoder: CountingEncoder, scfg=None, *,
+                     max_count: int = 16, point_fn=None):
+    """Counts `class_name` in `image` (uint8 `[H, W, 3]`) with a model carrying regression heads: the sequential
+    loop of `coordexp_jax.counting.count_sequentially` (mark, re-encode, predict; stop on done / repeat /
+    `max_count`). Returns its `CountingResult` (points in pixels of `image`). `scfg`: the
+    `SequentialCountingConfig` the model was trained with (default: the seed's). Draw the numbered picture with
+    `counting.draw_counting_result(image, result.points, caption=result.last_prompt)`."""
+    from coordexp_jax import counting
+    from coordexp_jax.data import counting as C
+
+    scfg = scfg or C.SequentialCountingConfig()
+    system = C.counting_system_prompt(class_name, scfg)
+    pn = make_predict_next(model, encoder, system, point_fn)
+    return counting.count_sequentially(np.asarray(image), class_name, pn, scfg, max_count)
+
+
+def load_counting_model(checkpoint: str, tokenizer_dir_: str | None = None, *, image_size: int | None = None,
+                        dtype=None):
+    """(model with heads, CountingEncoder) from a checkpoint (ours or an HF export with `regression_heads.*`) for
+    `predict_counting`. The image settings come from the checkpoint's `preprocessing.json` when present
+    (`image_size`: the longest side, default 128). Raises WeightsError when the checkpoint has no heads."""
+    from coordexp_jax.data.image import ImageConfig
+    from coordexp_jax.data.prompts import PromptConfig
+    from coordexp_jax.data.tokenizer import load_tokenizer, token_ids_from_tokenizer
+    from coordexp_jax.model.regression import heads_of
+    from coordexp_jax.weights.checkpoint import load_checkpoint
+    from coordexp_jax.weights.names import WeightsError
+
+    mc, model = load_checkpoint(checkpoint, dtype)
+    if heads_of(model) is None:
+        raise WeightsError(f"{checkpoint}: no regression heads (regression_heads.json); train it with "
+                           f"train.kind='counting_regression'")
+    tdir = tokenizer_dir_ or (checkpoint if os.path.isfile(os.path.join(checkpoint, "tokenizer.json"))
+                              else SMALL_XY_TOKENIZER_DIR)
+    tok = load_tokenizer(tdir)
+    ids = token_ids_from_tokenizer(tok, require_coords=False, name=tdir)
+    px = None
+    pre = os.path.join(checkpoint, "preprocessing.json")
+    if os.path.isfile(pre):
+        with open(pre) as f:
+            px = json.load(f).get("max_pixels")
+    px = px or (image_size or 128) ** 2
+    v = mc.vision
+    image = ImageConfig(patch_size=v.patch_size, merge_size=v.spatial_merge_size,
+                        temporal_patch_size=v.temporal_patch_size, min_pixels=min(px, 32 * 32 * 4), max_pixels=px)
+    pcfg = PromptConfig(image=image, text_bucket="pow2", max_text_len=1 << 16)
+    return model, CountingEncoder(tok, ids, pcfg, mc)
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+def evaluate_counting(model, records: Sequence, encoder: CountingEncoder, scfg, *, max_count: int,
+                      train_mean_count: float | None = None, pictures_dir: str | None = None, num_pictures: int = 0,
+                      point_fn=None) -> tuple[dict, list]:
+    """Counts every record (`predict_counting`) and scores it: `mae`, `rmse` (of the number of points), `hit_rate`,
+    `mean_point_error_px` (`metrics.sequential_counting_metrics`; boxes where the records have them, else the
+    mark radius), `done_rate` (stopped by the done signal), and with `train_mean_count` the MAE of always
+    answering the rounded training mean (`baseline_mae`). Writes `num_pictures` side-by-side PNGs to
+    `pictures_dir`. Returns (metrics, per-record CountingResults)."""
+    from coordexp_jax import counting, metrics as M
+    from coordexp_jax.data import counting as C
+    from coordexp_jax.data.image import load_image
+
+    if point_fn is None:
+        graphdef, state = nnx.split(model)
+        point_fn = (make_point_fn(graphdef), state)
+    preds, gts, boxes, radii, results = [], [], [], [], []
+    for i, r in enumerate(records):
+        geo = C.object_geometry(r)
+        if geo is None:
+            continue
+        pts, bxs, cls = geo
+        op, ob = C.ordered_geometry(pts, bxs, scfg)
+        img = load_image(r.image)
+        res = predict_counting(model, img, cls, encoder, scfg, max_count=max_count, point_fn=point_fn)
+        results.append(res)
+        preds.append(res.points)
+        gts.append(op)
+        boxes.append(ob)
+        radii.append(counting.mark_radius(r.height, r.width, max_count, scfg))
+        if pictures_dir is not None and i < num_pictures:
+            from PIL import Image
+
+            os.makedirs(pictures_dir, exist_ok=True)
+            pic = counting.draw_counting_result(img, res.points, op, counting.result_caption(res, len(op)),
+                                                gt_boxes=ob)
+            Image.fromarray(pic).save(os.path.join(pictures_dir, f"count_{i:03d}.png"))
+    out = M.sequential_counting_metrics(preds, gts, boxes, radii)
+    out["done_rate"] = float(np.mean([r.done_reason == "done" for r in results])) if results else 0.0
+    if train_mean_count is not None and gts:
+        out["baseline_mae"] = M.counting_errors([round(train_mean_count)] * len(gts), [len(g) for g in gts])["mae"]
+    return {k: float(v) for k, v in out.items()}, results
+
+
+def counting_eval_hook(cfg, comps):
+    """A loop eval hook `(model, step, workdir) -> metrics` (`evaluate_counting` of the held-out records;
+    pictures under `workdir/eval/step_<N>/`); None without held-out records or with `eval.num_images` 0."""
+    recs = list(comps.extra.get("val_records") or [])[:cfg.eval.num_images]
+    if not recs:
+        return None
+    encoder, scfg = comps.extra["encoder"], comps.extra["sequential_config"]
+    box: dict = {}
+    t0 = time.time()
+
+    def hook(model, step, workdir):
+        graphdef, state = nnx.split(model)
+        if box.get("graphdef") != graphdef:
+            box["graphdef"], box["fn"] = graphdef, make_point_fn(graphdef)
+        res, _ = evaluate_counting(model, recs, encoder, scfg, max_count=cfg.counting.max_count,
+                                   train_mean_count=comps.extra.get("train_mean_count"),
+                                   pictures_dir=os.path.join(workdir, "eval", f"step_{step}"),
+                                   num_pictures=cfg.eval.num_pictures, point_fn=(box["fn"], state))
+        res["minutes"] = (time.time() - t0) / 60
+        return res
+
+    return hook
+
+
+# ------------------------------------------------------------------------------------------------ gradient check
+def gradient_norms(graphdef, params, frozen, objective, batch: dict) -> dict:
+    """Global gradient norms of the objective's loss on `batch` (one micro-batch, no leading axis) over the
+    regression heads (`grad_norm/heads`), the LoRA weights (`grad_norm/lora`, when any) and everything else
+    trainable (`grad_norm/other`)."""
+    import optax
+
+    from coordexp_jax.train import optim
+    from coordexp_jax.train.step import _combine
+
+    def loss_fn(p):
+        model = nnx.merge(graphdef, p, frozen)
+        return _combine(objective.weights, objective.sums(model, batch), objective.counts(batch))
+
+    g = jax.jit(jax.grad(loss_fn))(params)
+    groups: dict[str, list] = {"heads": [], "lora": [], "other": []}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(g)[0]:
+        p = optim.path_str(path)
+        key = "heads" if optim.is_heads_param(p) else "lora" if p.endswith(("lora_a", "lora_b")) else "other"
+        groups[key].append(leaf)
+    return {f"grad_norm/{k}": float(optax.global_norm(v)) for k, v in groups.items() if v}
+
+
+def check_gradients(norms: dict, lora: bool) -> None:
+    """Raises GradientFlowError when the heads' (or, with `lora`, the LoRA weights') gradient norm is zero or not
+    finite."""
+    need = ["grad_norm/heads"] + (["grad_norm/lora"] if lora else [])
+    for k in need:
+        v = norms.get(k)
+        if v is None or not np.isfinite(v) or v == 0.0:
+            what = k.split("/")[1]
+            raise GradientFlowError(f"first step: the gradient on the {what} is {v} ({norms}); they would not train "
+                                    f"(are they trainable? optim.heads.freeze / lora.*)")
+
+
+def first_step_check(cfg):
+    """The loop's first-step hook `(graphdef, state, batch) -> metrics`: `gradient_norms` of the first micro-batch,
+    logged, then `check_gradients`."""
+
+    def check(graphdef, state, batch, objective):
+        micro = jax.tree.map(lambda x: x[0], batch)
+        norms = gradient_norms(graphdef, state.params, state.frozen, objective, micro)
+        log.info("first step gradient norms: %s", {k: f"{v:.3g}" for k, v in norms.items()})
+        check_gradients(norms, bool(cfg.lora.enabled))
+        return norms
+
+    return check
+
+
+def prepare(cfg, components=None, eval_hook=None) -> tuple[Any, Any]:
+    """(components, eval hook) of a counting run for `loop.train`: `build_components(cfg)` and `counting_eval_hook`
+    where the caller gave none; the first-step gradient check is registered in `components.extra`."""
+    comps = components if components is not None else build_components(cfg)
+    if cfg.counting.grad_check:
+        comps.extra.setdefault("first_step_check", first_step_check(cfg))
+    hook = eval_hook if eval_hook is not None else counting_eval_hook(cfg, comps)
+    return comps, hook
+
+
+__all__ = ["prepare", "build_components", "CountingEncoder", "CountingBatches", "make_model_fn", "make_point_fn",
+           "make_predict_next", "predict_counting", "load_counting_model", "evaluate_counting", "counting_eval_hook",
+           "gradient_norms", "check_gradients", "first_step_check", "GradientFlowError", "token_ids",
+           "tokenizer_dir", "sequential_config", "synthetic_config", "counting_records"]
