@@ -2,7 +2,9 @@
 
 `python -m coordexp_jax.evaluate --config FILE --checkpoint DIR --out DIR` writes `metrics.json`,
 `predictions.jsonl` (one line per record: the answer text, parsed objects in pixels of the original image,
-their scores, what the parser dropped) and `index.html` with pictures of predicted and true boxes.
+their scores, what the parser dropped), `per_image.json` (per image: TP / FP / FN at IoU 0.5, mean IoU, parse
+status, prompt, answer, picture) and the report `index.html` (`coordexp_jax.report`, docs/evaluation.md) with a
+picture of predicted and true boxes per image under `pictures/`.
 
 Per task (coordexp_method.md §9):
 - detection: COCO mAP / AP50 / AP75 (pycocotools) under the `constant` and `logprob` score rules, F1@0.5,
@@ -32,6 +34,7 @@ import numpy as np
 from tqdm import tqdm
 
 from coordexp_jax import metrics as M
+from coordexp_jax import report
 from coordexp_jax.cli import ArgumentParser, guard
 from coordexp_jax.coord import codec, protocols
 
@@ -41,7 +44,7 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
     batch_size: int = 16
-    num_pictures: int = 24
+    num_pictures: int = 0  # pictures in the report, worst images first; 0 = one for every image
     max_records: int = 0  # 0 = all
     categories: tuple[str, ...] = ()  # detection categories; () = every gt desc of the detection records
 
@@ -67,12 +70,16 @@ def _objects_px(parsed: protocols.ParseResult, rollout_row, width, height, pixel
 
 
 def evaluate_records(sampler, records: Sequence, encoder, *, model_config, config: EvalConfig = EvalConfig(),
-                     out_dir: str | None = None, progress: bool = True) -> dict:
+                     out_dir: str | None = None, progress: bool = True, run_info: dict | None = None) -> dict:
     """Rolls `sampler` (a `rollout.sampler.Sampler`) out over `records` and returns the metrics dict.
 
     `encoder` is the `data.prompts.SampleEncoder` used in training (same image preprocessing and prompt);
     `model_config` the sampled model's config (its vision table shapes the vision inputs).
-    Writes predictions, metrics and pictures to `out_dir` when given.
+    With `out_dir`, writes metrics.json, predictions.jsonl, per_image.json, the pictures and the report page
+    index.html (`coordexp_jax.report`). `run_info`: what the report's "Run" section shows, a dict with any of
+    {"checkpoint": str, "step": int, "config": str, "data": str, "num_images": int, "date": str} (and any other
+    key, shown after those); missing ones are filled by `report.default_run_info` (number of images, the data
+    files of the records' `source`, the date now in UTC).
     """
     from coordexp_jax.data.prompts import encode_prompts
 
@@ -133,8 +140,61 @@ def evaluate_records(sampler, records: Sequence, encoder, *, model_config, confi
     out["unfinished_rate"] = float(np.mean([not x["finished"] for x in rows]))
     out["num_records"] = len(rows)
     if out_dir is not None:
-        _write_outputs(out_dir, rows, out, encoder, config)
+        images = _per_image(rows, encoder)
+        info = report.default_run_info(records, **(run_info or {}))
+        _write_outputs(out_dir, rows, out, encoder, config, images, info)
     return out
+
+
+def _parse_status(x: dict) -> str:
+    """"failed" (nothing readable: no object and not a clean empty answer; counting: no count), "partial"
+    (something was read, but the parser dropped part of the answer, its structure was not closed or the answer
+    hit the token limit) or "ok"."""
+    if "count" in x:
+        c = x["count"]
+        if c.count is None:
+            return "failed"
+        return "partial" if c.dropped or not c.closed or not x["finished"] else "ok"
+    p = x["parsed"]
+    if not p.objects and not (p.closed and not p.num_dropped):
+        return "failed"
+    return "partial" if p.num_dropped or not p.closed or not x["finished"] else "ok"
+
+
+def _per_image(rows: list[dict], encoder) -> list[dict]:
+    """The report's per-image entries (keys: `coordexp_jax.report`), in record order, without pictures.
+
+    Detection and grounding: `metrics.match_image(pred, gt, 0.5)` of the answer's boxes as written (pixels of the
+    original image): tp / fp / fn, mean IoU of the matched pairs; pred objects carry their matched IoU (None =
+    false positive), gt objects whether they were matched. Counting: n_pred = the stated count, tp/fp/fn None."""
+    from coordexp_jax.data.tokenizer import decode_ids
+
+    out = []
+    for i, x in enumerate(rows):
+        r = x["record"]
+        e = {"index": i, "image": r.image, "task": r.task, "picture": None, "tp": None, "fp": None, "fn": None,
+             "mean_iou": None, "parse": _parse_status(x), "n_pred": None, "n_gt": len(r.objects),
+             "prompt": encoder.instruction_text(r),  # the instruction the rollout was prompted with
+             "answer": decode_ids(encoder.tokenizer, x["answer_ids"])}
+        if "count" in x:
+            e["n_pred"] = x["count"].count
+        else:
+            gt = _gt_px(r, encoder.cfg.pixel_mode)
+            m = M.match_image(x["pred"], gt, 0.5)
+            e.update(tp=m.tp, fp=m.fp, fn=m.fn, mean_iou=None if not m.tp else round(float(m.mean_iou), 4),
+                     n_pred=len(x["pred"]), n_gt=len(gt))
+            e["pred"] = [{**p, "iou": None if np.isnan(iou) else round(float(iou), 4)}
+                         for p, iou in zip(x["pred"], m.ious)]
+            e["gt"] = [{**g, "matched": bool(hit)} for g, hit in zip(gt, m.gt_matched)]
+            e["_match"] = m
+        out.append(e)
+    return out
+
+
+def _gt_px(r, pixel_mode: str) -> list[dict]:
+    """Ground-truth objects with a box, {"desc", "bbox"} in pixels of the original image (3 decimals)."""
+    boxed = [o for o in r.objects if o.box is not None]
+    return [{"desc": o.desc, "bbox": [round(float(v), 3) for v in b]} for o, b in zip(boxed, r.boxes_px(pixel_mode))]
 
 
 def _image_result(i: int, x: dict, key: str, pixel_mode: str) -> M.ImageResult:
@@ -145,22 +205,24 @@ def _image_result(i: int, x: dict, key: str, pixel_mode: str) -> M.ImageResult:
     return M.ImageResult(i + 1, r.width, r.height, gt, pred, parsed=parsed)
 
 
-def _write_outputs(out_dir: str, rows: list[dict], metrics: dict, encoder, config: EvalConfig) -> None:
+def _write_outputs(out_dir: str, rows: list[dict], metrics: dict, encoder, config: EvalConfig, images: list[dict],
+                   run_info: dict) -> None:
+    """metrics.json, predictions.jsonl, pictures/NNNNN.png (one per image, the worst `config.num_pictures`
+    first when capped; 0 = all), per_image.json (the `images` entries with their picture path or None) and
+    index.html (`report.write_report`)."""
     from PIL import Image
 
     from coordexp_jax.data.image import load_image
-    from coordexp_jax.data.tokenizer import decode_ids
-    from coordexp_jax.visualize import draw_prediction, write_html
+    from coordexp_jax.visualize import draw_prediction, legend_html
 
     os.makedirs(os.path.join(out_dir, "pictures"), exist_ok=True)
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2, sort_keys=True)
-    entries = []
     with open(os.path.join(out_dir, "predictions.jsonl"), "w") as f:
-        for i, x in enumerate(rows):
+        for x, e in zip(rows, images):
             r = x["record"]
             line = {"image": r.image, "task": r.task, "source": r.source, "width": r.width, "height": r.height,
-                    "answer": decode_ids(encoder.tokenizer, x["answer_ids"]), "finished": x["finished"]}
+                    "answer": e["answer"], "finished": x["finished"]}
             if "parsed" in x:
                 line.update(objects=x["pred"], dropped=x["parsed"].dropped, closed=x["parsed"].closed)
                 if "pred_exp" in x:
@@ -168,15 +230,19 @@ def _write_outputs(out_dir: str, rows: list[dict], metrics: dict, encoder, confi
             else:
                 line.update(count=x["count"].count, dropped=x["count"].dropped)
             f.write(json.dumps(line) + "\n")
-            if "parsed" in x and len(entries) < config.num_pictures:
-                gt = [{"desc": o.desc, "bbox": list(b)} for o, b in zip(r.objects, r.boxes_px(encoder.cfg.pixel_mode))]
-                # the image as the model saw it (EXIF orientation applied): the frame of the boxes
-                pic = draw_prediction(Image.fromarray(load_image(r.image)), x["pred"], gt)
-                name = f"pictures/{i:05d}.png"
-                pic.save(os.path.join(out_dir, name))
-                entries.append({"image": name, "caption": f"{os.path.basename(r.image)} [{r.task}]\n"
-                                                          + line["answer"][:300]})
-    write_html(out_dir, entries, summary=metrics)
+    order = report.worst_first(images)
+    for i in order[: config.num_pictures] if config.num_pictures else order:
+        e = images[i]
+        # the image as the model saw it (EXIF orientation applied): the frame of the boxes
+        pic = draw_prediction(Image.fromarray(load_image(e["image"])), e.get("pred", []), e.get("gt", []),
+                              e.get("_match"))
+        e["picture"] = f"pictures/{i:05d}.png"
+        pic.save(os.path.join(out_dir, e["picture"]))
+    for e in images:
+        e.pop("_match", None)
+    with open(os.path.join(out_dir, "per_image.json"), "w") as f:
+        json.dump(images, f, indent=1)
+    report.write_report(out_dir, metrics, images, run_info, legend=legend_html())
 
 
 def eval_setup(cfg, model_config, max_records: int = 0):
