@@ -1,12 +1,12 @@
 """The embedded default: a tiny Qwen3-VL-shaped model from random init, the project's small tokenizer, the
 synthetic shapes set (generated on first use under ~/.cache/coordexp_jax or data.path), ~10 minutes on 2 CPU cores.
 
-    python -m coordexp_jax.train --config configs/demo.py --workdir /tmp/demo
-    python benchmarks/demo_curve.py /tmp/demo          # AP50 vs minutes from the run's evaluations
+    python -m coordexp_jax.train --config configs/demo.py --workdir runs/demo
+    python benchmarks/demo_curve.py runs/demo          # AP50 vs minutes from the run's evaluations
 
 The task is the default synthetic one: 3 classes, 1-4 objects per 128x128 image, textured backgrounds, clutter
-and partial occlusion. Choices measured on this machine (docs/demo.md has the table of runs):
-- protocol 'tags': ~12 answer tokens per object instead of ~28 for coordjson, so every sample fits the 128-token
+and partial occlusion. Choices measured on this machine (docs/demo.md, "What each choice buys", has the runs):
+- protocol 'tags': ~13 answer tokens per object instead of ~30 for coordjson, so every sample fits the 128-token
   bucket (coordjson needs 256) -- same targets, half the sequence;
 - objective ce + soft_ce 0.5 + w1 0.5 + gate 1, without the expectation L1/GIoU: at this budget adding l1 2 +
   giou 1 lowered AP50 from 0.68 to 0.28-0.41 (docs/training.md, loss ablation); the coordinate head runs only at
@@ -33,8 +33,8 @@ def get_config():
     c.model.coord_init = "sinusoidal"
     # The tiny preset's head_dim 16 leaves the column axis of M-RoPE 0.1 rad per visual-token column (rows 0.32):
     # columns were indistinguishable and x was never learned. head_dim 32 with section (4, 6, 6) gives columns
-    # 0.32 and rows 0.56 rad (docs/demo.md §3).
-    # initializer_range 0.1 instead of HF's 0.02: at 0.02 this 64-wide model hung on the seed (docs/demo.md §5c).
+    # 0.32 and rows 0.56 rad (docs/demo.md).
+    # initializer_range 0.1 instead of HF's 0.02: at 0.02 this 64-wide model hung on the seed (docs/demo.md).
     c.model.overrides = ml_collections.ConfigDict({
         "text": {"head_dim": 32, "mrope_section": (4, 6, 6), "initializer_range": 0.1},
         "vision": {"initializer_range": 0.1}})
@@ -62,10 +62,9 @@ def get_config():
     c.optim.min_lr_ratio = 0.05
     c.optim.weight_decay = 0.01
     c.optim.clip_norm = 1.0
-    # 3100 steps of 16 on both cores: AP50 (log-prob) 0.414 at 5.0 min and 0.606 at 9.3 min, AP 0.456, on 64
-    # held-out images (docs/demo.md §5c); with + l1 2 + giou 1 it was 0.349 at 10.0 min. The CPU custom VJPs of
-    # session 4 ran the same 3100 steps in 7.3 min (AP50 0.589), so the demo now takes 3800 steps: AP50 0.468 at
-    # 4.2 min and 0.646 at 8.3 min, AP 0.482, F1 0.717 (README command in a fresh clone, docs/demo.md §5d).
+    # 3800 steps of 16 on both cores of the idle 2-core CPU: AP50 (log-prob) 0.468 at 4.2 min and 0.646 at 8.3
+    # min, AP 0.482, F1 0.717 on the 64 held-out images (README command in a fresh clone, commit ea1abb4;
+    # docs/demo.md). On a loaded machine train.max_minutes stops it earlier.
     c.train.steps = 3800
     c.train.log_every = 10
     c.train.ckpt_every = 800

@@ -1,15 +1,14 @@
 """The demo for 60 minutes on 2 CPU cores: `configs/demo.py` with 3.6x the steps and 4x the synthetic training set.
 
-    python -m coordexp_jax.train --config configs/demo_long.py --workdir /tmp/demo_long
-    python benchmarks/demo_curve.py /tmp/demo_long
+    python -m coordexp_jax.train --config configs/demo_long.py --workdir runs/demo_long
+    python benchmarks/demo_curve.py runs/demo_long
 
-Same task (3 classes, 1-4 objects, clutter, 128 px) as the 10-minute demo, with the demo's session-2 recipe pinned
-below (batch 32, init std 0.02, ce + soft_ce + gate + l1 2 + giou 1; the demo has since moved on), and: 6000 steps of 32 images, an evaluation on 200 held-out images every 1500 steps for the
+Same task (3 classes, 1-4 objects, clutter, 128 px) as the 10-minute demo, with its own recipe pinned
+below (batch 32, init std 0.02, ce + soft_ce + gate + l1 2 + giou 1; the 10-minute demo differs), and: 6000 steps of 32 images, an evaluation on 200 held-out images every 1500 steps for the
 AP50-vs-minutes curve, a 16384-image training set (~12 epochs instead of ~47).
 
-Measured (docs/demo.md §5), session 4, both cores, current code: AP50 0.290 / 0.601 / 0.785 / 0.862 (AP 0.688) at
-1500 / 3000 / 4500 / 6000 steps, reached at 6.5 / 12.9 / 19.6 / 26.3 minutes; goal AP50 >= 0.6 within 60 minutes.
-Session 2 (one core, older code): 0.455 / 0.676 / 0.712 at 3000 / 4500 / 6000 steps (25 / 38 / 50 minutes).
+Measured (docs/demo.md), commit f9373ed, both cores of the idle 2-core CPU: AP50 0.290 / 0.601 / 0.785 / 0.862
+(AP 0.688) at 1500 / 3000 / 4500 / 6000 steps, reached at 6.5 / 12.9 / 19.6 / 26.3 minutes.
 """
 
 import importlib.util
