@@ -222,3 +222,76 @@ def test_match_image_dicts_and_empty():
     assert (e.tp, e.fp, e.fn, e.pred_to_gt.shape, e.ious.shape) == (0, 0, 2, (0,), (0,)) and np.isnan(e.mean_iou)
     e = M.match_image(pred, [])
     assert (e.tp, e.fp, e.fn) == (0, 2, 0) and e.gt_matched.shape == (0,) and np.isnan(e.ious).all()
+
+
+# ----------------------------------------------------------------------------------------------- sequential counting
+def _brute_sequential(pred, gt, boxes, radius):
+    """Loops over steps and objects: a step hits the nearest uncounted object whose box holds the point (or, with
+    no box, whose centre is within radius), which is then counted; the error is the distance to the nearest
+    uncounted centre."""
+    counted = [False] * len(gt)
+    hits, errs = 0, []
+    for px, py in pred:
+        best, best_d, nearest = None, None, None
+        for j, (gx, gy) in enumerate(gt):
+            if counted[j]:
+                continue
+            dist = ((px - gx) ** 2 + (py - gy) ** 2) ** 0.5
+            nearest = dist if nearest is None else min(nearest, dist)
+            b = None if boxes is None or any(v != v for v in boxes[j]) else boxes[j]
+            inside = (b[0] <= px <= b[2] and b[1] <= py <= b[3]) if b is not None else dist <= radius
+            if inside and (best_d is None or dist < best_d):
+                best, best_d = j, dist
+        if nearest is not None:
+            errs.append(nearest)
+        if best is not None:
+            counted[best] = True
+            hits += 1
+    return hits, errs
+
+
+def test_sequential_point_metrics_hand_case():
+    gt = np.array([[10.0, 10.0], [50.0, 50.0], [90.0, 10.0]])
+    boxes = np.array([[0, 0, 20, 20], [40, 40, 60, 60], [np.nan] * 4])  # the third: a point only
+    pred = np.array([[12.0, 11.0], [11.0, 10.0], [93.0, 14.0], [200.0, 200.0]])
+    m = M.sequential_point_metrics(pred, gt, boxes, radius=5.0)
+    # step 1 hits object 0 (inside its box); step 2 is on object 0 again (already counted): miss; step 3 is 5 px
+    # from the point-only object 2: hit (radius 5, edge included); step 4: nothing left but object 1
+    assert (m["steps"], m["hits"]) == (4, 2) and m["hit_rate"] == 0.5
+    want = [np.hypot(2, 1), np.hypot(39, 40), 5.0, np.hypot(150, 150)]
+    np.testing.assert_allclose(m["point_errors"], want, rtol=1e-12)  # float64 sqrt of small integers
+    assert M.sequential_point_metrics(np.zeros((0, 2)), gt, boxes, 5.0)["hit_rate"] == 0.0
+    with pytest.raises(ValueError, match="need a hit radius"):
+        M.sequential_point_metrics(pred, gt, boxes, radius=None)
+
+
+def test_sequential_counting_metrics_against_brute_force():
+    rng = np.random.default_rng(0)
+    preds, gts, bxs, hits, steps, errs = [], [], [], 0, 0, []
+    for i in range(30):
+        n, s = int(rng.integers(0, 8)), int(rng.integers(0, 10))
+        gt = rng.uniform(0, 100, (n, 2))
+        half = rng.uniform(2, 12, (n, 2))
+        b = np.concatenate([gt - half, gt + half], 1)
+        b[rng.random(n) < 0.3] = np.nan  # some point-only objects
+        # predictions near true objects (some twice) and some anywhere
+        pick = rng.integers(0, max(n, 1), s)
+        pred = np.where(rng.random((s, 1)) < 0.7, gt[pick % max(n, 1)] + rng.normal(0, 4, (s, 2)) if n else 0,
+                        rng.uniform(0, 100, (s, 2)))
+        preds.append(pred)
+        gts.append(gt)
+        bxs.append(b)
+        h, e = _brute_sequential(pred.tolist(), gt.tolist(), b.tolist(), 6.0)
+        hits += h
+        steps += s
+        errs += e
+    m = M.sequential_counting_metrics(preds, gts, bxs, radius=6.0)
+    assert m["num_steps"] == steps and 0 < hits < steps
+    assert m["hit_rate"] == pytest.approx(hits / steps, abs=0)  # integer counts: exact
+    # means of the same float64 distances summed in another order: 1e-12 relative
+    assert m["mean_point_error_px"] == pytest.approx(np.mean(errs), rel=1e-12)
+    counts = np.array([len(p) for p in preds]), np.array([len(g) for g in gts])
+    assert m["mae"] == pytest.approx(np.abs(counts[0] - counts[1]).mean(), rel=1e-12)
+    assert m["rmse"] == pytest.approx(np.sqrt(((counts[0] - counts[1]) ** 2).mean()), rel=1e-12)
+    with pytest.raises(ValueError, match="2 predictions for 1"):
+        M.sequential_counting_metrics([preds[0], preds[1]], [gts[0]])

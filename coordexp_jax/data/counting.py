@@ -83,6 +83,7 @@ MARK_TEXT = (0, 0, 0)
 MIN_RADIUS = 7  # px: the smallest mark disc radius (ring included)
 RADIUS_FRAC = 0.035  # mark radius as a fraction of the image's shorter side
 MIN_FONT = 8  # px: numbers smaller than this are not readable
+EDGE_EPS = 1e-6  # px: a point this close below a pixel edge is drawn on the next pixel
 MAX_MARK_FRAC = 0.5  # a mark's diameter may be at most this fraction of the image's shorter side
 
 ORDER_RULES = {
@@ -408,8 +409,11 @@ def draw_marks(image: np.ndarray, points, numbers: Sequence[int] | None = None, 
     for (x, y), num in zip(pts, nums):
         if not (math.isfinite(x) and math.isfinite(y)):
             raise ValueError(f"draw_marks: point {num} is not finite: ({x}, {y})")
-        # centred on the pixel that contains the point (PIL rounds coordinates to pixel indices anyway)
-        cx, cy = min(max(math.floor(x), 0), w - 1), min(max(math.floor(y), 0), h - 1)
+        # centred on the pixel that contains the point (PIL rounds coordinates to pixel indices anyway); points
+        # within EDGE_EPS of a pixel edge go right/down, so a point that went through normalisation and back (a
+        # few ulps off) gets the same mark
+        cx = min(max(math.floor(x + EDGE_EPS), 0), w - 1)
+        cy = min(max(math.floor(y + EDGE_EPS), 0), h - 1)
         d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=tuple(ring_colour))
         d.ellipse([cx - inner, cy - inner, cx + inner, cy + inner], fill=tuple(fill))
         # the number: rendered on a patch, thresholded (FreeType strokes are anti-aliased even in mode "1"),

@@ -153,7 +153,7 @@ def test_marks_read_back(hw):
     colours = {tuple(c) for c in out[changed].tolist()}
     assert colours <= {C.MARK_FILL, C.MARK_RING}  # no anti-aliasing: only the mark colours (text = ring = black)
     yy, xx = np.mgrid[0:h, 0:w] + 0.5  # continuous pixel centres
-    centre = np.floor(pts) + 0.5  # each mark is centred on the pixel holding its point
+    centre = np.floor(pts + C.EDGE_EPS) + 0.5  # each mark is centred on the pixel holding its point
     dist = np.hypot(xx[..., None] - centre[:, 0], yy[..., None] - centre[:, 1])
     d = dist.min(-1)
     assert not changed[d > st.radius + 0.5].any()  # nothing drawn away from the marks (the rim pixel's half)
