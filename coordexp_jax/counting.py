@@ -92,7 +92,7 @@ def count_sequentially(image: np.ndarray, record_meta, predict_next: Callable[[n
         raise ValueError(f"max_count must be >= 0, got {max_count}")
     h, w = img.shape[:2]
     cls = _class_name(record_meta)
-    style = C.mark_style(h, w, max(int(max_count), 1), cfg.mark_scale)
+    style = C.mark_style(h, w, scale=cfg.mark_scale)
     points: list[tuple[float, float]] = []
     preds: list[tuple[float, float]] = []
     prompt = C.counting_prompt(cls, 0, cfg)
@@ -153,7 +153,7 @@ def draw_counting_result(image: np.ndarray, pred_points, gt_points=None, caption
     gt = None if gt_points is None else np.asarray(gt_points, np.float64).reshape(-1, 2)
     boxes = None if gt_boxes is None else np.asarray(gt_boxes, np.float64).reshape(-1, 4)
     out = base.copy()
-    style = C.mark_style(sh, sw, max(len(pred), 1))
+    style = C.mark_style(sh, sw)
     if gt is not None:
         lw = max(1, style.ring)
         if boxes is not None and len(boxes) != len(gt):
@@ -198,8 +198,9 @@ def result_caption(result: CountingResult, gt_count: int | None = None, prompt: 
 
 def mark_radius(height: int, width: int, max_count: int, cfg: C.SequentialCountingConfig) -> float:
     """The mark radius (pixels) `count_sequentially` uses on a `height` x `width` image: the natural hit radius
-    for point-only ground truth in `metrics.sequential_counting_metrics`."""
-    return float(C.mark_style(height, width, max(int(max_count), 1), cfg.mark_scale).radius)
+    for point-only ground truth in `metrics.sequential_counting_metrics`. The radius does not depend on
+    `max_count` (marks are sized for two-digit numbers whatever the count; longer numbers get a smaller font)."""
+    return float(C.mark_style(height, width, scale=cfg.mark_scale).radius)
 
 
 __all__ = ["CountingResult", "DONE_REASONS", "count_sequentially", "draw_counting_result", "is_done",

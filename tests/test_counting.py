@@ -47,7 +47,7 @@ def test_oracle_counts_exactly(scenes):
         assert res.count == len(gt) and res.done_reason == "done" and res.steps == len(gt) + 1
         # the points come back through normalise -> denormalise (float64; 1e-9 px)
         np.testing.assert_allclose(res.points, seq, atol=1e-9)
-        style = C.mark_style(h, w, 16)
+        style = C.mark_style(h, w)
         for k, (marked, prompt) in enumerate(log):  # step k sees the first k points marked, and says so
             np.testing.assert_array_equal(marked, C.draw_marks(img, seq[:k], style=style))
             assert prompt == C.counting_prompt("circle", k, cfg)
@@ -128,7 +128,7 @@ def test_picture_side_by_side(hw):
     # the output panel holds the predicted marks (white discs) and the ground truth (green)
     x1 = int(np.argmax((right[:, :, :] != 255).any(-1).any(0)))  # first non-white column after the gap
     panel = right[:, x1:x1 + sw]
-    st = C.mark_style(sh, sw, 3)
+    st = C.mark_style(sh, sw)
     for p in pred * scale:
         assert tuple(panel[int(p[1]), int(p[0])]) in (C.MARK_FILL, C.MARK_TEXT)
     green = (panel == counting.GT_COLOUR).all(-1)

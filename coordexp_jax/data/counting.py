@@ -352,7 +352,8 @@ def _text_size(text: str, size: int) -> tuple[int, int]:
 def mark_style(height: int, width: int, max_number: int = 99, scale: float = 1.0) -> MarkStyle:
     """Mark sizes for an image of `height` x `width`: radius = max(MIN_RADIUS, RADIUS_FRAC x shorter side) x
     `scale`, grown until the widest label (at least two digits, or `max_number`'s) in a font of at least
-    MIN_FONT px fits inside the disc. MarkError when the mark's diameter would exceed MAX_MARK_FRAC of the
+    MIN_FONT px fits inside the disc. Samples and the inference loop use the default (two digits), so a mark
+    never depends on how many objects the image holds; `draw_marks` fits longer numbers with a smaller font. MarkError when the mark's diameter would exceed MAX_MARK_FRAC of the
     shorter side (the image is too small for readable marks)."""
     side = min(int(height), int(width))
     digits = max(2, len(str(max(int(max_number), 0))))
@@ -380,6 +381,19 @@ def mark_style(height: int, width: int, max_number: int = 99, scale: float = 1.0
     return MarkStyle(radius=int(radius), ring=int(ring), font_size=int(size))
 
 
+@functools.lru_cache(maxsize=4096)
+def _label_font_size(label: str, st: MarkStyle) -> int:
+    """`st.font_size`, or the largest smaller size (down to MIN_FONT - 2) at which `label` fits the disc."""
+    inner = st.radius - st.ring
+    size = st.font_size
+    while size > MIN_FONT - 2:
+        tw, th = _text_size(label, size)
+        if tw <= 1.7 * inner and th <= 1.3 * inner:
+            break
+        size -= 1
+    return size
+
+
 def draw_marks(image: np.ndarray, points, numbers: Sequence[int] | None = None, *, style: MarkStyle | None = None,
                scale: float = 1.0, fill=MARK_FILL, ring_colour=MARK_RING, text_colour=MARK_TEXT) -> np.ndarray:
     """A copy of `image` (uint8 `[H, W, 3]`) with a numbered mark on each of `points` (`[k, 2]` continuous pixels
@@ -388,7 +402,9 @@ def draw_marks(image: np.ndarray, points, numbers: Sequence[int] | None = None, 
     image), so it lies within `style.radius` + 0.5 px of that pixel's centre. Drawn without anti-aliasing: every
     changed pixel is one of the three colours. Later marks are drawn over earlier ones.
 
-    Sizes: `style` or `mark_style(H, W, max(numbers), scale)` (MarkError when the image is too small).
+    Sizes: `style` or `mark_style(H, W, scale=scale)` (MarkError when the image is too small): sized for
+    two-digit numbers, so marks look the same whatever the count; a longer number gets a smaller font (down to
+    MIN_FONT - 2 px) so that it fits the same disc.
     """
     img = np.asarray(image)
     if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
@@ -398,12 +414,11 @@ def draw_marks(image: np.ndarray, points, numbers: Sequence[int] | None = None, 
     if len(nums) != len(pts):
         raise ValueError(f"{len(nums)} numbers for {len(pts)} points")
     h, w = img.shape[:2]
-    st = style or mark_style(h, w, max(nums, default=1), scale)
+    st = style or mark_style(h, w, scale=scale)
     if len(pts) == 0:
         return img.copy()
     pil = Image.fromarray(img)
     d = ImageDraw.Draw(pil)
-    font = _font(st.font_size)
     r, inner = st.radius, st.radius - st.ring
     bold = st.font_size // 16  # thicker strokes for large numbers (readable when the image is shown small)
     for (x, y), num in zip(pts, nums):
@@ -421,6 +436,7 @@ def draw_marks(image: np.ndarray, points, numbers: Sequence[int] | None = None, 
         patch = Image.new("L", (2 * r + 1, 2 * r + 1), 0)
         pd = ImageDraw.Draw(patch)
         pd.fontmode = "1"
+        font = _font(_label_font_size(str(num), st))
         pd.text((r + 0.5, r + 0.5), str(num), fill=255, font=font, anchor="mm", stroke_width=bold, stroke_fill=255)
         patch = patch.point(lambda v: 255 if v >= 128 else 0)
         pil.paste(tuple(text_colour), (cx - r, cy - r, cx + r + 1, cy + r + 1), patch)
@@ -535,7 +551,7 @@ def build_counting_sample(record: Record, image: np.ndarray, k: int, cfg: Sequen
         raise ValueError(f"{record.source}: k must be in 0..{n}, got {k}")
     k = int(k)
     op, ob = ordered_geometry(pts, boxes, cfg)
-    st = style or mark_style(record.height, record.width, max(n, 1), cfg.mark_scale)
+    st = style or mark_style(record.height, record.width, scale=cfg.mark_scale)
     marked = draw_marks(img.astype(np.uint8, copy=False), op[:k], style=st)
     if k < n:
         target = normalise_points(op[k], record.width, record.height, cfg.normalisation)
@@ -590,7 +606,7 @@ class CountingSampler:
                 self.report.add("no_objects", r.source, "zero instances and no done samples (skipped)")
                 continue
             try:
-                st = mark_style(r.height, r.width, max(n, 1), cfg.mark_scale)
+                st = mark_style(r.height, r.width, scale=cfg.mark_scale)
             except MarkError as e:
                 try:
                     _fail(r, "image_too_small", str(e), pol, self.report)

@@ -140,7 +140,7 @@ def test_marks_read_back(hw):
     h, w = hw
     grey = np.full((h, w, 3), 120, np.uint8)
     rng = np.random.default_rng(h)
-    st = C.mark_style(h, w, 12)
+    st = C.mark_style(h, w)
     pts = []
     while len(pts) < 5:  # marks apart and inside the image
         p = rng.uniform([st.radius + 2, st.radius + 2], [w - st.radius - 2, h - st.radius - 2])
@@ -237,7 +237,7 @@ def test_build_sample_target_marks_and_prompt():
         np.testing.assert_allclose(s.marked_points, np.array(order[:k]).reshape(-1, 2), atol=1e-9)
         assert f"{k} object" in s.prompt and s.prompt.endswith("<x> <y>")
         np.testing.assert_array_equal(s.image, C.draw_marks(img, np.array(order[:k]).reshape(-1, 2),
-                                                            style=C.mark_style(120, 200, 4)))
+                                                            style=C.mark_style(120, 200)))
     done = C.build_counting_sample(r, img, 4, cfg)
     assert done.done and done.target.tolist() == [-1.0, -1.0]
     with pytest.raises(ValueError, match="k must be in 0..4"):
@@ -381,3 +381,15 @@ def test_convert_cli_registers_the_counting_formats(tmp_path):
     out2 = tmp_path / "oc.jsonl"
     assert convert_dataset.main(["--format", "omnicount", "--input", str(tmp_path / "OC"), "--out", str(out2)]) == 0
     assert len(out2.read_text().splitlines()) == 3
+
+
+def test_mark_size_does_not_depend_on_the_count():
+    img = np.full((128, 128, 3), 100, np.uint8)
+    st = C.mark_style(128, 128)
+    a = C.draw_marks(img, [[64, 64]], [7])
+    b = C.draw_marks(img, [[64, 64]], [123])  # a 3-digit number: smaller font, same disc
+    disc = lambda o: (o != 100).any(-1)  # noqa: E731
+    np.testing.assert_array_equal(disc(a), disc(b))
+    yy, xx = np.mgrid[0:128, 0:128] + 0.5
+    inner = np.hypot(xx - 64.5, yy - 64.5) <= st.radius - st.ring - 0.5
+    assert (b[inner] == C.MARK_TEXT).all(-1).sum() > 6  # the number is drawn inside
