@@ -349,16 +349,9 @@ def _text_size(text: str, size: int) -> tuple[int, int]:
     return x1 - x0, y1 - y0
 
 
-def mark_style(height: int, width: int, max_number: int = 99, scale: float = 1.0) -> MarkStyle:
-    """Mark sizes for an image of `height` x `width`: radius = max(MIN_RADIUS, RADIUS_FRAC x shorter side) x
-    `scale`, grown until the widest label (at least two digits, or `max_number`'s) in a font of at least
-    MIN_FONT px fits inside the disc. Samples and the inference loop use the default (two digits), so a mark
-    never depends on how many objects the image holds; `draw_marks` fits longer numbers with a smaller font. MarkError when the mark's diameter would exceed MAX_MARK_FRAC of the
-    shorter side (the image is too small for readable marks)."""
-    side = min(int(height), int(width))
-    digits = max(2, len(str(max(int(max_number), 0))))
-    label = "8" * digits
-    radius = max(MIN_RADIUS, round(RADIUS_FRAC * side * scale))
+def _fit_label(label: str, radius: int, limit: int) -> MarkStyle:
+    """The smallest mark of radius >= `radius` (up to `limit`) whose disc holds `label` in a font of at least
+    MIN_FONT px (the largest font up to 1.2 x the inner radius that fits)."""
     while True:
         ring = max(1, round(radius / 6))
         inner = radius - ring
@@ -369,29 +362,41 @@ def mark_style(height: int, width: int, max_number: int = 99, scale: float = 1.0
                 break
             size -= 1
         tw, th = _text_size(label, size)
-        if tw <= 1.6 * inner and th <= 1.3 * inner:
-            break
+        if (tw <= 1.6 * inner and th <= 1.3 * inner) or radius >= limit:
+            return MarkStyle(radius=int(radius), ring=int(ring), font_size=int(size))
         radius += 1
-        if radius > side:
-            break
-    if 2 * radius > MAX_MARK_FRAC * side:
-        need = math.ceil(2 * radius / MAX_MARK_FRAC)
+
+
+def mark_style(height: int, width: int, max_number: int = 99, scale: float = 1.0) -> MarkStyle:
+    """Mark sizes for an image of `height` x `width`: radius = max(MIN_RADIUS, RADIUS_FRAC x shorter side) x
+    `scale`, grown until the widest label (at least two digits, or `max_number`'s) in a font of at least
+    MIN_FONT px fits inside the disc. Samples and the inference loop use the default (two digits), so marks 1..99
+    never depend on how many objects the image holds (`draw_marks` gives a longer number a disc of its own size).
+    MarkError when the mark's diameter would exceed MAX_MARK_FRAC of the shorter side (the image is too small
+    for readable marks)."""
+    side = min(int(height), int(width))
+    digits = max(2, len(str(max(int(max_number), 0))))
+    radius0 = max(MIN_RADIUS, round(RADIUS_FRAC * side * scale))
+    st = _fit_label("8" * digits, radius0, max(side, radius0))
+    if 2 * st.radius > MAX_MARK_FRAC * side:
+        need = math.ceil(2 * st.radius / MAX_MARK_FRAC)
         raise MarkError(f"a {width}x{height} image is too small for readable numbered marks (marks of radius "
-                        f"{radius} px with {digits}-digit numbers need a shorter side of at least {need} px)")
-    return MarkStyle(radius=int(radius), ring=int(ring), font_size=int(size))
+                        f"{st.radius} px with {digits}-digit numbers need a shorter side of at least {need} px)")
+    return st
 
 
 @functools.lru_cache(maxsize=4096)
-def _label_font_size(label: str, st: MarkStyle) -> int:
-    """`st.font_size`, or the largest smaller size (down to MIN_FONT - 2) at which `label` fits the disc."""
+def label_style(label: str, st: MarkStyle) -> MarkStyle:
+    """The mark of one label: `st` when the label fits its disc at `st.font_size` or a smaller font of at least
+    MIN_FONT px (that font), else a disc grown until it does (numbers with more digits than `st` was sized for)."""
     inner = st.radius - st.ring
     size = st.font_size
-    while size > MIN_FONT - 2:
+    while size >= MIN_FONT:
         tw, th = _text_size(label, size)
-        if tw <= 1.7 * inner and th <= 1.3 * inner:
-            break
+        if tw <= 1.6 * inner and th <= 1.3 * inner:
+            return dataclasses.replace(st, font_size=size)
         size -= 1
-    return size
+    return _fit_label(label, st.radius + 1, 10 * st.radius)
 
 
 def draw_marks(image: np.ndarray, points, numbers: Sequence[int] | None = None, *, style: MarkStyle | None = None,
@@ -399,12 +404,12 @@ def draw_marks(image: np.ndarray, points, numbers: Sequence[int] | None = None, 
     """A copy of `image` (uint8 `[H, W, 3]`) with a numbered mark on each of `points` (`[k, 2]` continuous pixels
     x, y; pixel i covers [i, i + 1)): a disc of `fill` with a `ring_colour` ring, the number (`numbers`, default
     1..k) centred in `text_colour`. Each mark is centred on the pixel that contains its point (clamped to the
-    image), so it lies within `style.radius` + 0.5 px of that pixel's centre. Drawn without anti-aliasing: every
+    image), so it lies within its radius (`style.radius` for numbers up to 99) + 0.5 px of that pixel's centre. Drawn without anti-aliasing: every
     changed pixel is one of the three colours. Later marks are drawn over earlier ones.
 
     Sizes: `style` or `mark_style(H, W, scale=scale)` (MarkError when the image is too small): sized for
-    two-digit numbers, so marks look the same whatever the count; a longer number gets a smaller font (down to
-    MIN_FONT - 2 px) so that it fits the same disc.
+    two-digit numbers, so marks 1..99 look the same whatever the count; a longer number gets a smaller font, or
+    when that would go under MIN_FONT px a larger disc (`label_style`).
     """
     img = np.asarray(image)
     if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
@@ -419,11 +424,12 @@ def draw_marks(image: np.ndarray, points, numbers: Sequence[int] | None = None, 
         return img.copy()
     pil = Image.fromarray(img)
     d = ImageDraw.Draw(pil)
-    r, inner = st.radius, st.radius - st.ring
-    bold = st.font_size // 16  # thicker strokes for large numbers (readable when the image is shown small)
     for (x, y), num in zip(pts, nums):
         if not (math.isfinite(x) and math.isfinite(y)):
             raise ValueError(f"draw_marks: point {num} is not finite: ({x}, {y})")
+        ls = label_style(str(num), st)
+        r, inner = ls.radius, ls.radius - ls.ring
+        bold = ls.font_size // 16  # thicker strokes for large numbers (readable when the image is shown small)
         # centred on the pixel that contains the point (PIL rounds coordinates to pixel indices anyway); points
         # within EDGE_EPS of a pixel edge go right/down, so a point that went through normalisation and back (a
         # few ulps off) gets the same mark
@@ -436,8 +442,8 @@ def draw_marks(image: np.ndarray, points, numbers: Sequence[int] | None = None, 
         patch = Image.new("L", (2 * r + 1, 2 * r + 1), 0)
         pd = ImageDraw.Draw(patch)
         pd.fontmode = "1"
-        font = _font(_label_font_size(str(num), st))
-        pd.text((r + 0.5, r + 0.5), str(num), fill=255, font=font, anchor="mm", stroke_width=bold, stroke_fill=255)
+        pd.text((r + 0.5, r + 0.5), str(num), fill=255, font=_font(ls.font_size), anchor="mm", stroke_width=bold,
+                stroke_fill=255)
         patch = patch.point(lambda v: 255 if v >= 128 else 0)
         pil.paste(tuple(text_colour), (cx - r, cy - r, cx + r + 1, cy + r + 1), patch)
     return np.asarray(pil)

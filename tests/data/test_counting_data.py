@@ -386,10 +386,15 @@ def test_convert_cli_registers_the_counting_formats(tmp_path):
 def test_mark_size_does_not_depend_on_the_count():
     img = np.full((128, 128, 3), 100, np.uint8)
     st = C.mark_style(128, 128)
-    a = C.draw_marks(img, [[64, 64]], [7])
-    b = C.draw_marks(img, [[64, 64]], [123])  # a 3-digit number: smaller font, same disc
     disc = lambda o: (o != 100).any(-1)  # noqa: E731
-    np.testing.assert_array_equal(disc(a), disc(b))
+    a = C.draw_marks(img, [[64, 64]], [7])
+    b = C.draw_marks(img, [[64, 64]], [42])
+    np.testing.assert_array_equal(disc(a), disc(b))  # marks 1..99: one disc whatever the number
+    c = C.draw_marks(img, [[64, 64]], [123])  # three digits: a readable font in a larger disc of its own
+    big = C.label_style("123", st)
+    assert big.font_size >= C.MIN_FONT and big.radius > st.radius
+    assert disc(c).sum() > disc(a).sum()
     yy, xx = np.mgrid[0:128, 0:128] + 0.5
-    inner = np.hypot(xx - 64.5, yy - 64.5) <= st.radius - st.ring - 0.5
-    assert (b[inner] == C.MARK_TEXT).all(-1).sum() > 6  # the number is drawn inside
+    assert not disc(c)[np.hypot(xx - 64.5, yy - 64.5) > big.radius + 0.5].any()
+    # on a large image three digits fit the usual disc with a smaller font
+    assert C.label_style("123", C.mark_style(800, 800)).radius == C.mark_style(800, 800).radius
