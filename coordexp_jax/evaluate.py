@@ -1,6 +1,8 @@
 """Evaluation: roll the model out over records, parse the answers, score them with the field's tools.
 
-`python -m coordexp_jax.evaluate --config FILE --checkpoint DIR --out DIR` writes `metrics.json`,
+`python -m coordexp_jax.evaluate --config FILE [--config.key=value ...] --checkpoint CKPT --out DIR` (overrides as
+`python -m coordexp_jax.train` takes them; CKPT: a model directory, ours or HF, a training workdir, or a checkpoint
+step directory WORKDIR/checkpoints/N) prints the headline figures and writes `metrics.json`,
 `predictions.jsonl` (one line per record: the answer text, parsed objects in pixels of the original image,
 their scores, what the parser dropped), `per_image.json` (per image: TP / FP / FN at IoU 0.5, mean IoU, parse
 status, prompt, answer, picture) and the report `index.html` (`coordexp_jax.report`, docs/evaluation.md) with a
@@ -273,23 +275,93 @@ def make_sampler(model_or_split, token_ids, cfg):
     return Sampler(model_or_split, token_ids, SamplerConfig(max_new_tokens=cfg.eval.max_new_tokens))
 
 
-def build_evaluator(config_path: str, *, checkpoint: str, max_records: int = 0, batch_size: int = 0):
-    """`evaluate(out_dir) -> metrics` for a training config file and a checkpoint (ours, a training workdir with
-    `final_model/`, or an HF directory)."""
-    from coordexp_jax.train import build
-    from coordexp_jax.train.config import ConfigError, load_config_file, validate
+def resolve_checkpoint(path: str) -> tuple[str, str, int | None]:
+    """What `--checkpoint PATH` names: (kind, directory, step).
+
+    - ("model", DIR, step): a model directory, ours (model_config.json + params/) or HF (config.json +
+      *.safetensors); a training workdir stands for its `final_model/` (step: the run's latest checkpoint step,
+      the one the final model is exported from; None for any other model directory);
+    - ("train_state", WORKDIR, step): an orbax step directory of a training run, `WORKDIR/checkpoints/<step>`
+      (`train/checkpoint.py`), or `WORKDIR/checkpoints` or a workdir without `final_model/` (step: the latest).
+    Raises FileNotFoundError naming the path when it does not exist; any other directory is ("model", path, None)
+    and `weights.checkpoint.load_checkpoint` says why it is not a checkpoint.
+    """
+    p = os.path.normpath(path)
+    if not os.path.isdir(p):
+        ck = os.path.dirname(os.path.abspath(p))
+        have = sorted(int(s) for s in os.listdir(ck) if s.isdigit()) if os.path.basename(ck) == "checkpoints" \
+            and os.path.isdir(ck) else None
+        raise FileNotFoundError(f"--checkpoint {path}: directory not found"
+                                + (f" (the run's checkpoint steps: {', '.join(map(str, have)) or 'none'})"
+                                   if have is not None else ""))
+
+    def run_dir(d: str) -> bool:
+        return os.path.isfile(os.path.join(d, "config.json")) and os.path.isdir(os.path.join(d, "checkpoints"))
+
+    def steps(workdir: str) -> list[int]:
+        ck = os.path.join(workdir, "checkpoints")
+        return sorted(int(s) for s in os.listdir(ck) if s.isdigit() and os.path.isdir(os.path.join(ck, s)))
+
+    parent = os.path.dirname(os.path.abspath(p))
+    if os.path.basename(p).isdigit() and os.path.basename(parent) == "checkpoints" and run_dir(os.path.dirname(parent)):
+        return "train_state", os.path.dirname(parent), int(os.path.basename(p))
+    if os.path.basename(p) == "checkpoints" and run_dir(parent):
+        return "train_state", parent, None
+    if os.path.isdir(os.path.join(p, "final_model")):
+        return "model", os.path.join(p, "final_model"), (steps(p) or [None])[-1] if run_dir(p) else None
+    if run_dir(p) and not os.path.isfile(os.path.join(p, "model_config.json")):
+        return "train_state", p, None
+    if os.path.basename(p) == "final_model" and run_dir(parent):
+        return "model", p, (steps(parent) or [None])[-1]
+    return "model", p, None
+
+
+def load_model(checkpoint: str, cfg) -> tuple:
+    """(ModelConfig, model, run_info) of `--checkpoint` (see `resolve_checkpoint`).
+
+    A training state is restored with `train.export.load_trained_model` (the run's own config rebuilds the
+    structure, LoRA merged) and evaluated with the weights a training run evaluates: the EMA weights when the run
+    kept them (train.ema_decay > 0) and `cfg.eval.use_ema`, else the raw parameters. run_info: {"checkpoint"
+    (absolute path), "step" (None when unknown), "weights" ("EMA" / "raw", train states only)}.
+    Raises FileNotFoundError / WeightsError / MissingCheckpointError / IncompatibleCheckpointError naming the path.
+    """
     from coordexp_jax.weights.checkpoint import load_checkpoint
 
-    if not os.path.exists(config_path):
-        raise FileNotFoundError(f"config file not found: {config_path}")
-    cfg = validate(load_config_file(config_path))
+    kind, where, step = resolve_checkpoint(checkpoint)
+    if kind == "model":
+        model_config, model = load_checkpoint(where)
+        return model_config, model, {"checkpoint": os.path.abspath(where), "step": step}
+    from coordexp_jax.train.export import load_trained_model, run_config
+
+    use_ema = bool(cfg.eval.use_ema) and run_config(where).train.ema_decay > 0
+    model_config, model, step = load_trained_model(where, step, use_ema=use_ema)
+    return model_config, model, {"checkpoint": os.path.abspath(os.path.join(where, "checkpoints", str(step))),
+                                 "step": step, "weights": "EMA" if use_ema else "raw"}
+
+
+def build_evaluator(config, *, checkpoint: str, max_records: int = 0, batch_size: int = 0,
+                    config_file: str | None = None):
+    """`evaluate(out_dir) -> metrics` for a training config and a checkpoint.
+
+    config: a config file path, or a ConfigDict (e.g. `cli.parse_config_flags`'s, overrides applied); validated
+    here. checkpoint: ours, HF, a training workdir (its `final_model/`), or an orbax step directory of a training
+    run (`WORKDIR/checkpoints/<step>`; `load_model`). The evaluator passes `evaluator.run_info` (checkpoint, step,
+    config, data, date, weights) to the report; `config_file` names the config there when `config` is a ConfigDict.
+    """
+    import datetime
+
+    from coordexp_jax.train import build
+    from coordexp_jax.train.config import ConfigError, load_config_file, validate
+
+    if isinstance(config, (str, os.PathLike)):
+        config_file = str(config)
+        if not os.path.exists(config_file):
+            raise FileNotFoundError(f"config file not found: {config_file}")
+        config = load_config_file(config_file)
+    cfg = validate(config)
     if batch_size:
         cfg.eval.batch_size = batch_size
-    if os.path.isdir(os.path.join(checkpoint, "final_model")):
-        checkpoint = os.path.join(checkpoint, "final_model")
-    if not os.path.isdir(checkpoint):
-        raise FileNotFoundError(f"checkpoint directory not found: {checkpoint}")
-    model_config, model = load_checkpoint(checkpoint)
+    model_config, model, info = load_model(checkpoint, cfg)
     recs, encoder, ecfg = eval_setup(cfg, model_config, max_records)
     ids = encoder.token_ids
     # an expanded checkpoint matches its tokenizer exactly; without coordinate tokens (qwen_text on a released
@@ -298,24 +370,55 @@ def build_evaluator(config_path: str, *, checkpoint: str, max_records: int = 0, 
         raise ConfigError(f"checkpoint {checkpoint} has vocab_size {model_config.vocab_size} but the config's "
                          f"tokenizer has {ids.vocab_size} ids")
     sampler = make_sampler(model, encoder.token_ids, cfg)
-    return lambda out_dir: evaluate_records(sampler, recs, encoder, model_config=model_config, config=ecfg,
-                                            out_dir=out_dir)
+    _, eval_specs = build.data_specs(cfg)
+    run_info = {**info, "config": cfg.name + (f" ({config_file})" if config_file else ""),
+                "data": ", ".join(s.path for s in eval_specs or ()),
+                "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+    def evaluator(out_dir):
+        return evaluate_records(sampler, recs, encoder, model_config=model_config, config=ecfg, out_dir=out_dir,
+                                run_info=run_info)
+
+    evaluator.run_info = run_info
+    return evaluator
+
+
+def summary_line(metrics: dict) -> str:
+    """The headline figures rounded for a terminal: 'AP50 0.646, AP 0.482, F1@0.5 0.717, parse rate 100.0%'
+    (`report.headline`: the default score rule; grounding / counting figures without detection records)."""
+    return ", ".join(f"{label} {value}" for label, value, _, _ in report.headline(metrics))
 
 
 @guard
 def main(argv=None) -> int:
-    p = ArgumentParser(prog="python -m coordexp_jax.evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True, help="a training config file (its evaluation data is used)")
-    p.add_argument("--checkpoint", required=True, help="ours, a training workdir (final_model/) or an HF directory")
-    p.add_argument("--out", required=True, help="output directory")
+    from coordexp_jax.cli import CONFIG_OVERRIDE_HELP, config_flag_values, normalize_config_args, parse_config_flags
+
+    argv = normalize_config_args(sys.argv[1:] if argv is None else argv)
+    p = ArgumentParser(prog="python -m coordexp_jax.evaluate", description=__doc__.split("\n\n")[0],
+                       epilog="Flags are --snake_case (the dashed spelling is accepted too). " + CONFIG_OVERRIDE_HELP)
+    p.add_argument("--config", metavar="FILE", help="a training config file (its evaluation data and eval.* "
+                   "settings are used); --config.key=value overrides it, as in python -m coordexp_jax.train")
+    p.add_argument("--checkpoint", required=True, help="ours, HF, a training workdir (its final_model/) or a "
+                   "checkpoint step directory of a run (WORKDIR/checkpoints/N: EMA weights when eval.use_ema)")
+    p.add_argument("--out", required=True, help="output directory (index.html, metrics.json, predictions.jsonl)")
     p.add_argument("--max_records", type=int, default=0, help="0 = the config's eval.num_images")
     p.add_argument("--batch_size", type=int, default=0, help="0 = the config's eval.batch_size")
-    args = p.parse_args(argv)
+    if any(a in ("-h", "--help") for a in argv):
+        p.parse_args(["--help"])
+    # --config FILE and its --config.key=value overrides: the parser python -m coordexp_jax.train uses
+    flags = config_flag_values(["evaluate", *argv])
+    rest = parse_config_flags(flags, ["evaluate", *argv], known_only=True, required=False)
+    args = p.parse_args(rest[1:])
+    if flags.config is None:
+        p.error("the following arguments are required: --config")
     logging.basicConfig(level=logging.WARNING)
-    evaluator = build_evaluator(args.config, checkpoint=args.checkpoint, max_records=args.max_records,
-                                batch_size=args.batch_size)
+    evaluator = build_evaluator(flags.config, checkpoint=args.checkpoint, max_records=args.max_records,
+                                batch_size=args.batch_size, config_file=str(flags["config"].config_filename).split(":", 1)[0])
     metrics = evaluator(args.out)
-    print(json.dumps(metrics, indent=2, sort_keys=True))
+    info = evaluator.run_info
+    step = f" step {info['step']}" if info.get("step") is not None else ""
+    print(f"{info['config']}{step}, {metrics['num_records']} images: {summary_line(metrics)}")
+    print(f"report: {os.path.join(args.out, 'index.html')} (every metric: {os.path.join(args.out, 'metrics.json')})")
     return 0
 
 

@@ -23,14 +23,14 @@ def main(argv=None):
     p.add_argument("--size", type=int, nargs="+", default=[128], help="image side, or HEIGHT WIDTH")
     p.add_argument("--classes", default=",".join(synthetic.SyntheticConfig.classes),
                    help=f"comma-separated subset of {','.join(synthetic.SHAPES)}")
-    p.add_argument("--min-objects", type=int, default=synthetic.SyntheticConfig.min_objects)
-    p.add_argument("--max-objects", type=int, default=synthetic.SyntheticConfig.max_objects)
-    p.add_argument("--min-size", type=float, default=synthetic.SyntheticConfig.min_size_frac,
+    p.add_argument("--min_objects", type=int, default=synthetic.SyntheticConfig.min_objects)
+    p.add_argument("--max_objects", type=int, default=synthetic.SyntheticConfig.max_objects)
+    p.add_argument("--min_size", type=float, default=synthetic.SyntheticConfig.min_size_frac,
                    help="smallest object side as a fraction of the shorter image side")
-    p.add_argument("--max-size", type=float, default=synthetic.SyntheticConfig.max_size_frac)
+    p.add_argument("--max_size", type=float, default=synthetic.SyntheticConfig.max_size_frac)
     p.add_argument("--clutter", type=int, default=synthetic.SyntheticConfig.clutter)
     p.add_argument("--noise", type=float, default=synthetic.SyntheticConfig.noise_std)
-    p.add_argument("--random-colors", action="store_true", help="colours independent of the class")
+    p.add_argument("--random_colors", action="store_true", help="colours independent of the class")
     p.add_argument("--workers", type=int, default=0, help="processes for generation (0: in process)")
     a = p.parse_args(argv)
     if a.num < 0 or a.val < 0:

@@ -11,46 +11,32 @@ import logging
 import os
 import sys
 
-from coordexp_jax.cli import UsageError, guard
+from coordexp_jax.cli import CONFIG_OVERRIDE_HELP, config_flag_values, guard, normalize_config_args, parse_config_flags
+
+FLAG_SPELLING = ("Flags are one word (--config, --workdir, --export / --noexport) or a config key, "
+                 "--config.section.key=value, in snake_case as the config spells it (the dashed spelling "
+                 "--config.train.max-minutes is accepted too).")
 
 
 @guard
 def main(argv=None) -> int:
     from absl import flags
-    from ml_collections import config_flags
 
     from coordexp_jax.train import sharding as shd
 
     shd.maybe_initialize_distributed()  # before any other JAX call
 
-    argv = list(sys.argv if argv is None else argv)
-    FLAGS = flags.FlagValues()
-    # sys_argv: the overrides are read from this argv, not from sys.argv (main(argv) called in-process)
-    config_flags.DEFINE_config_file("config", None, "path to a config file (get_config())", flag_values=FLAGS,
-                                    lock_config=True, sys_argv=argv)
+    argv = normalize_config_args(sys.argv if argv is None else argv)
+    FLAGS = config_flag_values(argv)
     flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, resolved config); default "
                         "runs/<config name>", flag_values=FLAGS)
-    flags.DEFINE_bool("export", True, "write the final model (LoRA merged) to WORKDIR/final_model", flag_values=FLAGS)
+    flags.DEFINE_bool("export", True, "write the final model (LoRA merged) to WORKDIR/final_model; --noexport: "
+                      "do not", flag_values=FLAGS)
     if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
         print(__doc__.strip() + "\n\nflags:\n" + FLAGS.get_help())
-        print("\nEvery config key can be overridden: --config.optim.lr=3e-4 --config.lora.enabled=True "
-              "(keys and their meaning: docs/training.md).")
+        print("\n" + FLAG_SPELLING + "\n" + CONFIG_OVERRIDE_HELP)
         return 0
-    try:
-        FLAGS(argv)
-    except flags.Error as e:
-        raise UsageError(_flag_message(e)) from None
-    except SyntaxError as e:  # in the config file
-        raise UsageError(f"--config {e.filename}, line {e.lineno}: {e.msg}") from None
-    except AttributeError as e:
-        if "get_config" in str(e):
-            raise UsageError(f"--config {_config_arg(argv)}: the file defines no get_config()") from None
-        raise UsageError(_override_message(e, argv)) from None
-    except (KeyError, ValueError, TypeError, FileNotFoundError) as e:  # config_flags override errors
-        raise UsageError(_override_message(e, argv)) from None
-    if FLAGS.config is None:
-        raise UsageError("--config is required (e.g. --config configs/demo.py)")
-    _check_config_loaded(FLAGS["config"])
+    parse_config_flags(FLAGS, argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "jax._src", "orbax", "grain"):
@@ -61,6 +47,7 @@ def main(argv=None) -> int:
     cfg = config_lib.validate(FLAGS.config)
     workdir = FLAGS.workdir or os.path.join("runs", cfg.name)
     result = loop.train(cfg, workdir)
+    final_model = None
     if FLAGS.export and result["model_config"] is not None and jax_process_index() == 0:
         from coordexp_jax.predict import PREPROCESSING
 
@@ -68,12 +55,87 @@ def main(argv=None) -> int:
         if result["steps_run"] or not os.path.isfile(os.path.join(out, PREPROCESSING)):
             # The final model is the one evaluation scored: the EMA weights when EMA is on and eval.use_ema.
             export_final_model(cfg, result, out, use_ema=cfg.train.ema_decay > 0 and cfg.eval.use_ema)
+        final_model = out
         print(f"final model: {out} (to HF: python tools/export_hf.py --checkpoint {out} --out OUT_DIR)")
-    m = result["metrics"]
-    loss = f", loss {m['loss']:.4f}" if "loss" in m else ""
-    print(f"done: step {result['step']} of {cfg.train.steps} ({result['stop_reason']}){loss}, skipped "
-          f"{result['skipped']}, compiles {result['compiles']}" + (f", eval {result['eval']}" if result["eval"] else ""))
+    if jax_process_index() == 0:
+        for line in end_hints(cfg, workdir, final_model):
+            print(line)
+    print(done_line(cfg, result))
     return 0
+
+
+def done_line(cfg, result: dict) -> str:
+    """The last line of a run: 'done: step 3800 of 3800 (steps), loss 0.4213, skipped 0, compiles 1, eval AP50
+    0.646, AP 0.482, F1@0.5 0.717, parse rate 100.0%' (figures rounded; the evaluation's headline only: every
+    metric is in metrics.jsonl and the report)."""
+    from coordexp_jax.evaluate import summary_line
+
+    m, ev = result["metrics"], result["eval"]
+    loss = f", loss {m['loss']:.4f}" if "loss" in m else ""
+    text = f"done: step {result['step']} of {cfg.train.steps} ({result['stop_reason']}){loss}, skipped " \
+           f"{result['skipped']}, compiles {result['compiles']}"
+    if ev:
+        head = summary_line(ev) or ", ".join(f"{k} {float(v):.4g}" for k, v in ev.items() if k != "minutes")
+        text += f", eval {head}"
+    return text
+
+
+def latest_report(workdir: str) -> str | None:
+    """WORKDIR/eval/step_N/index.html of the largest N (the last evaluation's report page), or None."""
+    import re
+
+    found = []
+    d = os.path.join(workdir, "eval")
+    for name in os.listdir(d) if os.path.isdir(d) else ():
+        m = re.fullmatch(r"step_(\d+)", name)
+        if m and os.path.isfile(os.path.join(d, name, "index.html")):
+            found.append((int(m.group(1)), os.path.join(d, name, "index.html")))
+    return max(found)[1] if found else None
+
+
+def held_out_image(cfg) -> tuple[str, bool] | None:
+    """(image path, held out) for a predict example: the first evaluation record's image (the synthetic set: the
+    first of the val images the run wrote; jsonl data: data.eval_path's first record), else the first training
+    record's image (held out False); None when neither can be read (a source error is the run's business)."""
+    from coordexp_jax.data.records import iter_jsonl
+    from coordexp_jax.errors import CoordExpError
+    from coordexp_jax.train import build
+
+    try:
+        train_specs, eval_specs = build.data_specs(cfg)
+    except (CoordExpError, OSError):
+        return None
+    for specs, held_out in ((eval_specs or [], True), (train_specs, False)):
+        for spec in specs:
+            try:
+                rec = next(iter(iter_jsonl(spec.path, image_root=spec.image_root, box_format=spec.box_format,
+                                           pixel_mode=spec.pixel_mode, policy=spec.policy)), None)
+            except (CoordExpError, OSError, ValueError):
+                rec = None
+            if rec is not None and os.path.isfile(rec.image):
+                return rec.image, held_out
+    return None
+
+
+def _short(path: str) -> str:
+    """`path` relative to the working directory when it lies below it, else absolute."""
+    rel = os.path.relpath(os.path.abspath(path))
+    return rel if not rel.startswith("..") else os.path.abspath(path)
+
+
+def end_hints(cfg, workdir: str, final_model: str | None) -> list[str]:
+    """What to look at next: the last evaluation's index.html and a predict command on a held-out image."""
+    lines = []
+    page = latest_report(workdir)
+    if page:
+        lines.append(f"report: {_short(page)} (the last evaluation; open it in a browser)")
+    image = held_out_image(cfg) if final_model else None
+    if image:
+        path, held_out = image
+        lines.append(f"predict on a {'held-out' if held_out else 'training'} image: python -m coordexp_jax.predict "
+                     f"--checkpoint {_short(final_model)} --image {_short(path)} "
+                     f"--out {_short(os.path.join(workdir, 'predict'))}")
+    return lines
 
 
 def export_final_model(cfg, result: dict, out: str, use_ema: bool) -> None:
@@ -109,57 +171,6 @@ def write_preprocessing(cfg, model_config, out_dir: str) -> None:
     with open(os.path.join(out_dir, PREPROCESSING), "w") as f:
         json.dump({"protocol": pcfg.protocol, "pixel_mode": pcfg.pixel_mode, "min_pixels": pcfg.image.min_pixels,
                    "max_pixels": pcfg.image.max_pixels}, f, indent=1)
-
-
-def _flag_message(e: Exception) -> str:
-    """One line for an absl flag error; a config file that failed inside get_config() keeps the failing line and
-    the exception (ml_collections puts a whole traceback into the message)."""
-    text = str(e)
-    if "Error whilst parsing config file" in text:
-        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-        where = next((ln for ln in reversed(lines) if ln.startswith("File ")), "")
-        return f"--config: the config file failed to load: {lines[-1]}" + (f" ({where})" if where else "")
-    return text
-
-
-def _config_arg(argv: list[str]) -> str:
-    """The value of --config in argv ('--config F' or '--config=F')."""
-    for i, a in enumerate(argv):
-        if a == "--config" and i + 1 < len(argv):
-            return argv[i + 1]
-        if a.startswith("--config="):
-            return a.split("=", 1)[1]
-    return "?"
-
-
-def _check_config_loaded(flag) -> None:
-    """ml_collections defers a config file's load error to the first attribute access (a traceback deep in
-    validate); raises UsageError naming the file instead."""
-    cfg = flag.value
-    if type(cfg).__name__ != "_ErrorConfig":
-        return
-    path = str(flag.config_filename).split(":", 1)[0]
-    if not os.path.exists(path):
-        raise UsageError(f"--config {path}: file not found")
-    if not os.path.isfile(path) or not os.access(path, os.R_OK):
-        raise UsageError(f"--config {path}: not a readable file")
-    cause = object.__getattribute__(cfg, "_error")
-    raise UsageError(f"--config {path}: cannot be loaded ({cause})")
-
-
-def _override_message(e: Exception, argv: list[str]) -> str:
-    """One readable line for a failed `--config.a.b=v` override (ml_collections raises a bare KeyError)."""
-    import re
-
-    text = str(e.args[0]) if e.args else str(e)
-    hint = re.search(r'Did you mean "([^"]+)"', text)
-    for a in argv:
-        if a.startswith("--config.") and "=" in a:
-            key = a[len("--config."):].split("=", 1)[0]
-            if re.search(r"'\\?'?" + re.escape(key.split(".")[-1]) + r"\\?'", text):
-                return (f"unknown config key '{key}' (from {a.split('=')[0]})"
-                        + (f"; did you mean '{key.rsplit('.', 1)[0]}.{hint.group(1)}'?" if hint and "." in key else ""))
-    return f"{type(e).__name__}: {text}"
 
 
 def jax_process_index() -> int:
