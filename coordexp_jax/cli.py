@@ -47,20 +47,44 @@ def flag_alias(option: str) -> str | None:
     return None
 
 
+def _add_aliased(add, args: tuple, kwargs: dict):
+    """`add(*args, **kwargs)` (an `add_argument`) with each long flag's other spelling (`flag_alias`) registered
+    too, then removed from the action's `option_strings`: still parsed (the parser's option table keeps it), never
+    shown in help, usage or error messages."""
+    aliases = [a for a in (flag_alias(s) for s in args if isinstance(s, str)) if a and a not in args]
+    action = add(*args, *aliases, **kwargs)
+    if aliases:
+        action.option_strings = [s for s in action.option_strings if s not in aliases]
+    return action
+
+
+def _aliasing(group):
+    """`group` (an argument group or mutually exclusive group) registering aliases as `ArgumentParser` does, and
+    so do the groups made from it."""
+    add, add_group, add_mutex = group.add_argument, group.add_argument_group, group.add_mutually_exclusive_group
+    group.add_argument = lambda *a, **k: _add_aliased(add, a, k)
+    group.add_argument_group = lambda *a, **k: _aliasing(add_group(*a, **k))
+    group.add_mutually_exclusive_group = lambda *a, **k: _aliasing(add_mutex(*a, **k))
+    return group
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """`argparse.ArgumentParser` whose errors raise `UsageError` (one line via `guard`) instead of printing the
     usage block and calling `sys.exit(2)`; `--help` still prints and exits 0.
 
     `add_argument("--max_records", ...)` also registers `--max-records` (and `--max-tokens` registers `--max_tokens`)
     as a hidden alias: both spellings parse to the same action; help, usage and error messages show the spelling
-    given to `add_argument` only (projects' rule: give the `--snake_case` one)."""
+    given to `add_argument` only (the project's rule: give the `--snake_case` one). The same holds for arguments
+    of its argument groups, mutually exclusive groups and subparsers."""
 
     def add_argument(self, *args, **kwargs):
-        aliases = [a for a in (flag_alias(s) for s in args if isinstance(s, str)) if a and a not in args]
-        action = super().add_argument(*args, *aliases, **kwargs)
-        if aliases:  # still in _option_string_actions (parsed), gone from what help and errors print
-            action.option_strings = [s for s in action.option_strings if s not in aliases]
-        return action
+        return _add_aliased(super().add_argument, args, kwargs)
+
+    def add_argument_group(self, *args, **kwargs):
+        return _aliasing(super().add_argument_group(*args, **kwargs))
+
+    def add_mutually_exclusive_group(self, *args, **kwargs):
+        return _aliasing(super().add_mutually_exclusive_group(*args, **kwargs))
 
     def _get_option_tuples(self, option_string):
         # an abbreviation ('--max') matching both spellings of one flag is not ambiguous: one match per action
