@@ -3,17 +3,22 @@
 `detection_eval_hook(cfg, comps)` returns `hook(model, step, workdir) -> metrics`: greedy rollouts of up to
 `eval.num_images` eval records with the jitted sampler (compiled once, the weights swapped in at each call),
 parsed, scored (COCO AP/AP50 of the emitted tokens and of the expectation boxes, F1, parse failures) and written
-with `eval.num_pictures` prediction pictures to `workdir/eval/step_N/`. The metrics also go to metrics.jsonl with
-`kind = "eval"`, and `minutes` (training time so far) for AP-vs-minutes curves.
+with `eval.num_pictures` prediction pictures to `workdir/eval/step_N/` (`metrics_log.eval_dir`). The metrics also
+go to metrics.jsonl with `kind = "eval"`, and `minutes` (training time so far) for AP-vs-minutes curves.
+The loop's `MetricsWriter` then sends the `log.num_pictures` worst of these pictures (read from the folder's
+`per_image.json`, with their prompt and answer as captions) to TensorBoard and W&B; so that there are that many,
+the evaluation draws at least `log.num_pictures` pictures when TensorBoard or W&B is on.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import os
 import time
 
 from flax import nnx
+
+from coordexp_jax.train.metrics_log import eval_dir
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +30,9 @@ def detection_eval_hook(cfg, comps, t_start: float | None = None):
     from coordexp_jax.evaluate import eval_setup, evaluate_records, make_sampler
 
     records, encoder, ecfg = eval_setup(cfg, comps.model_config)
+    n_log = cfg.log.num_pictures if (cfg.train.tensorboard or cfg.log.wandb.project) else 0
+    if ecfg.num_pictures and n_log > ecfg.num_pictures:  # (0 = a picture for every image)
+        ecfg = dataclasses.replace(ecfg, num_pictures=n_log)
     box: dict = {}
     t0 = time.time() if t_start is None else t_start
 
@@ -34,7 +42,7 @@ def detection_eval_hook(cfg, comps, t_start: float | None = None):
             box["sampler"] = make_sampler((graphdef, state), comps.token_ids, cfg)
         sampler = box["sampler"]
         sampler.state = state
-        out_dir = os.path.join(workdir, "eval", f"step_{step}")
+        out_dir = eval_dir(workdir, step)
         m = evaluate_records(sampler, records, encoder, model_config=comps.model_config, config=ecfg,
                              out_dir=out_dir, progress=False)
         res = {k: float(v) for k, v in m.items() if isinstance(v, (int, float))}

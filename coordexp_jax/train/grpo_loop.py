@@ -548,7 +548,7 @@ def train_grpo(cfg, workdir: str, *, components=None, eval_hook=None, stop_after
     if restored is not None:
         log.info("resumed from rollout step %d", start)
 
-    writer = loop_lib.MetricsWriter(workdir, T.tensorboard)
+    writer = loop_lib.MetricsWriter(workdir, T.tensorboard, cfg=cfg)
     hook = eval_hook if eval_hook is not None else reward_eval_hook(cfg, comps)
 
     def run_eval(step):

@@ -9,7 +9,8 @@ Why a call stopped (`STOP_REASONS`: train.steps reached, train.max_minutes, a no
 logged as one line and written to metrics.jsonl as a `kind: "stop"` record. Re-running a finished run restores its
 last checkpoint and trains nothing; a stop by `train.max_minutes` resumes from the checkpoint written at the stop.
 Recompiles of the train step are counted and logged (the data is bucketed to static shapes, so there should be
-one compile per bucket).
+one compile per bucket). The loggers (metrics.jsonl, TensorBoard, optionally Weights & Biases with the evaluation
+pictures) are `metrics_log.MetricsWriter`.
 
 Evaluation is a hook: `eval_hook(model, step, workdir) -> dict of floats`, called every `eval.every` steps and at
 the end. With `eval.kind = 'detection'` (default) it is `eval_hook.detection_eval_hook` (rollouts scored by
@@ -33,6 +34,7 @@ from coordexp_jax.errors import CoordExpError
 from coordexp_jax.train import checkpoint as ckpt_lib, config as config_lib, optim, sharding as shd, state as state_lib
 from coordexp_jax.train import step as step_lib
 from coordexp_jax.train.build import Components, build_components, num_params
+from coordexp_jax.train.metrics_log import MetricsWriter
 
 log = logging.getLogger(__name__)
 
@@ -62,43 +64,6 @@ def stop_message(reason: str, step: int, total: int, *, minutes: float = 0.0, ma
     if reason == "stop_after":
         return f"stopped at step {step} of {total}: stop_after steps of this call done"
     raise ValueError(f"unknown stop reason {reason!r}")
-
-
-class MetricsWriter:
-    """metrics.jsonl (appended) and TensorBoard in the workdir; only process 0 writes."""
-
-    def __init__(self, workdir: str, tensorboard: bool = True):
-        self.enabled = jax.process_index() == 0
-        self.path = os.path.join(workdir, "metrics.jsonl")
-        self.tb = None
-        if self.enabled and tensorboard:
-            try:
-                from tensorboardX import SummaryWriter
-
-                self.tb = SummaryWriter(os.path.join(workdir, "tb"))
-            except Exception as e:  # noqa: BLE001 - logging must not stop training
-                log.warning("TensorBoard disabled: %s", e)
-
-    def write(self, step: int, metrics: dict[str, float], kind: str = "train") -> None:
-        if not self.enabled:
-            return
-        rec = {"step": int(step), "kind": kind, **{k: float(v) for k, v in metrics.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        if self.tb is not None:
-            for k, v in metrics.items():
-                self.tb.add_scalar(f"{kind}/{k}", float(v), int(step))
-
-    def event(self, step: int, kind: str, **fields) -> None:
-        """A record of JSON-able fields (not floats only), e.g. `kind='stop'` with the reason a run stopped."""
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": int(step), "kind": kind, **fields}) + "\n")
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
 
 
 def read_metrics(workdir: str, kind: str = "train") -> dict[int, dict]:
@@ -198,6 +163,7 @@ def train(cfg, workdir: str, *, components: Components | None = None, eval_hook:
     n_train, n_frozen = num_params(state.params), num_params(state.frozen)
     log.info("parameters: %d trainable, %d frozen", n_train, n_frozen)
 
+    writer = MetricsWriter(workdir, T.tensorboard, cfg=cfg)  # W&B fails here (one line) before checkpoints open
     ckpt = ckpt_lib.Checkpointer(workdir, ckpt_lib.fingerprint(cfg, comps.vocab_size, trainable_names),
                                  keep_n=T.keep_n, async_save=T.async_checkpoint)
     restored = ckpt.restore(state_lib.abstract_state(state, shardings), comps.data_iter)
@@ -210,7 +176,6 @@ def train(cfg, workdir: str, *, components: Components | None = None, eval_hook:
 
     step_fn = step_lib.jit_train_step(
         step_lib.make_train_step(graphdef, comps.objective, tx, sched_box["s"], T.ema_decay), shardings, mesh)
-    writer = MetricsWriter(workdir, T.tensorboard)
     hook = eval_hook
     if hook is None and cfg.eval.kind == "detection" and cfg.train.kind != "counting_regression":
         from coordexp_jax.train.eval_hook import detection_eval_hook
@@ -266,6 +231,7 @@ def train(cfg, workdir: str, *, components: Components | None = None, eval_hook:
     eval_res: dict[str, float] = {}
     step = start
     done_here = 0
+    completed = False  # the try block ran to its end (else the W&B run is marked failed)
     out_of_time = False
     reason = "complete" if start >= T.steps else None
     batch = next_batch(start) if start < T.steps else None
@@ -325,6 +291,7 @@ def train(cfg, workdir: str, *, components: Components | None = None, eval_hook:
                         if k not in ("step", "kind")}
         elif cfg.eval.at_end and reason in ("steps", "max_minutes"):  # the run's end (steps or train.max_minutes)
             eval_res = run_eval(step)
+        completed = True
     finally:
         if pbar is not None:
             pbar.close()
@@ -332,7 +299,7 @@ def train(cfg, workdir: str, *, components: Components | None = None, eval_hook:
             msg = stop_message(reason, step, T.steps, minutes=(time.time() - t0) / 60, max_minutes=T.max_minutes)
             (log.info if reason in ("steps", "complete") else log.warning)("%s", msg)
             writer.event(step, "stop", reason=reason, message=msg, steps_run=done_here)
-        writer.close()
+        writer.close(failed=not completed)
         ckpt.close()
     return {"step": step, "metrics": last, "eval": eval_res, "skipped": skipped, "compiles": compiles,
             "trainable_params": n_train, "frozen_params": n_frozen, "graphdef": graphdef, "state": state,
