@@ -174,7 +174,8 @@ def _per_image(rows: list[dict], encoder) -> list[dict]:
     out = []
     for i, x in enumerate(rows):
         r = x["record"]
-        e = {"index": i, "image": r.image, "task": r.task, "picture": None, "tp": None, "fp": None, "fn": None,
+        e = {"index": i, "image": r.image, "width": r.width, "height": r.height, "task": r.task, "picture": None,
+             "tp": None, "fp": None, "fn": None,
              "mean_iou": None, "parse": _parse_status(x), "n_pred": None, "n_gt": len(r.objects),
              "prompt": encoder.instruction_text(r),  # the instruction the rollout was prompted with
              "answer": decode_ids(encoder.tokenizer, x["answer_ids"])}
@@ -239,7 +240,7 @@ def _write_outputs(out_dir: str, rows: list[dict], metrics: dict, encoder, confi
         pic = draw_prediction(Image.fromarray(load_image(e["image"])), e.get("pred", []), e.get("gt", []),
                               e.get("_match"))
         e["picture"] = f"pictures/{i:05d}.png"
-        pic.save(os.path.join(out_dir, e["picture"]))
+        pic.save(os.path.join(out_dir, e["picture"]), compress_level=1)  # half the time of the default 6, +6% size
     for e in images:
         e.pop("_match", None)
     with open(os.path.join(out_dir, "per_image.json"), "w") as f:

@@ -16,7 +16,8 @@ The page works opened from file:// (everything inline, pictures by relative path
 the per-image data travels as JSON in a `<script type="application/json">` with `<`, `>` and `&` escaped.
 
 A per-image entry (also what `evaluate` writes to per_image.json) is a dict:
-    index (int, 0-based position in the evaluated records), image (path), task, picture (path relative to the
+    index (int, 0-based position in the evaluated records), image (path), width, height (pixels of the original
+    image; optional: thumbnails then show the picture whole), task, picture (path relative to the
     page, or None), tp, fp, fn (ints; None for counting), mean_iou (mean IoU of the matched pairs, None when
     none), parse ("ok" | "partial" | "failed"), n_pred, n_gt (objects; for counting the stated and true count),
     prompt, answer (decoded answer text), and optionally pred / gt: lists of {"desc", "bbox" (pixels),
@@ -50,25 +51,28 @@ class MetricSpec:
     explain: str
 
 
-_RULE_TEXT = {"logprob": "boxes ranked by exp(mean log-prob of their 4 coordinate tokens)",
-              "constant": "every box scores 1 (ranked in the order written)"}
+_RULE_NOTE = ("logprob: boxes ranked by exp(mean log-prob of their 4 coordinate tokens); constant: every box "
+              "scores 1 (ranked in the order written)")
+
+
+_GROUP_NOTES = {"detection-ap": _RULE_NOTE,
+                "expectation-boxes": "each coordinate read as the expectation of its distribution over the coordinate "
+                                     "bins instead of the bin written; " + _RULE_NOTE}
 
 
 def _ap_specs(prefix: str, rule: str, what: str) -> list[MetricSpec]:
     p = f"det/{prefix}"
     return [
-        MetricSpec(f"{p}AP50_{rule}", f"{prefix}AP50 ({rule})", "score", "ap50",
-                   f"COCO average precision at IoU 0.5 of the {what}; {_RULE_TEXT[rule]}"),
-        MetricSpec(f"{p}AP_{rule}", f"{prefix}AP ({rule})", "score", "ap",
-                   f"COCO AP averaged over IoU 0.50:0.95 of the {what}; {_RULE_TEXT[rule]}"),
+        MetricSpec(f"{p}AP50_{rule}", f"{prefix}AP50 ({rule})", "score", "ap50", f"COCO AP at IoU >= 0.5{what}"),
+        MetricSpec(f"{p}AP_{rule}", f"{prefix}AP ({rule})", "score", "ap", f"COCO AP averaged over IoU 0.50:0.95{what}"),
         MetricSpec(f"{p}AP75_{rule}", f"{prefix}AP75 ({rule})", "score", "ap75",
-                   f"COCO average precision at IoU 0.75 (tight boxes) of the {what}; {_RULE_TEXT[rule]}"),
+                   f"COCO AP at IoU >= 0.75, tight boxes{what}"),
     ]
 
 
 def _groups() -> list[tuple[str, str, list[MetricSpec]]]:
     """(title, anchor, specs) of every metric group, in page order."""
-    written, exp = "boxes as written", "expectation boxes"
+    written, exp = "", " of the expectation boxes"
     return [
         ("Detection AP", "detection-ap", _ap_specs("", "logprob", written) + _ap_specs("", "constant", written)),
         ("Expectation boxes", "expectation-boxes",
@@ -190,12 +194,14 @@ def badness(e: Mapping) -> float:
 
 
 def worst_first(images: Sequence[Mapping]) -> list[int]:
-    """Positions into `images`, worst first: `badness` descending, then mean IoU ascending (missing last),
-    then position."""
+    """Positions into `images`, worst first: `badness` descending, then mean IoU ascending (no matched pair counts
+    as 0, or as the best when the image had nothing to match: no true and no predicted object), then position."""
     def key(i):
         e = images[i]
         iou = e.get("mean_iou")
-        return (-badness(e), iou if iou is not None and math.isfinite(iou) else 2.0, i)
+        if iou is None or not math.isfinite(iou):
+            iou = 0.0 if (e.get("n_pred") or e.get("n_gt")) else 2.0
+        return (-badness(e), iou, i)
     return sorted(range(len(images)), key=key)
 
 
@@ -289,7 +295,9 @@ def _figure(e: Mapping) -> str:
     name = os.path.basename(str(e.get("image", "")))
     stats = (f"TP {e.get('tp')} · FP {e.get('fp')} · FN {e.get('fn')}" if e.get("tp") is not None
              else f"count {e.get('n_pred')} / {e.get('n_gt')}")
-    return (f"<figure data-index=\"{int(e['index'])}\"><img loading=\"lazy\" src=\"{_e(e['picture'])}\" "
+    w, h = e.get("width"), e.get("height")
+    crop = f" style=\"aspect-ratio:{int(w)}/{int(h)}\"" if w and h else ""  # the image, without its legend strip
+    return (f"<figure data-index=\"{int(e['index'])}\"><img loading=\"lazy\" src=\"{_e(e['picture'])}\"{crop} "
             f"alt=\"{_e(name)}\"><figcaption>#{int(e['index'])} {_e(name)}<br>{_e(stats)}</figcaption></figure>")
 
 
@@ -328,7 +336,8 @@ def render_page(metrics: Mapping[str, float], images: Sequence[Mapping], run_inf
         trs = "".join(f"<tr data-key=\"{_e(s.key)}\"><th>{link(s.anchor, s.label)}</th>"
                       f"<td class=\"num\">{_e(fmt_value(v, s.fmt))}</td><td class=\"explain\">{_e(s.explain)}</td></tr>"
                       for s, v in items)
-        groups.append(f"<div class=\"group\" id=\"group-{_e(ganchor)}\"><h3>{link(ganchor, gtitle)}</h3>"
+        note = f"<p class=\"note\">{_e(_GROUP_NOTES[ganchor])}</p>" if ganchor in _GROUP_NOTES else ""
+        groups.append(f"<div class=\"group\" id=\"group-{_e(ganchor)}\"><h3>{link(ganchor, gtitle)}</h3>{note}"
                       f"<table class=\"metrics\">{trs}</table></div>")
     if groups:
         parts.append(f"<section id=\"metrics\"><h2>Metrics</h2><p class=\"note\">Every name links to its entry in "
@@ -388,7 +397,7 @@ table{border-collapse:collapse}.kv th{text-align:left;padding:1px 12px 1px 0;col
 .metrics td.explain{color:#5f6368;font-size:12px}.note{color:#5f6368;font-size:12px;margin:4px 0}
 .filters label{margin-right:14px}#shown{color:#5f6368}
 .split{display:flex;gap:16px;align-items:flex-start}
-.tablewrap{max-height:70vh;overflow:auto;border:1px solid #d0d4da;flex:0 1 auto}
+.tablewrap{max-height:75vh;overflow:auto;border:1px solid #d0d4da;flex:0 0 auto}
 #image-table th{position:sticky;top:0;background:#eef1f4;cursor:pointer;padding:3px 8px;user-select:none;
  white-space:nowrap}
 #image-table th[aria-sort=ascending]::after{content:" \\25B2"}#image-table th[aria-sort=descending]::after{content:" \\25BC"}
@@ -396,13 +405,13 @@ table{border-collapse:collapse}.kv th{text-align:left;padding:1px 12px 1px 0;col
 #image-table tbody tr{cursor:pointer}#image-table tbody tr:hover{background:#f1f5fb}
 #image-table tr.sel{background:#dbe8fb}#image-table tr.parse-failed td.c-parse{color:#b3261e;font-weight:600}
 #image-table tr.parse-partial td.c-parse{color:#9a6700}
-#detail{position:sticky;top:8px;flex:1 1 420px;max-width:620px;border:1px solid #d0d4da;border-radius:8px;padding:10px}
+#detail{position:sticky;top:8px;flex:1 1 360px;max-width:640px;max-height:96vh;overflow:auto;border:1px solid #d0d4da;border-radius:8px;padding:10px}
 #detail img{max-width:100%;image-rendering:auto}#detail pre{white-space:pre-wrap;word-break:break-word;background:#f6f8fa;
  padding:6px;font-size:12px;max-height:220px;overflow:auto}
 #detail table td,#detail table th{padding:1px 8px;font-size:12px;text-align:left}
 #detail .close{float:right;cursor:pointer;border:0;background:none;font-size:18px}
 #gallery{display:flex;flex-wrap:wrap;gap:10px}#gallery figure{margin:0;width:200px;cursor:pointer}
-#gallery img{width:200px;height:auto;min-height:40px;background:#eceff1}
+#gallery img{width:200px;height:auto;min-height:40px;background:#eceff1;object-fit:cover;object-position:top}
 #gallery figcaption{font-size:12px;color:#444}
 """
 
@@ -493,7 +502,9 @@ _JS = r"""
     close.title = "close";
     close.onclick = function () { detail.hidden = true; if (tr) tr.classList.remove("sel"); };
     detail.appendChild(close);
-    detail.appendChild(el("h3", "#" + d.index + " " + d.image));
+    var name = String(d.image).split(/[\\/]/).pop();
+    detail.appendChild(el("h3", "#" + d.index + " " + name));
+    detail.appendChild(el("div", d.image, "note"));
     var stats = d.tp === null || d.tp === undefined
       ? "count " + d.n_pred + " stated, " + d.n_gt + " true"
       : "TP " + d.tp + " \u00b7 FP " + d.fp + " \u00b7 FN " + d.fn + " \u00b7 mean IoU " + num(d.mean_iou, 3);

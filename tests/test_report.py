@@ -29,7 +29,7 @@ HOSTILE = "a<b>&\"'</script>.png"
 
 # ----------------------------------------------------------------------------------------------- hand-made data
 def _entry(i, tp, fp, fn, parse="ok", task="detection", iou=0.8):
-    return {"index": i, "image": f"/data/img_{i:02d}.png", "task": task, "picture": f"pictures/{i:05d}.png",
+    return {"index": i, "image": f"/data/img_{i:02d}.png", "width": pic_width(i), "height": 30, "task": task, "picture": f"pictures/{i:05d}.png",
             "tp": tp, "fp": fp, "fn": fn, "mean_iou": iou if tp else None, "parse": parse, "n_pred": tp + fp,
             "n_gt": tp + fn, "prompt": f"Detect every object in image {i}.", "answer": f"answer text {i}",
             "pred": [{"desc": "circle", "bbox": [1, 2, 30, 40], "score": 0.25, "iou": iou}] * tp
@@ -47,6 +47,7 @@ def handmade():
         out.append(_entry(i, tp, fp, fn, iou=round(float(rng.uniform(0.5, 1.0)), 4)))
     out[3] = _entry(3, 0, 0, 2, parse="failed")
     out[7] = _entry(7, 1, 0, 1, parse="partial")
+    out[13] = _entry(13, 0, 0, 0)  # nothing to find, nothing predicted
     out[11] = {**_entry(11, 0, 0, 0, task="counting"), "tp": None, "fp": None, "fn": None, "n_pred": 2, "n_gt": 5,
                "pred": None, "gt": None}
     out[5] = {**_entry(5, 1, 1, 0), "image": "/data/" + HOSTILE,
@@ -114,14 +115,16 @@ def test_worst_first_matches_a_brute_force_order():
         b = abs(e["n_pred"] - e["n_gt"]) if e["tp"] is None else e["fp"] + e["fn"]
         return (e["parse"] == "failed", b)
 
+    def iou(e):  # no matched pair: as bad as IoU 0, unless there was nothing to match
+        return e["mean_iou"] if e["mean_iou"] is not None else (0.0 if e["n_pred"] or e["n_gt"] else 2.0)
+
     order = R.worst_first(images)
     assert order[0] == 3  # the parse failure
     for a, b in zip(order, order[1:]):
         ka, kb = bad(images[a]), bad(images[b])
         assert ka >= kb
-        if ka == kb:  # ties: lower mean IoU first (none counts as the best), then position
-            ia, ib = (images[j]["mean_iou"] if images[j]["mean_iou"] is not None else 2.0 for j in (a, b))
-            assert (ia, a) < (ib, b)
+        if ka == kb:  # ties: lower mean IoU first, then position
+            assert (iou(images[a]), a) < (iou(images[b]), b)
 
 
 def test_headline_uses_the_default_score_rule_and_rounds():
@@ -237,7 +240,8 @@ def test_page_loads_sorts_filters_and_shows_an_image(browser, handmade_report, t
     # a row click: that image's picture, answer and objects (the hostile name and answer shown as text)
     page.click("#row-5")
     assert page.is_visible("#detail")
-    assert page.inner_text("#detail h3") == f"#5 /data/{HOSTILE}"
+    assert page.inner_text("#detail h3") == f"#5 {os.path.basename(HOSTILE)}"
+    assert page.inner_text("#detail .note") == f"/data/{HOSTILE}"
     assert page.inner_text("#detail pre >> nth=1") == by[5]["answer"]
     page.wait_for_function("document.querySelector('#detail img').complete")
     assert page.eval_on_selector("#detail img", "i => i.naturalWidth") == pic_width(5)
@@ -251,7 +255,7 @@ def test_page_loads_sorts_filters_and_shows_an_image(browser, handmade_report, t
 def test_hash_opens_an_image_view(browser, handmade_report):
     path, images = handmade_report
     page, errors = _open(browser, path, "#img-7")
-    assert page.is_visible("#detail") and page.inner_text("#detail h3") == "#7 /data/img_07.png"
+    assert page.is_visible("#detail") and page.inner_text("#detail h3") == "#7 img_07.png"
     assert "MISS" in page.inner_text("#detail")  # its unmatched ground-truth object
     assert page.is_visible("#row-7.sel")
     assert not errors, errors
