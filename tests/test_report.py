@@ -355,3 +355,13 @@ def test_evaluated_report_in_the_browser(browser, evaluated):
     assert page.eval_on_selector_all("#gallery img", "is => is.map(i => i.naturalWidth)") == [
         Image.open(os.path.join(out, "pictures", f"{i:05d}.png")).size[0] for i in _row_order(page)[:3]]
     assert not errors, errors
+
+
+def test_page_without_detection_records():
+    m = {"grounding/acc@0.5": 0.625, "grounding/num": 8, "grounding/parse_failure_rate": 0.125,
+         "counting/mae": 1.5, "counting/rmse": 2.0, "counting/parse_failure_rate": 0.0, "num_records": 12}
+    assert [(label, v) for label, v, *_ in R.headline(m)] == [
+        ("Acc@0.5", "0.625"), ("parse rate", "87.5%"), ("count MAE", "1.50"), ("parse rate", "100.0%")]
+    assert [g[0] for g in R.metric_groups(m)] == ["Answer health", "Grounding", "Counting"]
+    page = R.render_page(m, [], {"num_images": 12})
+    assert "0.625" in page and "<table id=\"image-table\"" not in page  # no per-image section without entries
