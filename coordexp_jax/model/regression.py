@@ -25,6 +25,8 @@ from flax import nnx
 
 ATTR = "regression_heads"  # the model attribute (and top-level state key) of the heads
 ACTIVATIONS = ("gelu", "relu", "silu")
+# exact (erf) GELU, as torch.nn.GELU(): the exported heads load into torch MLPs unchanged
+_ACT = {"gelu": lambda x: jax.nn.gelu(x, approximate=False), "relu": jax.nn.relu, "silu": jax.nn.silu}
 # What the two outputs mean (written into regression_heads.json)
 REGRESSION_TOKENS_DOC = ("[x, y] of the next uncounted object's centre in [-1, 1] (u = 2 * px / width - 1, "
                          "v = 2 * py / height - 1), read from the final hidden states at the <x> and <y> tokens; "
@@ -34,8 +36,8 @@ REGRESSION_TOKENS_DOC = ("[x, y] of the next uncounted object's centre in [-1, 1
 @dataclasses.dataclass(frozen=True)
 class HeadsConfig:
     """hidden_size: H of the model's final hidden state; layers: Linear layers per head (>= 1; the last maps to 1
-    output); width: hidden width of the inner layers (0 = H); activation between layers ('gelu', 'relu', 'silu');
-    the output is always tanh."""
+    output); width: hidden width of the inner layers (0 = H); activation between layers ('gelu': exact erf form as
+    torch.nn.GELU, 'relu', 'silu'); the output is always tanh."""
 
     hidden_size: int
     layers: int = 3
@@ -73,7 +75,7 @@ class RegressionHead(nnx.Module):
             for i in range(len(dims) - 1)])
 
     def __call__(self, h):
-        act = getattr(jax.nn, self.cfg.activation)
+        act = _ACT[self.cfg.activation]
         x = h.astype(jnp.float32)
         for i, layer in enumerate(self.layers):
             x = layer(x)

@@ -250,13 +250,72 @@ def heads_config(cfg, mc):
                        width=int(cfg.counting.head_width))
 
 
-def make_model_fn(cfg, mc, ids):
-    """`build.make_model_fn` (Qwen3-VL, init options, LoRA) plus the regression heads (kept when the checkpoint
-    already has heads)."""
-    from coordexp_jax.model.regression import RegressionHeads, attach_heads, heads_of
+def model_config(cfg, ids: TokenIds):
+    """`build.model_config`, except that a `model.checkpoint` whose vocabulary lacks only `<x>` `<y>` (trained on
+    the tokenizer without them, e.g. the detection demo's model with the small tokenizer) is accepted: its
+    config gets the tokenizer's vocabulary size and `make_model_fn` grows the two rows (mean of the base rows,
+    `weights/vocab.py`). ConfigError naming the keys for any other mismatch."""
     from coordexp_jax.train import build
 
-    make, materialize = build.make_model_fn(cfg, mc, ids)
+    if cfg.model.checkpoint:
+        from coordexp_jax.train.config import ConfigError
+        from coordexp_jax.weights.checkpoint import checkpoint_config
+
+        mc = checkpoint_config(build._check_path("model.checkpoint", cfg.model.checkpoint))
+        if mc.vocab_size != ids.vocab_size:
+            if not (mc.vocab_size == min(ids.x_token, ids.y_token) and ids.vocab_size == mc.vocab_size + 2):
+                raise ConfigError(f"model.checkpoint {cfg.model.checkpoint} has vocab_size {mc.vocab_size}; the "
+                                  f"tokenizer (config key 'tokenizer.path') has {ids.vocab_size} ids, and only the "
+                                  f"<x> <y> pair at the end may be new")
+            over = cfg.model.overrides.to_dict() if hasattr(cfg.model.overrides, "to_dict") else dict(cfg.model.overrides)
+            mc = mc.with_vocab_size(ids.vocab_size)
+            return build._replace_nested(mc, over, "model.overrides") if over else mc
+    return build.model_config(cfg, ids)
+
+
+def _grown_checkpoint_model(cfg, mc, ids):
+    """The checkpoint's model with its vocabulary grown to `mc.vocab_size` (rows of `<x>` `<y>` = the mean of the
+    base rows), its regression heads (if any) kept, then LoRA per `lora.*`."""
+    from coordexp_jax.model.regression import ATTR, attach_heads, heads_of
+    from coordexp_jax.train import build, lora as lora_lib
+    from coordexp_jax.weights.checkpoint import load_checkpoint
+    from coordexp_jax.weights.hf import abstract_model
+    from coordexp_jax.weights.vocab import expand_vocab_state
+
+    dtype, pdtype = build._DT[cfg.model.dtype], build._DT[cfg.model.param_dtype]
+    old_mc, model = load_checkpoint(cfg.model.checkpoint, pdtype, compute_dtype=dtype, remat=cfg.model.remat)
+    heads = heads_of(model)
+    if old_mc.vocab_size < mc.vocab_size:
+        if heads is not None:
+            delattr(model, ATTR)  # the Qwen3-VL tree only
+        grown, _ = expand_vocab_state(nnx.state(model, nnx.Param), old_mc, mc.vocab_size, [ids.x_token, ids.y_token],
+                                      n_base=old_mc.vocab_size)
+        graphdef, abstract = abstract_model(mc, pdtype, dtype, cfg.model.remat)
+        target = nnx.to_pure_dict(abstract)
+        nnx.replace_by_pure_dict(abstract, jax.tree.map(lambda x, t: jnp.asarray(x, t.dtype), grown, target))
+        model = nnx.merge(graphdef, abstract)
+        if heads is not None:
+            attach_heads(model, heads)
+        log.info("model.checkpoint: vocabulary grown %d -> %d (<x> <y> rows = the mean of the base rows)",
+                 old_mc.vocab_size, mc.vocab_size)
+    if cfg.lora.enabled:
+        exclude = None if cfg.lora.include_vision else r"(^|/)(vision|visual)\w*(/|$)"
+        lora_lib.apply_lora(model, cfg.lora.targets, cfg.lora.rank, cfg.lora.alpha, nnx.Rngs(cfg.train.seed + 1),
+                            exclude=exclude)
+    return model
+
+
+def make_model_fn(cfg, mc, ids):
+    """`build.make_model_fn` (Qwen3-VL, init options, LoRA) plus the regression heads (kept when the checkpoint
+    already has heads); a checkpoint without the `<x>` `<y>` rows is grown (`model_config`)."""
+    from coordexp_jax.model.regression import RegressionHeads, attach_heads, heads_of
+    from coordexp_jax.train import build
+    from coordexp_jax.weights.checkpoint import checkpoint_config
+
+    if cfg.model.checkpoint and checkpoint_config(cfg.model.checkpoint).vocab_size < mc.vocab_size:
+        make, materialize = (lambda: _grown_checkpoint_model(cfg, mc, ids)), True
+    else:
+        make, materialize = build.make_model_fn(cfg, mc, ids)
     hcfg = heads_config(cfg, mc)
 
     def make_model():
@@ -279,7 +338,7 @@ def build_components(cfg):
     from coordexp_jax.train.counting_objective import CountingObjective
 
     ids = token_ids(cfg)
-    mc = build.model_config(cfg, ids)
+    mc = model_config(cfg, ids)
     make_model, materialize = make_model_fn(cfg, mc, ids)
     pcfg = build.prompt_config(cfg, mc)
     tdir = tokenizer_dir(cfg)
