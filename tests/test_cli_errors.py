@@ -223,12 +223,14 @@ def test_predict_errors(corpus, tmp_path, capsys):
     d, out = corpus["dir"], str(tmp_path / "o")
     ck = ["--checkpoint", corpus["no_lm_head"]]
     _expect(capsys, predict.main, [*ck, "--image", str(d / "gone.png"), "--out", out], "gone.png")
-    _expect(capsys, predict.main, [*ck, "--image", str(d / "truncated.jpg"), "--out", out], "truncated.jpg")
+    good_ck = ["--checkpoint", corpus["checkpoint"]]  # the image is the one mistake (whatever is read first)
+    _expect(capsys, predict.main, [*good_ck, "--image", str(d / "truncated.jpg"), "--out", out], "truncated.jpg")
     _expect(capsys, predict.main, ["--checkpoint", str(d / "gone_ck"), "--image", str(d / "good.png"), "--out", out],
             "gone_ck")
     _expect(capsys, predict.main, [*ck, "--image", str(d / "good.png"), "--out", out], "lm_head")
+    # the dashed spelling is an alias; the message names the flag as help spells it
     _expect(capsys, predict.main, [*ck, "--image", str(d / "good.png"), "--out", out, "--max-new-tokens", "0"],
-            "--max-new-tokens")
+            "--max_new_tokens")
     _expect(capsys, predict.main, [*ck, "--image", str(d / "good.png"), "--out", out, "--top-q", "1"], "--top-q")
 
 
