@@ -34,6 +34,7 @@ from coordexp_jax.errors import CoordExpError
 from coordexp_jax.train import checkpoint as ckpt_lib, config as config_lib, optim, sharding as shd, state as state_lib
 from coordexp_jax.train import step as step_lib
 from coordexp_jax.train.build import Components, build_components, num_params
+from coordexp_jax.train import metrics_log
 from coordexp_jax.train.metrics_log import MetricsWriter
 
 log = logging.getLogger(__name__)
@@ -134,6 +135,7 @@ def train(cfg, workdir: str, *, components: Components | None = None, eval_hook:
     steps of this call (tests of resume), saving a checkpoint first.
     """
     cfg = config_lib.validate(cfg)
+    metrics_log.check_wandb(cfg)  # W&B configured but not installed: one error line before anything is built
     if cfg.train.kind == "grpo":  # rollouts, rewards, group advantages, PPO-clip updates: train/grpo_loop.py
         from coordexp_jax.train.grpo_loop import train_grpo
 

@@ -155,6 +155,25 @@ def _run_id(workdir: str) -> str:
     return rid
 
 
+def _missing_wandb(project: str, why: str) -> WandbUnavailableError:
+    return WandbUnavailableError(
+        f"config key 'log.wandb.project' = {project!r} needs the wandb package, which is not installed ({why}): "
+        "pip install wandb (in the repository: pip install '.[wandb]'), or set log.wandb.project=''")
+
+
+def check_wandb(cfg) -> None:
+    """At the start of a run (process 0), before anything is built: with `log.wandb.project` set, wandb must be
+    installed (looked up, not imported).
+
+    Raises:
+      WandbUnavailableError: naming the key and `pip install wandb`.
+    """
+    import importlib.util
+
+    if cfg.log.wandb.project and jax.process_index() == 0 and importlib.util.find_spec("wandb") is None:
+        raise _missing_wandb(cfg.log.wandb.project, "no module named 'wandb'")
+
+
 class WandbLogger:
     """One W&B run of a workdir: config, records, pictures, summary. Imports `wandb` on construction.
 
@@ -166,10 +185,7 @@ class WandbLogger:
         try:
             import wandb
         except ImportError as e:
-            raise WandbUnavailableError(
-                f"config key 'log.wandb.project' = {settings['project']!r} needs the wandb package, which is not "
-                f"installed ({e}): pip install wandb (in the repository: pip install '.[wandb]'), or set "
-                "log.wandb.project=''") from None
+            raise _missing_wandb(settings["project"], str(e)) from None
         self.wandb = wandb
         os.makedirs(settings["dir"], exist_ok=True)
         rid = _run_id(workdir)
@@ -291,5 +307,5 @@ class MetricsWriter:
             self.wandb = None
 
 
-__all__ = ["MetricsWriter", "WandbLogger", "WandbUnavailableError", "tag_name", "eval_dir", "worst_first",
+__all__ = ["MetricsWriter", "WandbLogger", "WandbUnavailableError", "check_wandb", "tag_name", "eval_dir", "worst_first",
            "picture_caption", "read_pictures", "wandb_settings", "WANDB_RUN_FILE", "PER_IMAGE_FILE"]

@@ -307,6 +307,10 @@ def test_wandb_configured_but_missing_is_one_error_line(tmp_path, monkeypatch):
     assert isinstance(e.value, CoordExpError) and "\n" not in str(e.value)
     assert "pip install wandb" in str(e.value) and "log.wandb.project" in str(e.value)
     assert not os.listdir(tmp_path)  # nothing written (no TensorBoard, no run id)
+    # the training loop says so before it builds or writes anything
+    with pytest.raises(ML.WandbUnavailableError, match=r"pip install wandb"):
+        loop.train(_wandb_cfg(tmp_path), str(tmp_path / "work"), components=components())
+    assert not os.listdir(tmp_path)
 
 
 @pytest.mark.slow
