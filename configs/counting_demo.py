@@ -43,16 +43,16 @@ def get_config():
     # (a 512-token row); this one is ~30, so a row fits 64 tokens with the 16 image tokens.
     c.counting.template = "Count the {plural}. {marked} marked. Next: <x> <y>"
     c.counting.system_prompt = False
-    c.optim.lr = 1e-3
+    c.optim.lr = 2e-3
     c.optim.heads.lr_mult = 5.0
     c.optim.warmup_steps = 50
     c.optim.min_lr_ratio = 0.05
     c.optim.weight_decay = 0.01
     c.optim.clip_norm = 1.0
-    c.train.steps = 600
+    c.train.steps = 1200
     c.train.log_every = 10
     c.train.ckpt_every = 500
-    c.train.max_minutes = 11.0
+    c.train.max_minutes = 20.0
     c.eval.every = 0
     c.eval.at_end = True
     c.eval.num_images = 64

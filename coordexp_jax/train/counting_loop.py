@@ -445,8 +445,10 @@ def evaluate_counting(model, records: Sequence, encoder: CountingEncoder, scfg, 
     """Counts every record (`predict_counting`) and scores it: `mae`, `rmse` (of the number of points), `hit_rate`,
     `mean_point_error_px` (`metrics.sequential_counting_metrics`; boxes where the records have them, else the
     mark radius), `done_rate` (stopped by the done signal), and with `train_mean_count` the MAE of always
-    answering the rounded training mean (`baseline_mae`). Writes `num_pictures` side-by-side PNGs to
-    `pictures_dir`. Returns (metrics, per-record CountingResults)."""
+    answering the rounded training mean (`baseline_mae`). Writes `num_pictures` side-by-side PNGs and
+    `per_image.json` (per record: true and predicted count, the last prompt, the picture; the loop's MetricsWriter
+    sends the worst pictures with their captions to TensorBoard / W&B) to `pictures_dir`. Returns (metrics,
+    per-record CountingResults)."""
     from coordexp_jax import counting, metrics as M
     from coordexp_jax.data import counting as C
     from coordexp_jax.data.image import load_image
@@ -454,7 +456,7 @@ def evaluate_counting(model, records: Sequence, encoder: CountingEncoder, scfg, 
     if point_fn is None:
         graphdef, state = nnx.split(model)
         point_fn = (make_point_fn(graphdef), state)
-    preds, gts, boxes, radii, results = [], [], [], [], []
+    preds, gts, boxes, radii, results, entries = [], [], [], [], [], []
     for i, r in enumerate(records):
         geo = C.object_geometry(r)
         if geo is None:
@@ -468,13 +470,23 @@ def evaluate_counting(model, records: Sequence, encoder: CountingEncoder, scfg, 
         gts.append(op)
         boxes.append(ob)
         radii.append(counting.mark_radius(r.height, r.width, max_count, scfg))
+        entry = {"index": i, "image": r.image, "n_gt": len(op), "n_pred": res.count, "prompt": res.last_prompt,
+                 "answer": f"{res.count} points, stopped: {res.done_reason}"}
         if pictures_dir is not None and i < num_pictures:
             from PIL import Image
 
             os.makedirs(pictures_dir, exist_ok=True)
             pic = counting.draw_counting_result(img, res.points, op, counting.result_caption(res, len(op)),
                                                 gt_boxes=ob)
-            Image.fromarray(pic).save(os.path.join(pictures_dir, f"count_{i:03d}.png"))
+            entry["picture"] = f"count_{i:03d}.png"
+            Image.fromarray(pic).save(os.path.join(pictures_dir, entry["picture"]))
+        entries.append(entry)
+    if pictures_dir is not None:
+        from coordexp_jax.train.metrics_log import PER_IMAGE_FILE
+
+        os.makedirs(pictures_dir, exist_ok=True)
+        with open(os.path.join(pictures_dir, PER_IMAGE_FILE), "w") as f:  # the MetricsWriter's pictures (worst first)
+            json.dump(entries, f, indent=1)
     out = M.sequential_counting_metrics(preds, gts, boxes, radii)
     out["done_rate"] = float(np.mean([r.done_reason == "done" for r in results])) if results else 0.0
     if train_mean_count is not None and gts:
@@ -489,6 +501,8 @@ def counting_eval_hook(cfg, comps):
     if not recs:
         return None
     encoder, scfg = comps.extra["encoder"], comps.extra["sequential_config"]
+    # at least the pictures the MetricsWriter sends to TensorBoard / W&B (as the detection hook does)
+    n_log = cfg.log.num_pictures if (cfg.train.tensorboard or cfg.log.wandb.project) else 0
     box: dict = {}
     t0 = time.time()
 
@@ -499,7 +513,7 @@ def counting_eval_hook(cfg, comps):
         res, _ = evaluate_counting(model, recs, encoder, scfg, max_count=cfg.counting.max_count,
                                    train_mean_count=comps.extra.get("train_mean_count"),
                                    pictures_dir=os.path.join(workdir, "eval", f"step_{step}"),
-                                   num_pictures=cfg.eval.num_pictures, point_fn=(box["fn"], state))
+                                   num_pictures=max(cfg.eval.num_pictures, n_log), point_fn=(box["fn"], state))
         res["minutes"] = (time.time() - t0) / 60
         return res
 
