@@ -204,3 +204,25 @@ def test_no_pytorch_line_without_torch(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "PyTorch" not in r.stderr, r.stderr
     assert "another transformers warning" in r.stderr  # every other transformers message still passes
+
+
+def test_a_data_source_logs_its_record_summary_once(tmp_path, caplog):
+    """Reading a training/evaluation source logs one summary ('records: N read, N kept' and the skips), naming
+    the file, not one from the JSONL reader and another from the pipeline."""
+    import json
+    import logging
+
+    from PIL import Image
+
+    from coordexp_jax.data.pipeline import SourceSpec, load_source
+
+    Image.new("RGB", (32, 24)).save(tmp_path / "a.png")
+    rec = {"images": ["a.png"], "width": 32, "height": 24, "objects": [{"desc": "cat", "bbox_2d": [1, 2, 20, 20]}]}
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(rec) + "\n" + json.dumps(dict(rec, images=["gone.png"])) + "\n")  # 2nd: skipped
+    with caplog.at_level(logging.INFO):
+        recs, rep = load_source(SourceSpec("d", str(path)))
+    assert len(recs) == 1 and rep.records_read == 2
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert text.count("records: 2 read, 1 kept") == 1, text
+    assert str(path) in text

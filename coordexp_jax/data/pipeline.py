@@ -163,10 +163,11 @@ def load_source(spec: SourceSpec, record_check: Callable[[records_lib.Record], s
     if not os.path.isfile(spec.path):
         raise SourceNotFoundError(f"fusion source {spec.name!r}: key 'path': {spec.path} "
                                   + ("is a directory, not a JSONL file" if os.path.isdir(spec.path) else "not found"))
-    try:
-        recs, rep = records_lib.read_jsonl(spec.path, image_root=spec.image_root, box_format=spec.box_format,
+    rep = records_lib.ValidationReport()
+    try:  # iter_jsonl, not read_jsonl: the report is logged once, below, with the processor's skips in it
+        recs = list(records_lib.iter_jsonl(spec.path, image_root=spec.image_root, box_format=spec.box_format,
                                            pixel_mode=spec.pixel_mode, check_images=spec.check_images,
-                                           policy=spec.policy)
+                                           policy=spec.policy, report=rep))
     except UnicodeDecodeError as e:
         raise DataConfigError(f"fusion source {spec.name!r}: {spec.path} is not UTF-8 JSONL text ({e.reason} at "
                               f"byte {e.start})") from None
@@ -179,7 +180,7 @@ def load_source(spec: SourceSpec, record_check: Callable[[records_lib.Record], s
     if not recs:
         what = "the file has no records" if rep.records_read == 0 else f"every record was skipped: {rep.one_line()}"
         raise DataConfigError(f"fusion source {spec.name!r}: no usable record in {spec.path} ({what})")
-    log.info("source %s: %d records\n%s", spec.name, len(recs), rep.summary())
+    log.info("source %s (%s): %d records\n%s", spec.name, spec.path, len(recs), rep.summary())
     return recs, rep
 
 
