@@ -417,10 +417,13 @@ def summary_line(s: dict) -> str:
     skipped = f", {t['skipped']} skipped" if t["skipped"] else ""
     failed = t["parse"]["failed"]
     compiles = f"{s['compiles']} compile" + ("s" if s["compiles"] != 1 else "")
+    path = os.path.join(s["out"], SUMMARY)
+    rel = os.path.relpath(path)
+    path = rel if not rel.startswith("..") else path  # relative to the working directory when below it
     return (f"{t['predicted']}/{t['inputs']} images predicted{skipped}: {t['objects']} objects"
             + (f", {failed} unparsed answers" if failed else "")
             + f"; {compiles}, {t['seconds_per_image']:.2f} s/image ({t['total_seconds']:.1f} s in all, "
-              f"model load {t['load_seconds']:.1f} s) -> {os.path.join(s['out'], SUMMARY)}")
+              f"model load {t['load_seconds']:.1f} s) -> {path}")
 
 
 @guard
