@@ -9,10 +9,9 @@
   after each evaluation the `log.num_pictures` worst evaluation pictures as images with their captions as text.
 - Weights & Biases (`log.wandb.project` set): the resolved config as the run config, every record under the same
   tags as TensorBoard (x axis: the training step, logged as `step`), the same pictures with their captions
-  (image name, TP/FP/FN, mean IoU, prompt, answer), and
-  the `stop` record in the run summary. The W&B run id is kept in `workdir/wandb_run.json`, so a run resumed from
-  its checkpoints resumes its W&B run. With `log.wandb.project = ''` the `wandb` package is not imported and
-  nothing is written for it.
+  (image name, TP/FP/FN, mean IoU, prompt, answer), and the `stop` record in the run summary. The W&B run id is
+  kept in `workdir/wandb_run.json`, so a run resumed from its checkpoints resumes its W&B run. With
+  `log.wandb.project = ''` the `wandb` package is not imported and nothing is written for it.
 
 The evaluation pictures are read from the `per_image.json` that the evaluator writes into
 `eval_dir(workdir, step)` (one entry per image: `index`, `image`, `picture` (path relative to that folder),
@@ -150,6 +149,7 @@ def _run_id(workdir: str) -> str:
         except (OSError, ValueError) as e:
             log.warning("%s unreadable (%s): starting a new W&B run", path, e)
     rid = uuid.uuid4().hex[:12]
+    os.makedirs(workdir, exist_ok=True)
     with open(path, "w") as f:
         json.dump({"id": rid}, f)
     return rid
