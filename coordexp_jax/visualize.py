@@ -82,8 +82,11 @@ def _get(o, key, default=None):
     return o.get(key, default) if isinstance(o, dict) else getattr(o, key, default)
 
 
-def _box(o, scale: float) -> tuple[int, int, int, int]:
+def _box(o, scale: float) -> tuple[int, int, int, int] | None:
+    """The box in picture pixels (sorted corners, rounded), or None when a coordinate is not finite."""
     x1, y1, x2, y2 = (float(v) * scale for v in _get(o, "bbox"))
+    if not all(np.isfinite((x1, y1, x2, y2))):
+        return None
     x1, x2 = sorted((x1, x2))  # an inverted box is drawn where it covers
     y1, y2 = sorted((y1, y2))
     return round(x1), round(y1), round(x2), round(y2)
@@ -132,7 +135,8 @@ def draw_prediction(image: Image.Image, pred: Sequence = (), gt: Sequence = (), 
     `metrics.match_image(pred, gt, iou_threshold)` when gt is given and match is None. Without gt nothing is
     marked as a hit, a miss or a false positive. The image is upscaled (nearest) so its longer side is at least
     `min_side`; `legend`: a legend strip (colours, the score's meaning, TP/FP/miss counts) is added below.
-    Returns a new RGB image.
+    A box with a non-finite coordinate is not drawn (it still counts in the legend's figures). Returns a new RGB
+    image.
     """
     from coordexp_jax import metrics as M
 
@@ -152,18 +156,26 @@ def draw_prediction(image: Image.Image, pred: Sequence = (), gt: Sequence = (), 
     pred_boxes = [_box(o, scale) for o in pred]
     # ground truth: coloured band just outside the box (grown by h + w), black halo around it and in the gaps
     for box, hit in zip(gt_boxes, gt_hit):
+        if box is None:
+            continue
         _rect(draw, box, HALO_COLOUR, w + 2 * h, grow=2 * h + w)
         _dashed(draw, box, GT_COLOUR if hit else MISS_COLOUR, w, st.dash, grow=h + w)
     # predictions: coloured band just inside the box, black halo on both sides
     for box, hit in zip(pred_boxes, pred_hit):
+        if box is None:
+            continue
         _rect(draw, box, HALO_COLOUR, w + 2 * h, grow=h)
         _rect(draw, box, PRED_COLOUR if hit else FP_COLOUR, w)
     # labels last, so no line crosses them: gt under its box, predictions above theirs
     for o, box, hit in zip(gt, gt_boxes, gt_hit):
+        if box is None:
+            continue
         text = str(_get(o, "desc", "")) if hit else f"MISS {_get(o, 'desc', '')}"
         _label(draw, text, box[0] - 2 * h - w, box[3] + 2 * h + w + 1, GT_COLOUR if hit else MISS_COLOUR, st, font,
                W, H, below=True)
     for o, box, hit in zip(pred, pred_boxes, pred_hit):
+        if box is None:
+            continue
         score = _get(o, "score")
         text = str(_get(o, "desc", "")) + (f" {float(score):.2f}" if score is not None else "")
         _label(draw, text if hit else f"FP {text}", box[0] - h, box[1] - h - 1, PRED_COLOUR if hit else FP_COLOUR,

@@ -51,6 +51,13 @@ def test_without_ground_truth_nothing_is_a_false_positive():
     assert not any((a == c).all(-1).any() for c in (V.FP_COLOUR, V.MISS_COLOUR, V.GT_COLOUR))
 
 
+def test_a_box_with_nan_is_left_out():
+    img = Image.new("RGB", (64, 48), GREY)
+    pred = [{"desc": "cat", "bbox": [float("nan"), 2, 60, 14]}, {"desc": "cat", "bbox": [40, 2, 60, 14]}]
+    a = np.asarray(V.draw_prediction(img, pred, min_side=128, legend=False))
+    assert tuple(a[20, 120]) == V.PRED_COLOUR
+
+
 def test_a_given_match_is_used():
     img = Image.new("RGB", (64, 48), GREY)
     pred = [{"desc": "cat", "bbox": [8, 8, 32, 24]}]
