@@ -1,6 +1,7 @@
 """`python -m coordexp_jax.train --config configs/NAME.py [--config.key=value ...] [--workdir DIR]`.
 
-Runs (or resumes, from the latest checkpoint in the workdir) Stage-1 training. Several processes
+Runs (or resumes, from the latest checkpoint in the workdir) the training `train.kind` names: Stage-1 SFT (with
+Stage-2 steps when stage2.ratio > 0), GRPO or counting with regression heads. Several processes
 (multi-host): set COORDEXP_COORDINATOR=host:port, COORDEXP_NUM_PROCESSES, COORDEXP_PROCESS_ID (or
 COORDEXP_DISTRIBUTED=1 on a cluster JAX detects) and start the same command on every process.
 """
@@ -30,11 +31,13 @@ def main(argv=None) -> int:
     FLAGS = config_flag_values(argv)
     flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, resolved config); default "
                         "runs/<config name>", flag_values=FLAGS)
-    flags.DEFINE_bool("export", True, "write the final model (LoRA merged) to WORKDIR/final_model; --noexport: "
-                      "do not", flag_values=FLAGS)
+    flags.DEFINE_bool("export", True, "write the final model (LoRA merged) to WORKDIR/final_model",
+                      flag_values=FLAGS)
     if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
         print(__doc__.strip() + "\n\nflags:\n" + FLAGS.get_help())
-        print("\n" + FLAG_SPELLING + "\n" + CONFIG_OVERRIDE_HELP)
+        import textwrap
+
+        print("\n" + textwrap.fill(FLAG_SPELLING, 100) + "\n" + textwrap.fill(CONFIG_OVERRIDE_HELP, 100))
         return 0
     parse_config_flags(FLAGS, argv)
 
@@ -124,12 +127,14 @@ def _short(path: str) -> str:
 
 
 def end_hints(cfg, workdir: str, final_model: str | None) -> list[str]:
-    """What to look at next: the last evaluation's index.html and a predict command on a held-out image."""
+    """What to look at next: the last evaluation's index.html and a predict command on a held-out image (when
+    the final model was written)."""
     lines = []
     page = latest_report(workdir)
     if page:
         lines.append(f"report: {_short(page)} (the last evaluation; open it in a browser)")
-    image = held_out_image(cfg) if final_model else None
+    # predict answers with boxes: not for the regression heads' point-by-point counting (docs/counting.md)
+    image = held_out_image(cfg) if final_model and cfg.train.kind != "counting_regression" else None
     if image:
         path, held_out = image
         lines.append(f"predict on a {'held-out' if held_out else 'training'} image: python -m coordexp_jax.predict "
