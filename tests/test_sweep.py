@@ -243,6 +243,31 @@ def test_status_of_each_state(tmp_path):
     assert table.splitlines()[-1] == "8 runs: 3 pending, 1 running, 2 done, 2 failed"
 
 
+def test_run_command_outcomes(tmp_path, capfd):
+    from coordexp_jax.sweep.launch import RunCommand, RunFailed, RunInterrupted
+
+    py = sys.executable
+    ok = RunCommand([py, "-c", "import os; print('a'); print('done: ' + os.environ['X'] + os.getcwd())"],
+                    cwd=str(tmp_path), env={"X": "x=", "CUDA_VISIBLE_DEVICES": None})
+    assert ok() == f"done: x={tmp_path}"
+    out = capfd.readouterr().out  # passed through to the job's log, after the command line
+    assert out.splitlines()[0].startswith("command: ") and out.splitlines()[1:] == ["a", f"done: x={tmp_path}"]
+    bad = RunCommand([py, "-c", "import sys; print('error: key x', file=sys.stderr); print('later', file=sys.stderr);"
+                          " sys.exit(2)"])
+    with pytest.raises(RunFailed, match="^training exited with code 2: error: key x$"):
+        bad()
+    for code in ("import os, signal; os.kill(os.getpid(), signal.SIGTERM)", "import sys; sys.exit(130)"):
+        with pytest.raises(RunInterrupted, match="stopped by a signal"):
+            RunCommand([py, "-c", code])()
+    # submitit stores the exception; a RunInterrupted result is an interrupted run (pending), not a failure
+    d = _fake_run(tmp_path / "sw", "r", {"optim.lr": 1}, [{"step": 4, "kind": "train"}],
+                  job={"executor": "local", "job_id": "999999999", "result": str(tmp_path / "r.pkl")})
+    _dump_result(tmp_path / "r.pkl", ("error", "Traceback ...\ncoordexp_jax.sweep.launch.RunInterrupted: training "
+                                               "stopped by a signal (exit code -15)"))
+    st = state_lib.run_status(str(d))
+    assert (st.state, st.detail) == ("pending", "interrupted at step 4; run the sweep again to resume")
+
+
 def test_last_error_line():
     assert state_lib.last_error_line("a\nerror: first\nb\nerror: second\nc\n") == "error: second"
     tb = "x\nTraceback (most recent call last):\n  File \"a.py\", line 1\n    foo()\n    ^^^\nKeyError: 'k'\n"

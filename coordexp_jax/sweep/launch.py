@@ -46,6 +46,15 @@ class RunFailed(RuntimeError):
     """The training command of a sweep run exited with a non-zero code; the message has its last error line."""
 
 
+class RunInterrupted(RuntimeError):
+    """The training command of a sweep run was stopped by a signal (Ctrl-C, SIGTERM, kill): not a failure, the
+    next launch resumes it (state.py reads the name of this class in submitit's result)."""
+
+
+# exit codes of a training stopped by a signal: -N (killed by signal N), 128 + N (a shell's / the CLI's own)
+INTERRUPT_CODES = {-signal.SIGINT, -signal.SIGTERM, -signal.SIGKILL, -signal.SIGHUP, 130, 143, 137, 129}
+
+
 def _set_parent_death_signal() -> None:  # pragma: no cover - runs in the child between fork and exec
     """Linux: the training process gets SIGTERM when the job process that started it dies (a cancelled local job
     must not leave an orphan training in the workdir)."""
@@ -98,6 +107,8 @@ class RunCommand:
             raise
         for t in threads:
             t.join(timeout=10)
+        if rc in INTERRUPT_CODES:
+            raise RunInterrupted(f"training stopped by a signal (exit code {rc})")
         if rc != 0:
             line = state_lib.last_error_line("".join(tails["err"])) or "no error output"
             raise RunFailed(f"training exited with code {rc}: {line}")
@@ -383,9 +394,15 @@ def run_local(runs: Sequence[Run], parallel: int, cwd: str, poll_s: float = 1.0,
                     log(f"{st.state} {name}" + (f": {st.detail}" if st.detail else ""))
     except KeyboardInterrupt:
         for r, job in active.values():
-            job.cancel()
+            job.cancel()  # SIGINT to the job's controller, which stops its task and so the training
         for r, job in active.values():
-            _wait_done(job, 60.0)
+            if not _wait_done(job, 15.0):  # SIGINT ignored (a sweep started with '&'): SIGTERM to the processes
+                for pid in _descendants(int(job.job_id)):
+                    _signal(pid, signal.SIGTERM)
+                _signal(int(job.job_id), signal.SIGTERM)
+                if not _wait_done(job, 30.0):
+                    for pid in _descendants(int(job.job_id)) + [int(job.job_id)]:
+                        _signal(pid, signal.SIGKILL)
         log(f"interrupted: {len(active)} running job(s) cancelled; run the same command again to resume")
         raise
     finally:
@@ -394,11 +411,41 @@ def run_local(runs: Sequence[Run], parallel: int, cwd: str, poll_s: float = 1.0,
     return final
 
 
-def _wait_done(job, timeout_s: float) -> None:
+def _wait_done(job, timeout_s: float) -> bool:
     end = time.time() + timeout_s
     while time.time() < end and not job.done():
         time.sleep(0.2)
+    return job.done()
 
 
-__all__ = ["Run", "RunCommand", "RunFailed", "SlurmOptions", "load_sweep_spec", "plan", "write_plan", "resolve",
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except OSError:
+        pass
+
+
+def _descendants(pid: int) -> list[int]:
+    """The pids of every process below `pid` (Linux /proc; [] elsewhere), children first."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = [e for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return []
+    for e in entries:
+        try:
+            with open(f"/proc/{e}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(e))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(0), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+__all__ = ["Run", "RunCommand", "RunFailed", "RunInterrupted", "SlurmOptions", "load_sweep_spec", "plan", "write_plan", "resolve",
            "default_fixed", "to_submit", "run_local", "submit_slurm", "slurm_executor"]

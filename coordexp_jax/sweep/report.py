@@ -118,7 +118,8 @@ def _numeric(values: list[Any]) -> list[float] | None:
 
 def plot(rows: list[Row], metric: str, mode: str, path: str, title: str = "") -> str | None:
     """A PNG with one panel per swept parameter: the best metric of each run against the parameter's value (log
-    x-axis for positive numbers spanning 10x or more; categories for non-numbers), the best run circled.
+    x-axis for positive numbers spanning 10x or more; categories for non-numbers), the best run circled, runs
+    that differ only in that parameter joined by a line.
     Returns the path, or None when no parameter has two or more values."""
     import matplotlib
 
@@ -141,13 +142,21 @@ def plot(rows: list[Row], metric: str, mode: str, path: str, title: str = "") ->
             ax.set_xticks(range(len(cats)), cats)
         elif min(xs) > 0 and max(xs) / min(xs) >= 10:
             ax.set_xscale("log")
-        ax.scatter(xs, ys, s=22, alpha=0.75)
+        groups: dict[str, list[int]] = {}  # runs that differ only in this parameter, joined by a thin line
+        for i, r in enumerate(scored):
+            groups.setdefault(repr([r.overrides.get(o) for o in keys if o != k]), []).append(i)
+        for idx in groups.values():
+            if len(idx) > 1:
+                idx = sorted(idx, key=lambda i: xs[i])
+                ax.plot([xs[i] for i in idx], [ys[i] for i in idx], color="0.6", lw=0.8, zorder=1)
+        ax.scatter(xs, ys, s=22, alpha=0.8, zorder=2)
         ti = scored.index(top)
         ax.scatter([xs[ti]], [ys[ti]], s=110, facecolors="none", edgecolors="tab:red", linewidths=1.5)
         ax.set_xlabel(k)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel(f"{metric} ({'best' if len(scored) else ''}, {mode})")
-    fig.suptitle(title or f"{metric}: {len(scored)} runs (red: best)", fontsize=10)
+    axes[0][0].set_ylabel(f"{metric} (best, {mode})")
+    fig.suptitle(f"{title or metric}: {len(scored)} runs (red: the best; lines: runs differing only in x)",
+                 fontsize=9)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)

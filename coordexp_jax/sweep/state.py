@@ -12,8 +12,8 @@ States:
 - running: the job's process is alive (local) or SLURM reports it queued/running (the detail says which);
 - failed: the job ended with an error (its last `error:` line, or the last line of the error, from the submitit
   stderr log / result), a non-finite loss stopped it, or SLURM reports it failed/cancelled/timed out;
-- pending: not started, or interrupted / stopped by train.max_minutes (running the sweep again resumes it from its
-  latest checkpoint).
+- pending: not started, or interrupted (a signal stopped the job or its training) / stopped by train.max_minutes
+  (running the sweep again resumes it from its latest checkpoint).
 """
 
 from __future__ import annotations
@@ -178,7 +178,7 @@ def run_status(workdir: str, *, check_jobs: bool = True) -> RunStatus:
     finished = os.path.isdir(os.path.join(workdir, "final_model")) or (result is not None and result[0] == "success")
     if reason in DONE_REASONS and finished:
         return status("done")
-    if result is not None and result[0] == "error":
+    if result is not None and result[0] == "error" and "RunInterrupted" not in str(result[1]):
         line = last_error_line(_tail(job.get("stderr", ""))) or last_error_line(str(result[1]))
         return status("failed", line)
     if reason == "nonfinite":

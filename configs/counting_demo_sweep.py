@@ -1,0 +1,52 @@
+"""The counting recipe's hyper-parameter grid on the counting demo (configs/counting_demo.py) at demo scale: 4
+learning rates x 3 LoRA ranks x 2 LoRA alphas x 3 regression-head depths = 72 runs, the grid of the sequential
+counting recipe's SLURM search (its lr 1e-3, 5e-4, 1e-4, 5e-5; LoRA r 8, 16, 32; alpha 16, 32; MLP heads of 2, 3, 4
+layers), each run 300 steps with LoRA on and one counting evaluation (MAE) at its end.
+
+    python -m coordexp_jax.sweep --config configs/counting_demo_sweep.py --out runs/counting_sweep --parallel 1
+    python -m coordexp_jax.sweep report runs/counting_sweep --metric mae --mode min
+
+On a cluster, the same grid as one SLURM job array (docs/sweeps.md):
+
+    python -m coordexp_jax.sweep --config configs/counting_demo_sweep.py --out /shared/runs/counting_sweep \
+        --executor slurm --slurm_partition gpu --gpus_per_node 1 --time_min 60 \
+        --slurm_setup "source $PWD/.venv/bin/activate"
+
+The demo model is randomly initialised, so LoRA here adapts a random base: the sweep exercises the machinery (and
+the heads, at 5x the learning rate, do most of the fitting); with `--config.model.checkpoint=<a Qwen3-VL
+checkpoint>` and the full step count it is the recipe's search. A subset: `--sweep optim.lr=1e-3,1e-4
+--sweep lora.rank=16 --sweep lora.alpha=32` (those axes replaced). Each run is ~2-3 minutes on 2 CPU cores.
+"""
+
+import importlib.util
+import os
+
+
+def _counting_demo():
+    spec = importlib.util.spec_from_file_location("_coordexp_counting_demo_config",
+                                                  os.path.join(os.path.dirname(__file__), "counting_demo.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def get_config():
+    c = _counting_demo()
+    c.name = "counting_demo_sweep"
+    c.lora.enabled = True  # the recipe trains LoRA adapters + the heads
+    c.train.steps = 300
+    c.train.max_minutes = 0.0  # equal runs: every run trains its 300 steps
+    c.train.ckpt_every = 100
+    c.optim.warmup_steps = 30
+    c.eval.every = 0
+    c.eval.at_end = True
+    return c
+
+
+def get_sweep():
+    return {
+        "optim.lr": [1e-3, 5e-4, 1e-4, 5e-5],
+        "lora.rank": [8, 16, 32],
+        "lora.alpha": [16.0, 32.0],
+        "counting.head_layers": [2, 3, 4],
+    }
