@@ -5,8 +5,9 @@ when W&B is configured but not installed.
 
 W&B runs offline with no network: WANDB_MODE=offline, WANDB_SILENT=true, WANDB_DIR in the test's tmp folder. The
 offline run is read from its `run-<id>.wandb` file, W&B's transaction log (a leveldb-style log of
-`wandb_internal_pb2.Record` protobufs, wandb/sdk/internal/datastore.py in wandb < 0.26); `wandb.Api` reads
-only runs on a server."""
+`wandb_internal_pb2.Record` protobufs; wandb 0.31 no longer ships its Python reader, the former
+wandb/sdk/internal/datastore.py, and its wandb-core writes the same format); `wandb.Api` reads only runs on a
+server."""
 
 import dataclasses
 import glob
