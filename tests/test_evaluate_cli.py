@@ -211,3 +211,21 @@ def test_bad_override_is_the_same_line_as_trains(run, capsys):
     assert err.startswith("error: --checkpoint ") and err.endswith("checkpoints/9: directory not found (the run's "
                                                                     "checkpoint steps: 1, 2)"), err
     assert not os.path.exists(os.path.join(wd, "never"))
+
+
+def test_what_a_checkpoint_path_names(run, tmp_path):
+    _, _, wd, _ = run
+    ck = os.path.join(wd, "checkpoints")
+    assert E.resolve_checkpoint(os.path.join(ck, "1")) == ("train_state", wd, 1)
+    assert E.resolve_checkpoint(os.path.join(ck, "2") + "/") == ("train_state", wd, 2)
+    assert E.resolve_checkpoint(ck) == ("train_state", wd, None)  # the latest
+    assert E.resolve_checkpoint(wd) == ("model", os.path.join(wd, "final_model"), 2)
+    assert E.resolve_checkpoint(os.path.join(wd, "final_model")) == ("model", os.path.join(wd, "final_model"), 2)
+    bare = tmp_path / "no_final"  # a run without final_model/ (--noexport): its latest checkpoint
+    bare.mkdir()
+    (bare / "config.json").write_text(open(os.path.join(wd, "config.json")).read())
+    os.symlink(ck, bare / "checkpoints")
+    assert E.resolve_checkpoint(str(bare)) == ("train_state", str(bare), None)
+    other = tmp_path / "some_model"  # anything else: load_checkpoint says what it is not
+    other.mkdir()
+    assert E.resolve_checkpoint(str(other)) == ("model", str(other), None)
