@@ -12,10 +12,12 @@ On a cluster, the same grid as one SLURM job array (docs/sweeps.md):
         --executor slurm --slurm_partition gpu --gpus_per_node 1 --time_min 60 \
         --slurm_setup "source $PWD/.venv/bin/activate"
 
-The demo model is randomly initialised, so LoRA here adapts a random base: the sweep exercises the machinery (and
-the heads, at 5x the learning rate, do most of the fitting); with `--config.model.checkpoint=<a Qwen3-VL
-checkpoint>` and the full step count it is the recipe's search. A subset: `--sweep optim.lr=1e-3,1e-4
---sweep lora.rank=16 --sweep lora.alpha=32` (those axes replaced). Each run is ~2-3 minutes on 2 CPU cores.
+Like the counting demo, every run starts from the detection demo's final model (`model.checkpoint =
+runs/demo/final_model`: train configs/demo.py first, or pass `--config.model.checkpoint=DIR`), here with LoRA
+adapters on it and the regression heads at 5x the learning rate; with a Qwen3-VL checkpoint and the full step
+count it is the recipe's search. A subset: `--sweep optim.lr=1e-3,1e-4 --sweep lora.rank=16 --sweep
+lora.alpha=32.0` (those axes replaced). Each run is a few minutes on 2 CPU cores; docs/training.md has a measured
+4-run example.
 """
 
 import importlib.util

@@ -130,6 +130,15 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
+def latest_checkpoint(workdir: str) -> int | None:
+    """The largest step of the orbax checkpoints in `workdir/checkpoints` (one directory per step), or None."""
+    try:
+        steps = [int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit()]
+    except OSError:
+        return None
+    return max(steps) if steps else None
+
+
 def slurm_state(job: dict) -> str:
     """The SLURM state of a sweep job (sacct through submitit), 'UNKNOWN' when it cannot be read."""
     try:
@@ -192,9 +201,9 @@ def run_status(workdir: str, *, check_jobs: bool = True) -> RunStatus:
         return status("pending", f"stopped by train.max_minutes at step {step}; run the sweep again to resume")
     if step is not None or (job and not activity):
         where = f" at step {step}" if step is not None else ""
-        ckpt = os.path.isdir(os.path.join(workdir, "checkpoints"))
+        ckpt = latest_checkpoint(workdir)
         return status("pending", f"interrupted{where}; run the sweep again to resume"
-                      + (" from its checkpoint" if ckpt else ""))
+                      + (f" from its checkpoint at step {ckpt}" if ckpt is not None else ""))
     return status("pending", "not started")
 
 
