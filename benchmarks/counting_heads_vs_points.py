@@ -65,7 +65,7 @@ def eval_heads(path: str, recs, train_recs, cfg) -> dict:
     from coordexp_jax.data import counting as C
     from coordexp_jax.train import counting_loop as CL
 
-    model, enc = CL.load_counting_model(path, image_size=cfg.data.image_size)
+    model, enc, _ = CL.load_counting_model(path, image_size=cfg.data.image_size)
     mean = float(np.mean([len(C.object_centres(r)) for r in train_recs]))
     res, _ = CL.evaluate_counting(model, recs, enc, CL.sequential_config(cfg), max_count=cfg.counting.max_count,
                                   train_mean_count=mean)

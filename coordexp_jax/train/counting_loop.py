@@ -407,9 +407,11 @@ def predict_counting(model, image: np.ndarray, class_name: str, encoder: Countin
 
 def load_counting_model(checkpoint: str, tokenizer_dir_: str | None = None, *, image_size: int | None = None,
                         dtype=None):
-    """(model with heads, CountingEncoder) from a checkpoint (ours or an HF export with `regression_heads.*`) for
-    `predict_counting`. The image settings come from the checkpoint's `preprocessing.json` when present
-    (`image_size`: the longest side, default 128). Raises WeightsError when the checkpoint has no heads."""
+    """(model with heads, CountingEncoder, SequentialCountingConfig) from a checkpoint (ours or an HF export with
+    `regression_heads.*`) for `predict_counting`. The image settings come from the checkpoint's
+    `preprocessing.json` when present (`image_size`: the longest side, default 128); the counting prompt and order
+    from the training run's resolved config (`config.json` beside a run's `final_model`), else the seed's.
+    Raises WeightsError when the checkpoint has no heads."""
     from coordexp_jax.data.image import ImageConfig
     from coordexp_jax.data.prompts import PromptConfig
     from coordexp_jax.data.tokenizer import load_tokenizer, token_ids_from_tokenizer
@@ -435,7 +437,20 @@ def load_counting_model(checkpoint: str, tokenizer_dir_: str | None = None, *, i
     image = ImageConfig(patch_size=v.patch_size, merge_size=v.spatial_merge_size,
                         temporal_patch_size=v.temporal_patch_size, min_pixels=min(px, 32 * 32 * 4), max_pixels=px)
     pcfg = PromptConfig(image=image, text_bucket="pow2", max_text_len=1 << 16)
-    return model, CountingEncoder(tok, ids, pcfg, mc)
+    scfg = None
+    run_cfg = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "config.json")
+    if os.path.isfile(run_cfg):
+        import ml_collections
+
+        with open(run_cfg) as f:
+            raw = json.load(f)
+        if raw.get("train", {}).get("kind") == "counting_regression":
+            scfg = sequential_config(ml_collections.ConfigDict(raw))
+    if scfg is None:
+        from coordexp_jax.data import counting as C
+
+        scfg = C.SequentialCountingConfig()
+    return model, CountingEncoder(tok, ids, pcfg, mc), scfg
 
 
 # ------------------------------------------------------------------------------------------------ evaluation

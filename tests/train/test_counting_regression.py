@@ -150,7 +150,11 @@ def test_loop_runs_counting(setup, tmp_path):
     assert abs(tr[-1]["loss"] - tr[-1]["loss/x"] - tr[-1]["loss/y"]) < 1e-5 * max(1.0, tr[-1]["loss"])
     ev = res["eval"]
     assert {"mae", "rmse", "hit_rate", "mean_point_error_px", "baseline_mae"} <= set(ev)
-    assert os.listdir(tmp_path / "run" / "eval" / "step_2") == ["count_000.png"]
+    ev_dir = tmp_path / "run" / "eval" / "step_2"
+    assert sorted(os.listdir(ev_dir)) == ["count_000.png", "per_image.json"]
+    per = json.load(open(ev_dir / "per_image.json"))
+    assert len(per) == 2 and per[0]["picture"] == "count_000.png" and "picture" not in per[1]
+    assert all(e["n_gt"] >= 1 and e["prompt"].endswith("<x> <y>") for e in per)
     out = loop.export_model(res, str(tmp_path / "final"))
     assert os.path.isfile(os.path.join(out, "regression_heads.safetensors"))
     _, m = load_checkpoint(out)
