@@ -25,6 +25,7 @@ from coordexp_jax.model.config import ModelConfig
 from coordexp_jax.weights.hf import abstract_model, flat_params
 from coordexp_jax.weights.names import hf_shape, name_table
 from coordexp_jax.weights.safetensors_io import write_file
+from coordexp_jax.cli import ArgumentParser
 
 
 def write_random_checkpoint(cfg: ModelConfig, out: str, shards: int = 2) -> int:
@@ -50,7 +51,7 @@ def write_random_checkpoint(cfg: ModelConfig, out: str, shards: int = 2) -> int:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--keep", action="store_true")

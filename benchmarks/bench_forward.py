@@ -25,6 +25,7 @@ from coordexp_jax.model.config import ModelConfig, TextConfig, tiny_config  # no
 from coordexp_jax.model.hf_reference import build_hf_model, hf_kwargs  # noqa: E402
 from coordexp_jax.model.inputs import build_model_inputs  # noqa: E402
 from coordexp_jax.weights.hf import load_hf_checkpoint  # noqa: E402
+from coordexp_jax.cli import ArgumentParser  # noqa: E402
 
 
 def bench_config() -> ModelConfig:
@@ -44,7 +45,7 @@ def median_time(fn, repeats):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=10)
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)

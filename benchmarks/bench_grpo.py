@@ -1,7 +1,7 @@
 """One GRPO step, ours (train/grpo_loop.py) vs TRL's `GRPOTrainer`, on the same tiny Qwen3-VL weights, side by side.
 
     pip install trl==1.16.0        # only this benchmark needs TRL (not in requirements*.txt)
-    python benchmarks/bench_grpo.py [--checkpoint DIR] [--G 8] [--B 8] [--new-tokens 64] [--steps 3]
+    python benchmarks/bench_grpo.py [--checkpoint DIR] [--G 8] [--B 8] [--new_tokens 64] [--steps 3]
 
 The weights: `--checkpoint` (ours, e.g. a demo run's final_model; default: the demo config's tiny model from random
 init, saved once), exported for transformers with `tools/export_hf.py`; TRL loads the export (and a second copy as
@@ -10,7 +10,7 @@ described by the phrase ...: <phrase>"), the same records in the same order on b
 format (TRL gets it through a chat template and a Qwen3-VL processor with our image settings: the same number of
 image tokens per prompt).
 
-One step on each side: B prompts x G samples at temperature 1 (no top-k/top-p) of at most --new-tokens tokens
+One step on each side: B prompts x G samples at temperature 1 (no top-k/top-p) of at most --new_tokens tokens
 (rollout); the same reward function (our parser + the Gaussian point and Gaussian plane rewards); group
 advantages (TRL scale_rewards='group'); the reference log-probs (beta 0.04); one AdamW update (lr 1e-5, clip 1.0)
 of the GRPO loss (ours 'seq_mean_token_mean' = TRL loss_type 'grpo', epsilon 0.2, one iteration per batch).
@@ -37,6 +37,7 @@ sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from coordexp_jax.cli import ArgumentParser  # noqa: E402
 
 REWARDS = {"gaussian_point": 1.0, "gaussian_plane": 1.0}  # configs/grpo_demo.py's
 
@@ -49,11 +50,11 @@ CHAT_TEMPLATE = (
 
 
 def parse(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default="", help="our checkpoint dir (default: demo tiny model, random init)")
     ap.add_argument("--G", type=int, default=8, help="samples per prompt")
     ap.add_argument("--B", type=int, default=8, help="prompts per step")
-    ap.add_argument("--new-tokens", type=int, default=64, help="max completion length")
+    ap.add_argument("--new_tokens", type=int, default=64, help="max completion length")
     ap.add_argument("--steps", type=int, default=3, help="measured steps (after one warm-up step)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--skip_trl", action="store_true")

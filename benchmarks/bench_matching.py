@@ -3,7 +3,7 @@
     python benchmarks/bench_matching.py [--batch 64] [--size 60] [--repeats 20]
 
 Prints the median wall time per batch (after compilation) and the ratios. Sinkhorn runs at a fixed iteration
-count (`--sinkhorn-iters`) on the dummy-augmented (N+1)x(M+1) problem.
+count (`--sinkhorn_iters`) on the dummy-augmented (N+1)x(M+1) problem.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import numpy as np  # noqa: E402
 from scipy.optimize import linear_sum_assignment  # noqa: E402
 
 from coordexp_jax.coord import matching  # noqa: E402
+from coordexp_jax.cli import ArgumentParser  # noqa: E402
 
 
 def _median_time(fn, repeats):
@@ -32,11 +33,11 @@ def _median_time(fn, repeats):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--size", type=int, default=60)
     ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--sinkhorn-iters", type=int, default=200)
+    ap.add_argument("--sinkhorn_iters", type=int, default=200)
     ap.add_argument("--epsilon", type=float, default=0.01)
     ap.add_argument("--costs", choices=("boxes", "uniform"), default="boxes",
                     help="box-cost matrices of noisy shuffled copies (default) or i.i.d. uniform costs (harder)")

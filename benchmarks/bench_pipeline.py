@@ -1,7 +1,7 @@
 """Input-pipeline throughput (images/s): synthetic images -> Grain -> decode, smart_resize, patchify, tokenise,
 collate (training batches with every contract array), with 0 and 2 worker processes.
 
-    python benchmarks/bench_pipeline.py [--batches 12] [--batch-size 8]
+    python benchmarks/bench_pipeline.py [--batches 12] [--batch_size 8]
 
 Settings: 448x448 and 1024x768 images (1024 max side) with the released Qwen3-VL processor limits (no resize
 needed at 448; 1024x768 stays 1024x768 = 3072 patches), plus the demo's 128x128 for reference.
@@ -19,6 +19,7 @@ from coordexp_jax.data import pipeline as P  # noqa: E402
 from coordexp_jax.data import prompts as Pr  # noqa: E402
 from coordexp_jax.data import synthetic as S  # noqa: E402
 from coordexp_jax.data import tokenizer as T  # noqa: E402
+from coordexp_jax.cli import ArgumentParser  # noqa: E402
 
 
 def run(path, img_cfg, workers, batches, bs, patches):
@@ -37,9 +38,9 @@ def run(path, img_cfg, workers, batches, bs, patches):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", type=int, default=12)
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch_size", type=int, default=8)
     ap.add_argument("--images", type=int, default=64)
     a = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="bench_pipeline_")

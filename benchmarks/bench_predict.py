@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from coordexp_jax.cli import ArgumentParser
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -83,7 +84,7 @@ def machine() -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", default="/work/runs/demo", help="a training workdir (eval pages, config.json)")
     ap.add_argument("--checkpoint", default=None, help="default: RUN/final_model")
     ap.add_argument("--num_images", type=int, default=16)

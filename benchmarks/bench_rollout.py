@@ -7,7 +7,7 @@ Two regimes:
   step is bound by memory bandwidth: every step reads all text weights (the tied 152k x 512 embedding as lm_head
   plus the layers). The bound is measured here: tok/s limit at batch 1 = read bandwidth / weight bytes per step.
 
-Run: python benchmarks/bench_rollout.py [--regimes tiny,100m] [--new-tokens 64] [--repeats 3]
+Run: python benchmarks/bench_rollout.py [--regimes tiny,100m] [--new_tokens 64] [--repeats 3]
 Prints a table and the ratios; end-to-end times include prefill (vision tower + prompt) for both sides.
 """
 
@@ -31,6 +31,7 @@ from coordexp_jax.model.hf_reference import build_hf_model, hf_kwargs  # noqa: E
 from coordexp_jax.model.inputs import build_model_inputs  # noqa: E402
 from coordexp_jax.rollout.sampler import Sampler, SamplerConfig  # noqa: E402
 from coordexp_jax.weights.hf import load_hf_checkpoint  # noqa: E402
+from coordexp_jax.cli import ArgumentParser  # noqa: E402
 
 
 def read_bandwidth(n_bytes: int = 1 << 30, repeats: int = 5) -> dict:
@@ -172,10 +173,10 @@ def run_regime(name, cfg, batches, new_tokens, repeats, bw, bw_gemv):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--regimes", default="tiny,100m")
     p.add_argument("--batches", default="1,8")
-    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--new_tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     a = p.parse_args()
     jax.config.update("jax_default_matmul_precision", "highest")

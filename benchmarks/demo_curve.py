@@ -22,6 +22,7 @@ import re
 import sys
 
 import numpy as np
+from coordexp_jax.cli import ArgumentParser
 
 
 def _read_jsonl(path: str) -> list[dict]:
@@ -128,7 +129,7 @@ def svg(curves: dict[str, list[dict]], metric: str, path: str, width: int = 640,
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("workdirs", nargs="+")
     p.add_argument("--metric", default="det/AP50_logprob")
     p.add_argument("--svg", default="", help="write the curves to this SVG file")

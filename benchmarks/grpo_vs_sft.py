@@ -9,9 +9,9 @@ val_grounding.jsonl), so that a seed (`data.seed`: the data order; `train.seed`:
 order, not the set. Arms, each `--minutes` of training (`train.max_minutes`; evaluation excluded):
 - grpo: `configs/grpo_demo.py` (G = 8 samples per prompt, Gaussian point + Gaussian plane rewards);
 - sft:  `configs/demo.py` on the same grounding records, the demo objective (ce + soft_ce + w1 + gate), at a
-  constant lr (`--sft-lr`), batch 16.
+  constant lr (`--sft_lr`), batch 16.
 Both start from `--stage1`. Every model (the start and each arm's final model) is scored the same way: greedy
-rollouts of the first `--eval-records` held-out grounding records (the val split), `grpo_loop.score_records`: the
+rollouts of the first `--eval_records` held-out grounding records (the val split), `grpo_loop.score_records`: the
 mean reward under grpo_demo's weights (Gaussian point + plane, in [0, 2]), each reward's mean (IoU and format
 too), the parse rate and Acc@0.5 (IoU >= 0.5 of the first box). Writes `OUT/results.json` and prints a markdown table.
 """
@@ -24,6 +24,7 @@ import os
 import subprocess
 import sys
 import time
+from coordexp_jax.cli import ArgumentParser
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,15 +32,15 @@ sys.path.insert(0, ROOT)
 
 
 def parse(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stage1", required=True, help="the Stage-1 model (final_model of configs/demo.py)")
     ap.add_argument("--minutes", type=float, default=5.0, help="training wall-clock per arm and seed")
     ap.add_argument("--seeds", default="0", help="comma-separated seeds")
     ap.add_argument("--arms", default="grpo,sft")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--eval-records", type=int, default=128)
-    ap.add_argument("--sft-lr", type=float, default=1e-3)
-    ap.add_argument("--grpo-lr", type=float, default=0.0, help="0 = configs/grpo_demo.py's")
+    ap.add_argument("--eval_records", type=int, default=128)
+    ap.add_argument("--sft_lr", type=float, default=1e-3)
+    ap.add_argument("--grpo_lr", type=float, default=0.0, help="0 = configs/grpo_demo.py's")
     ap.add_argument("--extra", default="", help="extra --config.key=value flags for both arms (space-separated)")
     return ap.parse_args(argv)
 
