@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 
 from flax import nnx
@@ -43,8 +44,9 @@ def detection_eval_hook(cfg, comps, t_start: float | None = None):
         sampler = box["sampler"]
         sampler.state = state
         out_dir = eval_dir(workdir, step)
+        run_info = {"checkpoint": os.path.abspath(workdir), "step": int(step), "config": cfg.name}
         m = evaluate_records(sampler, records, encoder, model_config=comps.model_config, config=ecfg,
-                             out_dir=out_dir, progress=False)
+                             out_dir=out_dir, progress=False, run_info=run_info)
         res = {k: float(v) for k, v in m.items() if isinstance(v, (int, float))}
         res["minutes"] = (time.time() - t0) / 60
         return res

@@ -51,7 +51,7 @@ from flax import nnx
 from coordexp_jax.coord import protocols
 from coordexp_jax.errors import CoordExpError
 from coordexp_jax.rollout.sampler import VISION_KEYS, bucket_inputs, next_pow2
-from coordexp_jax.train import optim
+from coordexp_jax.train import metrics_log, optim
 from coordexp_jax.train.objective import output_embedding, vision_inputs
 
 log = logging.getLogger(__name__)
@@ -558,7 +558,7 @@ def train_grpo(cfg, workdir: str, *, components=None, eval_hook=None, stop_after
         params = jax.tree.map(lambda e, p: e.astype(p.dtype), params, state.params)
         res = hook(nnx.merge(parts.graphdef, params, state.frozen), step, workdir)
         writer.write(step, res, kind="eval")
-        log.info("eval at step %d: %s", step, {k: round(float(v), 4) for k, v in res.items()})
+        log.info("eval at step %d: %s", step, metrics_log.eval_log_line(res, workdir, step))
         return res
 
     pbar = None

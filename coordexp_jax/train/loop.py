@@ -218,7 +218,7 @@ def train(cfg, workdir: str, *, components: Components | None = None, eval_hook:
         model = nnx.merge(graphdef, params, state.frozen)
         res = hook(model, step, workdir)
         writer.write(step, res, kind="eval")
-        log.info("eval at step %d: %s", step, {k: round(float(v), 4) for k, v in res.items()})
+        log.info("eval at step %d: %s", step, metrics_log.eval_log_line(res, workdir, step))
         return res
 
     pbar = None

@@ -59,6 +59,17 @@ def eval_dir(workdir: str, step: int) -> str:
     return os.path.join(workdir, "eval", f"step_{int(step)}")
 
 
+def eval_log_line(res: dict, workdir: str, step: int) -> str:
+    """The one line logged after an in-training evaluation: the report's headline figures, rounded
+    (`evaluate.summary_line`; every metric, rounded, when the evaluation has no headline, e.g. `eval.kind='loss'`),
+    and the report page when one was written. metrics.jsonl keeps every figure unrounded."""
+    from coordexp_jax.evaluate import summary_line
+
+    line = summary_line(res) or ", ".join(f"{k} {float(v):.4g}" for k, v in res.items())
+    page = os.path.join(eval_dir(workdir, step), "index.html")
+    return f"{line} ({page})" if os.path.isfile(page) else line
+
+
 # ------------------------------------------------------------------------------------------ evaluation pictures
 
 
