@@ -159,7 +159,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.num_images = 64
     c.eval.batch_size = 16
     c.eval.max_new_tokens = 128
-    c.eval.num_pictures = 4
+    c.eval.num_pictures = 0  # pictures in the evaluation report (worst images first); 0 = one for every image
     c.eval.use_ema = True
 
     # Loggers beside metrics.jsonl and TensorBoard (train/metrics_log.py).
