@@ -24,6 +24,7 @@ import os
 import sys
 
 import numpy as np
+from coordexp_jax.cli import ArgumentParser
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -76,7 +77,7 @@ def eval_points(path: str, recs, train_recs, cfg, batch_size: int = 16) -> dict:
     from coordexp_jax import metrics as M
     from coordexp_jax.coord import codec, protocols
     from coordexp_jax.data import counting as C
-    from coordexp_jax.data.prompts import PromptConfig, SampleEncoder, encode_prompts
+    from coordexp_jax.data.prompts import SampleEncoder, encode_prompts
     from coordexp_jax.data.tokenizer import SMALL_TOKENIZER_DIR
     from coordexp_jax.rollout.sampler import Sampler, SamplerConfig
     from coordexp_jax.train import build
@@ -113,7 +114,7 @@ def eval_points(path: str, recs, train_recs, cfg, batch_size: int = 16) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("prepare")
     e = sub.add_parser("eval")
