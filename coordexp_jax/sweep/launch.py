@@ -251,7 +251,7 @@ def _jsonable(v: Any) -> Any:
 
 def _write_json(path: str, doc: Any) -> None:
     """Writes `doc` unless the file already holds it (no needless mtime changes), atomically."""
-    text = json.dumps(doc, indent=1, sort_keys=True) + "\n"
+    text = json.dumps(doc, indent=1) + "\n"  # key order kept: overrides in sweep order
     try:
         with open(path) as f:
             if f.read() == text:

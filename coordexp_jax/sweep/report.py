@@ -142,6 +142,8 @@ def plot(rows: list[Row], metric: str, mode: str, path: str, title: str = "") ->
             ax.set_xticks(range(len(cats)), cats)
         elif min(xs) > 0 and max(xs) / min(xs) >= 10:
             ax.set_xscale("log")
+        elif all(isinstance(v, int) for v in vals):  # integer settings (depths, ranks): ticks at the values
+            ax.set_xticks(sorted(set(xs)))
         groups: dict[str, list[int]] = {}  # runs that differ only in this parameter, joined by a thin line
         for i, r in enumerate(scored):
             groups.setdefault(repr([r.overrides.get(o) for o in keys if o != k]), []).append(i)
