@@ -93,7 +93,7 @@ def coord_tokens() -> list[str]:
 
 
 # Tokens the project adds that must survive `decode(..., skip_special_tokens=True)`: coordinates and tags.
-PLAIN_TOKENS = tuple(coord_tokens()) + TAG_TOKENS + REGRESSION_TOKENS
+PLAIN_TOKENS = tuple(coord_tokens()) + TAG_TOKENS
 
 
 @dataclasses.dataclass(frozen=True)
