@@ -24,7 +24,7 @@ evaluation hook:
   `coordexp_jax.counting.count_sequentially` with a jitted prefill-only `predict_next` (one forward of the
   marked image and the prompt; the heads at `<x>`/`<y>`), up to `counting.max_count` points; counting MAE / RMSE,
   hit rate and mean point error (`metrics.sequential_counting_metrics`), the "predict the training mean count"
-  baseline's MAE, and `eval.num_pictures` side-by-side pictures (input | output with numbered marks and the ground
+  baseline's MAE, and `eval.num_pictures` (0: one per image) side-by-side pictures (input | output with numbered marks and the ground
   truth, the prompt as caption) under `workdir/eval/step_<N>/`.
 
 The prompt of a row is the chat's system turn (when the counting config has one) and the user turn up to its last
@@ -518,6 +518,7 @@ def counting_eval_hook(cfg, comps):
     encoder, scfg = comps.extra["encoder"], comps.extra["sequential_config"]
     # at least the pictures the MetricsWriter sends to TensorBoard / W&B (as the detection hook does)
     n_log = cfg.log.num_pictures if (cfg.train.tensorboard or cfg.log.wandb.project) else 0
+    n_pic = len(recs) if cfg.eval.num_pictures == 0 else max(cfg.eval.num_pictures, n_log)  # 0: every image
     box: dict = {}
     t0 = time.time()
 
@@ -528,7 +529,7 @@ def counting_eval_hook(cfg, comps):
         res, _ = evaluate_counting(model, recs, encoder, scfg, max_count=cfg.counting.max_count,
                                    train_mean_count=comps.extra.get("train_mean_count"),
                                    pictures_dir=os.path.join(workdir, "eval", f"step_{step}"),
-                                   num_pictures=max(cfg.eval.num_pictures, n_log), point_fn=(box["fn"], state))
+                                   num_pictures=n_pic, point_fn=(box["fn"], state))
         res["minutes"] = (time.time() - t0) / 60
         return res
 
