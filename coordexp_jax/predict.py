@@ -240,6 +240,21 @@ def _skip(skipped: list, path: str, reason: str) -> None:
     skipped.append({"image": path, "reason": reason})
 
 
+def _model_dir(checkpoint: str) -> str:
+    """The model directory `--checkpoint` names: a training workdir stands for its `final_model/`
+    (`evaluate.resolve_checkpoint`, the rule `evaluate` follows). A training-state step directory
+    (WORKDIR/checkpoints/N) is refused with the command that turns it into a model directory.
+    Raises PredictError / FileNotFoundError naming the path."""
+    from coordexp_jax.evaluate import resolve_checkpoint
+
+    kind, where, step = resolve_checkpoint(checkpoint)
+    if kind == "train_state":
+        raise PredictError(f"--checkpoint {checkpoint}: a training checkpoint (step {step}), not a model directory; "
+                           f"pass {os.path.join(where, 'final_model')} or export this step with "
+                           f"python -m coordexp_jax.train.export --workdir {where} --step {step} --out DIR")
+    return where
+
+
 def predict(args) -> dict:
     """Runs the CLI (see the module docstring) and returns the summary dict (also written to summary.json)."""
     import jax.numpy as jnp
@@ -253,6 +268,7 @@ def predict(args) -> dict:
     from coordexp_jax.weights.checkpoint import load_checkpoint
 
     t_start = time.perf_counter()
+    args.checkpoint = _model_dir(args.checkpoint)
     _apply_preprocessing_defaults(args)
     if args.max_new_tokens < 1 or args.max_new_tokens >= args.max_len:
         raise PredictError(f"--max_new_tokens must be in [1, --max_len={args.max_len}), got {args.max_new_tokens}")

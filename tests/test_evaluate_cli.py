@@ -229,3 +229,22 @@ def test_what_a_checkpoint_path_names(run, tmp_path):
     other = tmp_path / "some_model"  # anything else: load_checkpoint says what it is not
     other.mkdir()
     assert E.resolve_checkpoint(str(other)) == ("model", str(other), None)
+
+
+def test_predict_takes_a_workdir_and_refuses_a_step_directory_in_one_line(run, tmp_path, capsys):
+    """predict follows evaluate's rule for --checkpoint: a workdir stands for its final_model/; a training-state step
+    directory is one `error:` line naming the export command (exit 2), never a traceback."""
+    d, _, wd, _ = run
+    from coordexp_jax import predict
+
+    with open(os.path.join(d, "syn", "val.jsonl")) as f:
+        image = os.path.join(d, "syn", json.loads(f.readline())["images"][0])
+    out = tmp_path / "pred"
+    assert predict.main(["--checkpoint", wd, "--image", image, "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert os.path.samefile(summary["checkpoint"], os.path.join(wd, "final_model"))
+    capsys.readouterr()
+    step_dir = os.path.join(wd, "checkpoints", "2")
+    assert predict.main(["--checkpoint", step_dir, "--image", image, "--out", str(tmp_path / "p2")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "coordexp_jax.train.export" in err[0], err
