@@ -180,7 +180,9 @@ def load_source(spec: SourceSpec, record_check: Callable[[records_lib.Record], s
     if not recs:
         what = "the file has no records" if rep.records_read == 0 else f"every record was skipped: {rep.one_line()}"
         raise DataConfigError(f"fusion source {spec.name!r}: no usable record in {spec.path} ({what})")
-    log.info("source %s (%s): %d records\n%s", spec.name, spec.path, len(recs), rep.summary())
+    # a skipped record is a warning (shown by every command, evaluate's WARNING-level log included), else info
+    (log.warning if len(recs) < rep.records_read else log.info)(
+        "source %s (%s): %d records\n%s", spec.name, spec.path, len(recs), rep.summary())
     return recs, rep
 
 

@@ -130,7 +130,7 @@ def plot(rows: list[Row], metric: str, mode: str, path: str, title: str = "") ->
     keys = [k for k in swept_keys(rows) if len({repr(r.overrides.get(k)) for r in scored}) > 1]
     if not keys or not scored:
         return None
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.2), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(keys), figsize=(max(6.4, 3.6 * len(keys)), 3.2), squeeze=False, sharey=True)
     top = scored[0]
     for ax, k in zip(axes[0], keys):
         vals = [r.overrides.get(k) for r in scored]

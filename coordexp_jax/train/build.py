@@ -197,6 +197,7 @@ def make_model_fn(cfg, mc, ids: TokenIds) -> tuple[Callable[[], nnx.Module], boo
         from coordexp_jax.weights.checkpoint import load_checkpoint
 
         def load():
+            log.info("starting weights: %s (model.checkpoint)", os.path.abspath(cfg.model.checkpoint))
             _, model = load_checkpoint(cfg.model.checkpoint, pdtype, compute_dtype=dtype, remat=cfg.model.remat)
             return finish(model, fresh=False)
 
