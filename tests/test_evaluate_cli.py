@@ -248,3 +248,21 @@ def test_predict_takes_a_workdir_and_refuses_a_step_directory_in_one_line(run, t
     assert predict.main(["--checkpoint", step_dir, "--image", image, "--out", str(tmp_path / "p2")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "coordexp_jax.train.export" in err[0], err
+
+
+def test_predict_hint_of_a_grounding_run_asks_the_records_phrase(run):
+    """A grounding run's predict hint carries the held-out record's instruction (its referring phrase) as --prompt,
+    so the printed command asks what the model was trained to answer, not the detection instruction."""
+    d, cfg_path, wd, _ = run
+    from coordexp_jax.train.__main__ import end_hints
+    from coordexp_jax.train.config import load_config_file, validate
+
+    cfg = load_config_file(cfg_path)
+    cfg.data.synthetic_task = "grounding"
+    cfg = validate(cfg)
+    with open(os.path.join(d, "syn", "val_grounding.jsonl")) as f:
+        phrase = json.loads(f.readline())["objects"][0]["desc"]
+    hint = [ln for ln in end_hints(cfg, wd, os.path.join(wd, "final_model")) if "coordexp_jax.predict" in ln]
+    argv = shlex.split(hint[0].split(": ", 1)[1])
+    prompt = argv[argv.index("--prompt") + 1]
+    assert prompt.endswith(": " + phrase), prompt

@@ -154,6 +154,28 @@ def _check_model_config(cfg: PromptConfig, ids: TokenIds, model_config):
     return model_config
 
 
+def instruction_text(cfg: "PromptConfig", r: Record) -> str:
+    """The user instruction of record `r`: its own `prompt`, else the task's template of `cfg` with the grounding
+    phrase / counting category filled in. Raises SampleError naming the record when the template needs a phrase or
+    category the record does not have."""
+    if r.prompt is not None:
+        return r.prompt
+    tmpl = cfg.instruction(r.task)
+    descs = [o.desc for o in r.objects]
+    if r.task == "grounding":
+        if not descs:
+            raise SampleError(f"{r.source}: a grounding record with no objects needs a 'prompt' (no phrase)")
+        if len(set(descs)) > 1:
+            raise SampleError(f"{r.source}: grounding objects have different descs {sorted(set(descs))[:4]}; "
+                              f"one record holds one referring phrase")
+        return tmpl.format(phrase=descs[0])
+    if r.task == "counting":
+        if not descs:
+            raise SampleError(f"{r.source}: a counting record with no objects needs a 'prompt' (no category)")
+        return tmpl.format(category=descs[0])
+    return tmpl
+
+
 class SampleEncoder:
     """record -> sample dict (one row, unpadded), or None when the sample is dropped (image unreadable, too long).
 
@@ -216,22 +238,8 @@ class SampleEncoder:
 
     # ------------------------------------------------------------------ prompt
     def instruction_text(self, r: Record) -> str:
-        if r.prompt is not None:
-            return r.prompt
-        tmpl = self.cfg.instruction(r.task)
-        descs = [o.desc for o in r.objects]
-        if r.task == "grounding":
-            if not descs:
-                raise SampleError(f"{r.source}: a grounding record with no objects needs a 'prompt' (no phrase)")
-            if len(set(descs)) > 1:
-                raise SampleError(f"{r.source}: grounding objects have different descs {sorted(set(descs))[:4]}; "
-                                  f"one record holds one referring phrase")
-            return tmpl.format(phrase=descs[0])
-        if r.task == "counting":
-            if not descs:
-                raise SampleError(f"{r.source}: a counting record with no objects needs a 'prompt' (no category)")
-            return tmpl.format(category=descs[0])
-        return tmpl
+        """The user instruction of record `r` (`instruction_text(self.cfg, r)`)."""
+        return instruction_text(self.cfg, r)
 
     def prompt_ids(self, r: Record, num_image_tokens: int) -> list[int]:
         """The prompt through `<|im_start|>assistant\\n` (the generation prompt)."""

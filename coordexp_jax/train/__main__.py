@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import sys
 
 from coordexp_jax.cli import CONFIG_OVERRIDE_HELP, config_flag_values, guard, normalize_config_args, parse_config_flags
@@ -96,10 +97,11 @@ def latest_report(workdir: str) -> str | None:
     return max(found)[1] if found else None
 
 
-def held_out_image(cfg) -> tuple[str, bool] | None:
-    """(image path, held out) for a predict example: the first evaluation record's image (the synthetic set: the
+def held_out_image(cfg) -> tuple[str, bool, str | None] | None:
+    """(image path, held out, instruction or None) for a predict example: the first evaluation record's image (the synthetic set: the
     first of the val images the run wrote; jsonl data: data.eval_path's first record), else the first training
-    record's image (held out False); None when neither can be read (a source error is the run's business)."""
+    record's image (held out False); the instruction is the record's own for grounding/counting records
+    (`_record_prompt`). None when neither can be read (a source error is the run's business)."""
     from coordexp_jax.data.records import iter_jsonl
     from coordexp_jax.errors import CoordExpError
     from coordexp_jax.train import build
@@ -116,8 +118,21 @@ def held_out_image(cfg) -> tuple[str, bool] | None:
             except (CoordExpError, OSError, ValueError):
                 rec = None
             if rec is not None and os.path.isfile(rec.image):
-                return rec.image, held_out
+                return rec.image, held_out, _record_prompt(cfg, rec)
     return None
+
+
+def _record_prompt(cfg, rec) -> str | None:
+    """The instruction a non-detection record is asked with (a grounding phrase, a counting category), for the
+    predict hint's --prompt; None for detection (predict's default instruction)."""
+    if rec.task == "detection" and rec.prompt is None:
+        return None
+    from coordexp_jax.data.prompts import PromptConfig, instruction_text
+
+    try:
+        return instruction_text(PromptConfig(protocol=cfg.data.protocol), rec)
+    except (CoordExpError, ValueError, KeyError):
+        return None
 
 
 def _short(path: str) -> str:
@@ -136,10 +151,11 @@ def end_hints(cfg, workdir: str, final_model: str | None) -> list[str]:
     # predict answers with boxes: not for the regression heads' point-by-point counting (docs/counting.md)
     image = held_out_image(cfg) if final_model and cfg.train.kind != "counting_regression" else None
     if image:
-        path, held_out = image
+        path, held_out, prompt = image
         lines.append(f"predict on a {'held-out' if held_out else 'training'} image: python -m coordexp_jax.predict "
                      f"--checkpoint {_short(final_model)} --image {_short(path)} "
-                     f"--out {_short(os.path.join(workdir, 'predict'))}")
+                     + (f"--prompt {shlex.quote(prompt)} " if prompt else "")
+                     + f"--out {_short(os.path.join(workdir, 'predict'))}")
     return lines
 
 
