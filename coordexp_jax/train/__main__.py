@@ -98,10 +98,10 @@ def latest_report(workdir: str) -> str | None:
 
 
 def held_out_image(cfg) -> tuple[str, bool, str | None] | None:
-    """(image path, held out, instruction or None) for a predict example: the first evaluation record's image (the synthetic set: the
-    first of the val images the run wrote; jsonl data: data.eval_path's first record), else the first training
-    record's image (held out False); the instruction is the record's own for grounding/counting records
-    (`_record_prompt`). None when neither can be read (a source error is the run's business)."""
+    """(image path, held out, instruction or None) for a predict example: the first evaluation record's image (the
+    synthetic set: the first of the val images the run wrote; jsonl data: data.eval_path's first record), else the
+    first training record's image (held out False); the instruction is the record's own for grounding/counting
+    records (`_record_prompt`). None when neither can be read (a source error is the run's business)."""
     from coordexp_jax.data.records import iter_jsonl
     from coordexp_jax.errors import CoordExpError
     from coordexp_jax.train import build
