@@ -243,10 +243,13 @@ def _skip(skipped: list, path: str, reason: str) -> None:
 def _model_dir(checkpoint: str) -> str:
     """The model directory `--checkpoint` names: a training workdir stands for its `final_model/`
     (`evaluate.resolve_checkpoint`, the rule `evaluate` follows). A training-state step directory
-    (WORKDIR/checkpoints/N) is refused with the command that turns it into a model directory.
-    Raises PredictError / FileNotFoundError naming the path."""
+    (WORKDIR/checkpoints/N) is refused with the command that turns it into a model directory (PredictError). A path
+    that is not a directory is returned as it is: the inputs are checked first, then loading the checkpoint names it.
+    """
     from coordexp_jax.evaluate import resolve_checkpoint
 
+    if not os.path.isdir(checkpoint):  # load_checkpoint names it, after the inputs are checked
+        return checkpoint
     kind, where, step = resolve_checkpoint(checkpoint)
     if kind == "train_state":
         raise PredictError(f"--checkpoint {checkpoint}: a training checkpoint (step {step}), not a model directory; "

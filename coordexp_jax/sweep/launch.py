@@ -366,14 +366,18 @@ def run_local(runs: Sequence[Run], parallel: int, cwd: str, poll_s: float = 1.0,
     queue = list(runs)
     active: dict[str, tuple[Run, Any]] = {}
     final: dict[str, state_lib.RunStatus] = {}
-    previous = signal.getsignal(signal.SIGTERM)
+    # SIGINT too: a process started with SIGINT ignored (from a non-interactive shell's '&', or a test runner's
+    # worker) inherits SIG_IGN, and Python then never raises KeyboardInterrupt on `kill -INT`
+    handled = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.getsignal(sig) for sig in handled}
     in_main = threading.current_thread() is threading.main_thread()
 
     def on_term(signum, frame):
         raise KeyboardInterrupt
 
     if in_main:
-        signal.signal(signal.SIGTERM, on_term)
+        for sig in handled:
+            signal.signal(sig, on_term)
     try:
         while queue or active:
             while queue and len(active) < max(1, parallel):
@@ -407,7 +411,8 @@ def run_local(runs: Sequence[Run], parallel: int, cwd: str, poll_s: float = 1.0,
         raise
     finally:
         if in_main:
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     return final
 
 
