@@ -500,7 +500,8 @@ def test_local_sweep_rerun_resumes_without_redoing_finished_runs(local_sweep):
     log = open(jobs["stderr"]).read()
     assert "resumed from step" in log, log[-3000:]
     resumed = int(log.split("resumed from step")[1].split()[0])
-    assert 3 <= resumed <= s["killed_at"] and resumed % 3 == 0
+    # a checkpoint step before the end (the training may pass the step seen at the signal before it stops)
+    assert 3 <= resumed < STEPS and resumed % 3 == 0
     recs = state_lib.read_records(str(out / n[1]))
     assert sorted({r["step"] for r in recs if r.get("kind") == "train"}) == list(range(1, STEPS + 1))
     assert [r["reason"] for r in recs if r.get("kind") == "stop"] == ["steps"]  # the Ctrl-C wrote no stop record

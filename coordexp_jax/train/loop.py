@@ -237,6 +237,16 @@ def train(cfg, workdir: str, *, components: Components | None = None, eval_hook:
     out_of_time = False
     reason = "complete" if start >= T.steps else None
     batch = next_batch(start) if start < T.steps else None
+    if start and start < T.steps and cfg.eval.every and start % cfg.eval.every == 0:
+        # stopped between the checkpoint of an evaluation step and that evaluation (a signal, a crash): the resumed
+        # run starts at that step, so the evaluation it missed runs now (never twice: metrics.jsonl has it otherwise)
+        missing = start not in read_metrics(workdir, "eval")
+        if jax.process_count() > 1:  # only process 0 writes metrics.jsonl; every process must take the same branch
+            from jax.experimental import multihost_utils
+
+            missing = bool(multihost_utils.broadcast_one_to_all(np.asarray(missing)))
+        if missing:
+            eval_res = run_eval(start)
     first_check = comps.extra.get("first_step_check")  # e.g. gradients reach the counting heads and LoRA
     if first_check is not None and start == 0 and batch is not None:
         writer.write(start, first_check(graphdef, state, batch, comps.objective), kind="grad_check")
@@ -245,12 +255,10 @@ def train(cfg, workdir: str, *, components: Components | None = None, eval_hook:
             state, metrics = step_fn(state, batch)
             step += 1
             done_here += 1
-            if T.ckpt_every and step % T.ckpt_every == 0 and step < T.steps:
-                ckpt.save(step, state, comps.data_iter)  # the iterator is exactly at this step's boundary
-                saved_step = step
+            ckpt_step = bool(T.ckpt_every) and step % T.ckpt_every == 0 and step < T.steps
             out_of_time = bool(T.max_minutes) and (time.time() - t0) / 60 >= T.max_minutes
             finishing = step >= T.steps or out_of_time or (stop_after is not None and done_here >= stop_after)
-            if not finishing:
+            if not finishing and not ckpt_step:
                 batch = next_batch(step)  # host work overlaps the asynchronously dispatched step
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
             n_comp = step_fn._cache_size()
@@ -278,6 +286,11 @@ def train(cfg, workdir: str, *, components: Components | None = None, eval_hook:
             if pbar is not None:
                 pbar.update(1)
                 pbar.set_postfix(loss=f"{m['loss']:.4f}", skipped=skipped)
+            if ckpt_step:  # after this step's metrics are written (a kill after the save loses no record)
+                ckpt.save(step, state, comps.data_iter)  # the iterator is exactly at this step's boundary
+                saved_step = step
+                if not finishing:
+                    batch = next_batch(step)
             if cfg.eval.every and step % cfg.eval.every == 0 and step < T.steps:
                 eval_res = run_eval(step)
             if finishing:

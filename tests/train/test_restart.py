@@ -141,3 +141,30 @@ def test_cli_restarts_keep_final_model(tmp_path, capsys):
     assert step == 2
     for x, y in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), jax.tree.leaves(nnx.state(exported, nnx.Param))):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_resume_runs_the_evaluation_a_stop_between_checkpoint_and_evaluation_missed(tmp_path):
+    """Step 2 is a checkpoint step and an evaluation step; the checkpoint is written before the evaluation, so a
+    kill in between (simulated: the eval record removed) resumes at step 2 past its evaluation. The resumed call
+    runs it first, and every evaluation step is in metrics.jsonl exactly once."""
+    calls = []
+
+    def hook(model, step, workdir):
+        calls.append(step)
+        return {"val": float(step)}
+
+    wd = str(tmp_path)
+    cfg = _cfg(**{"eval.every": 2})
+    part = loop.train(cfg, wd, components=components(), eval_hook=hook, stop_after=2)
+    assert part["step"] == 2 and calls == [2]
+    path = os.path.join(wd, "metrics.jsonl")
+    with open(path) as f:
+        kept = [ln for ln in f if json.loads(ln)["kind"] != "eval"]
+    with open(path, "w") as f:
+        f.writelines(kept)
+    calls.clear()
+    loop.train(cfg, wd, components=components(), eval_hook=hook)
+    assert calls == [2, 4]  # the missed one first, then the run's own (5 steps: 2 and 4 are evaluation steps)
+    with open(path) as f:
+        evals = [r["step"] for r in map(json.loads, f) if r["kind"] == "eval"]
+    assert evals == [2, 4]
