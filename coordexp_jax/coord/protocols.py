@@ -654,50 +654,24 @@ def _resync(lx: _Lexer, depth: float, skip_unknown: bool = True, keys: Sequence[
             return
 
 
-def _coord_list(lx: _Lexer, n: int) -> tuple[list[int], list[int]]:
-    """`[c, c, ..., c]` with exactly n coordinate tokens."""
-    _expect(lx, "[")
-    bins, pos = [], []
-    while True:
-        t = lx.peek()
-        if t[0] == "coord":
-            lx.pop()
-            bins.append(t[1])
-            pos.append(t[2])
-        elif t[0] in ("eof", "unterminated"):
-            raise _Fail("truncated")
-        elif t[0] in ("num", "special", "str", "junk"):
-            raise _Fail("bad_coord")
-        else:
-            raise _Fail("syntax")
-        t = lx.peek()
-        if t[0] == ",":
-            lx.pop()
-            continue
-        if t[0] == "]":
-            lx.pop()
-            break
-        raise _Fail("truncated" if t[0] in ("eof", "unterminated") else "syntax")
-    if len(bins) != n:
-        raise _Fail("wrong_coord_count")
-    return bins, pos
-
-
-def _number_list(lx: _Lexer, n: int, top: int) -> tuple[list[int], list[int]]:
-    """`[q, q, ..., q]` with exactly n integers in 0..top written as text -> (values, positions)."""
+def _value_list(lx: _Lexer, n: int, kind: str, top: int | None = None) -> tuple[list[int], list[int]]:
+    """`[v, v, ..., v]` with exactly n values of token kind `kind` -> (values, positions): coordinate tokens
+    (`kind='coord'`, values = bins) or integers written as text (`kind='num'`, each in 0..top). A token of the
+    other value kind, a string or a special token is a bad coordinate; a non-integer number after a text value
+    (`12.5`, `1e3`) too."""
     _expect(lx, "[")
     vals, pos = [], []
     while True:
         t = lx.peek()
-        if t[0] == "num":
+        if t[0] == kind:
             lx.pop()
-            if t[1] > top:
+            if top is not None and t[1] > top:
                 raise _Fail("bad_coord")
             vals.append(t[1])
             pos.append(t[2])
         elif t[0] in ("eof", "unterminated"):
             raise _Fail("truncated")
-        elif t[0] in ("coord", "special", "str", "junk"):
+        elif t[0] in ("num", "coord", "special", "str", "junk"):
             raise _Fail("bad_coord")
         else:
             raise _Fail("syntax")
@@ -708,7 +682,7 @@ def _number_list(lx: _Lexer, n: int, top: int) -> tuple[list[int], list[int]]:
         if t[0] == "]":
             lx.pop()
             break
-        if t[0] == "junk":  # 12.5, 1e3, ...
+        if kind == "num" and t[0] == "junk":
             raise _Fail("bad_coord")
         raise _Fail("truncated" if t[0] in ("eof", "unterminated") else "syntax")
     if len(vals) != n:
@@ -729,12 +703,12 @@ class _Dialect:
 
 
 def _read_coord_box(lx: _Lexer):
-    bins, pos = _coord_list(lx, 4)
+    bins, pos = _value_list(lx, 4, "coord")
     return bins, pos, None
 
 
 def _read_qwen_box(lx: _Lexer):
-    q, pos = _number_list(lx, 4, codec.QWEN_SCALE)
+    q, pos = _value_list(lx, 4, "num", codec.QWEN_SCALE)
     norm = codec.qwen1000_to_norm(np.asarray(q, np.int64))
     return codec.norm_to_bins(norm), pos, norm
 
@@ -1059,7 +1033,7 @@ def parse_count(ids, tokenizer, token_ids) -> CountResult:
                 continue
             d0 = lx.depth
             try:
-                b, p = _coord_list(lx, 2)
+                b, p = _value_list(lx, 2, "coord")
                 pts.append(b)
                 pos.append(p)
             except _Fail as f:
