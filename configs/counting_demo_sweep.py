@@ -20,16 +20,13 @@ lora.alpha=32.0` (those axes replaced). Each run is a few minutes on 2 CPU cores
 4-run example.
 """
 
-import importlib.util
 import os
+
+from coordexp_jax.train.config import load_config_file
 
 
 def _counting_demo():
-    spec = importlib.util.spec_from_file_location("_coordexp_counting_demo_config",
-                                                  os.path.join(os.path.dirname(__file__), "counting_demo.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load_config_file(os.path.join(os.path.dirname(__file__), "counting_demo.py"))
 
 
 def get_config():

@@ -11,18 +11,15 @@ Measured (docs/demo.md), commit f9373ed, both cores of the idle 2-core CPU: AP50
 (AP 0.688) at 1500 / 3000 / 4500 / 6000 steps, reached at 6.5 / 12.9 / 19.6 / 26.3 minutes.
 """
 
-import importlib.util
 import os
 
 import ml_collections
 
+from coordexp_jax.train.config import load_config_file
+
 
 def _demo():
-    spec = importlib.util.spec_from_file_location("_coordexp_demo_config", os.path.join(os.path.dirname(__file__),
-                                                                                       "demo.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load_config_file(os.path.join(os.path.dirname(__file__), "demo.py"))
 
 
 def get_config():

@@ -12,16 +12,13 @@ Each run is ~3 minutes on 2 CPU cores (600 steps of batch 16 plus start-up and o
 is about an hour with `--parallel 1`; docs/sweeps.md has a measured example.
 """
 
-import importlib.util
 import os
+
+from coordexp_jax.train.config import load_config_file
 
 
 def _demo():
-    spec = importlib.util.spec_from_file_location("_coordexp_demo_config", os.path.join(os.path.dirname(__file__),
-                                                                                       "demo.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load_config_file(os.path.join(os.path.dirname(__file__), "demo.py"))
 
 
 def get_config():
