@@ -24,6 +24,11 @@ and `summary.json`: the images (name, objects, parse status, seconds), the skipp
 (images, objects, parse statuses, seconds for loading, predicting, per image) and `compiles` (batches that
 compiled the sampler: 1 when every batch had the same shape). One summary line is printed.
 
+Counting mode (`--mode counting`, or `auto` when the checkpoint holds `regression_heads.json`: a model trained with
+`train.kind='counting_regression'`): each image is counted one object at a time by the sequential loop
+(`predict_counting_images`; `--class_name`, `--max_count`); `<name>.png` is the input | output picture with the
+numbered marks and `<name>.json` holds the count and the points in pixels. The detection-only options are ignored.
+
 `--images DIR` takes the folder's image files (extensions in `IMAGE_EXTENSIONS`, not recursive, sorted by name);
 `--images 'GLOB'` every file the pattern matches (`**` recursive; quote it). An input that cannot be read or that
 the processor refuses is skipped: logged, counted and listed in summary.json. Exit code 0 when at least one image
@@ -193,10 +198,20 @@ def _parser() -> argparse.ArgumentParser:
                    help="default: the checkpoint's preprocessing.json, else the released processor's")
     p.add_argument("--max_pixels", type=int, default=None)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--mode", default="auto", choices=MODES,
+                   help="auto: counting when the checkpoint has regression heads (regression_heads.json), else "
+                        "detection")
+    p.add_argument("--class_name", default=None,
+                   help="counting: the class to count (default: the training run's class, from the config.json "
+                        "beside its final_model)")
+    p.add_argument("--max_count", type=int, default=None,
+                   help="counting: stop after this many points (default: the run's counting.max_count, else 16)")
     return p
 
 
 PREPROCESSING = "preprocessing.json"  # written next to a trained model by `python -m coordexp_jax.train`
+MODES = ("auto", "detection", "counting")
+HEADS_JSON = "regression_heads.json"  # a model with regression heads (sequential counting) has it
 
 
 def _apply_preprocessing_defaults(args) -> None:
@@ -272,6 +287,8 @@ def predict(args) -> dict:
 
     t_start = time.perf_counter()
     args.checkpoint = _model_dir(args.checkpoint)
+    if resolve_mode(args.checkpoint, getattr(args, "mode", "auto")) == "counting":
+        return predict_counting_images(args, t_start)
     _apply_preprocessing_defaults(args)
     if args.max_new_tokens < 1 or args.max_new_tokens >= args.max_len:
         raise PredictError(f"--max_new_tokens must be in [1, --max_len={args.max_len}), got {args.max_new_tokens}")
@@ -430,19 +447,124 @@ def _run_batch(items, B, sampler, encoder, config, args, record, state) -> list[
     return out
 
 
+# ------------------------------------------------------------------------------------------------ counting mode
+
+def resolve_mode(checkpoint: str, mode: str = "auto") -> str:
+    """"counting" or "detection": `mode` when given, else counting iff the model directory holds
+    `regression_heads.json` (a `train.kind='counting_regression'` model, ours or its HF export)."""
+    if mode not in MODES:
+        raise PredictError(f"--mode must be one of {MODES}, got {mode!r}")
+    if mode != "auto":
+        return mode
+    return "counting" if os.path.isfile(os.path.join(checkpoint, HEADS_JSON)) else "detection"
+
+
+def predict_counting_images(args, t_start: float | None = None) -> dict:
+    """The counting mode of the CLI: every input image is counted one object at a time
+    (`train.counting_loop.predict_counting`: mark the points so far, re-encode, the heads give the next centre; stop
+    on "all counted", on a point inside an earlier mark, or at `--max_count`). Writes per image `<name>.png` (input
+    | output with the numbered marks, `counting.draw_counting_result`) and `<name>.json` ({"image", "width",
+    "height", "class_name", "count", "points" [[x, y], ...] pixels of the original image in counting order,
+    "done_reason", "steps", "predictions" (the raw [-1, 1] answers), "prompt" (the last step's), "seconds"}), and
+    `summary.json` ("mode": "counting", images, skipped inputs, totals). An image that cannot be read, that the
+    processor refuses or that is too small for the numbered marks is skipped (logged, listed). Raises PredictError
+    (no class name, a bad --max_count, no image predicted) and WeightsError (a checkpoint without regression heads).
+    """
+    from PIL import Image
+    from flax import nnx
+
+    from coordexp_jax import counting
+    from coordexp_jax.data import counting as C, image as image_lib
+    from coordexp_jax.train import counting_loop as CL
+
+    t_start = time.perf_counter() if t_start is None else t_start
+    run = CL.counting_run_config(args.checkpoint)
+    max_count = args.max_count if args.max_count is not None else (int(run.counting.max_count) if run else 16)
+    if max_count < 1:
+        raise PredictError(f"--max_count must be >= 1, got {max_count}")
+    cls = args.class_name if args.class_name is not None else CL.run_class_name(run)
+    if cls is None or not str(cls).strip():
+        raise PredictError(f"--class_name is needed: checkpoint {args.checkpoint} has no training config naming the "
+                           f"class it counts")
+    paths = collect_inputs(args.image, args.images)
+    import jax.numpy as jnp
+
+    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+    model, encoder, scfg = CL.load_counting_model(args.checkpoint, args.tokenizer, dtype=dtype)
+    graphdef, state = nnx.split(model)
+    point_fn = (CL.make_point_fn(graphdef), state)
+    load_s = time.perf_counter() - t_start
+    os.makedirs(args.out, exist_ok=True)
+    done, skipped = [], []
+    t_predict = time.perf_counter()
+    for path, name in zip(paths, output_names(paths)):
+        t0 = time.perf_counter()
+        try:
+            img = image_lib.load_image(path)
+        except image_lib.ImageLoadError as e:
+            _skip(skipped, path, str(e))
+            continue
+        h, w = img.shape[:2]
+        problem = image_lib.processing_problem(h, w, encoder.pcfg.image)
+        if problem is not None:
+            _skip(skipped, path, problem)
+            continue
+        try:
+            res = CL.predict_counting(model, img, cls, encoder, scfg, max_count=max_count, point_fn=point_fn)
+        except C.MarkError as e:
+            _skip(skipped, path, str(e))
+            continue
+        pic = counting.draw_counting_result(img, res.points, caption=counting.result_caption(res))
+        Image.fromarray(pic).save(os.path.join(args.out, f"{name}.png"))
+        out = {"image": os.path.abspath(path), "width": w, "height": h, "class_name": cls, "count": res.count,
+               "points": [[round(float(x), 2), round(float(y), 2)] for x, y in res.points],
+               "done_reason": res.done_reason, "steps": res.steps,
+               "predictions": [[round(float(x), 5), round(float(y), 5)] for x, y in res.predictions],
+               "prompt": res.last_prompt, "seconds": round(time.perf_counter() - t0, 3)}
+        with open(os.path.join(args.out, f"{name}.json"), "w") as f:
+            json.dump(out, f, indent=2, ensure_ascii=False)
+        done.append({"image": path, "name": name, "json": f"{name}.json", "png": f"{name}.png",
+                     "count": res.count, "done_reason": res.done_reason, "seconds": out["seconds"]})
+    predict_s = time.perf_counter() - t_predict
+    if not done:
+        if len(paths) == 1:
+            raise PredictError(skipped[0]["reason"])
+        raise PredictError(f"none of the {len(paths)} images could be counted (first: {skipped[0]['reason']})")
+    total_s = time.perf_counter() - t_start
+    summary = {
+        "mode": "counting", "checkpoint": os.path.abspath(args.checkpoint), "out": os.path.abspath(args.out),
+        "class_name": cls, "max_count": max_count, "images": done, "skipped": skipped,
+        "totals": {"inputs": len(paths), "predicted": len(done), "skipped": len(skipped),
+                   "objects": int(sum(d["count"] for d in done)),
+                   "load_seconds": round(load_s, 3), "predict_seconds": round(predict_s, 3),
+                   "total_seconds": round(total_s, 3), "seconds_per_image": round(total_s / len(done), 3)},
+    }
+    with open(os.path.join(args.out, SUMMARY), "w") as f:
+        json.dump(summary, f, indent=2, ensure_ascii=False)
+    return summary
+
+
 def summary_line(s: dict) -> str:
     """The one line printed at the end (rounded figures)."""
     t = s["totals"]
     skipped = f", {t['skipped']} skipped" if t["skipped"] else ""
+    if s.get("mode") == "counting":
+        return (f"{t['predicted']}/{t['inputs']} images counted{skipped}: {t['objects']} {s['class_name']} in all; "
+                f"{t['seconds_per_image']:.2f} s/image ({t['total_seconds']:.1f} s in all, model load "
+                f"{t['load_seconds']:.1f} s) -> {_shown_path(os.path.join(s['out'], SUMMARY))}")
     failed = t["parse"]["failed"]
     compiles = f"{s['compiles']} compile" + ("s" if s["compiles"] != 1 else "")
-    path = os.path.join(s["out"], SUMMARY)
-    rel = os.path.relpath(path)
-    path = rel if not rel.startswith("..") else path  # relative to the working directory when below it
+    path = _shown_path(os.path.join(s["out"], SUMMARY))
     return (f"{t['predicted']}/{t['inputs']} images predicted{skipped}: {t['objects']} objects"
             + (f", {failed} unparsed answers" if failed else "")
             + f"; {compiles}, {t['seconds_per_image']:.2f} s/image ({t['total_seconds']:.1f} s in all, "
               f"model load {t['load_seconds']:.1f} s) -> {path}")
+
+
+def _shown_path(path: str) -> str:
+    """`path` relative to the working directory when below it, else as it is."""
+    rel = os.path.relpath(path)
+    return rel if not rel.startswith("..") else path
 
 
 @guard

@@ -405,6 +405,49 @@ def predict_counting(model, image: np.ndarray, class_name: str, encoder: Countin
     return counting.count_sequentially(np.asarray(image), class_name, pn, scfg, max_count)
 
 
+def counting_run_config(checkpoint: str):
+    """The resolved config (`ml_collections.ConfigDict`) of the counting run that wrote `checkpoint` (its
+    `config.json` beside a run's `final_model/`, with `train.kind` 'counting_regression'), or None (an export or a
+    copied model directory has none)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "config.json")
+    if not os.path.isfile(path):
+        return None
+    import ml_collections
+
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(raw, dict) or raw.get("train", {}).get("kind") != "counting_regression":
+        return None
+    return ml_collections.ConfigDict(raw)
+
+
+def run_class_name(run) -> str | None:
+    """The class a counting run counted: the synthetic set's (`SYNTHETIC_CLASS`) for `data.kind` 'synthetic', else
+    the single class of its training records (`data.path`) when they are readable and name one; None otherwise."""
+    if run is None:
+        return None
+    if run.data.kind == "synthetic":
+        return SYNTHETIC_CLASS
+    from coordexp_jax.data import counting as C, records as R
+
+    import itertools
+
+    try:
+        recs = list(itertools.islice(R.iter_jsonl(run.data.path), 1000))
+    except (CoordExpError, OSError, ValueError):
+        return None
+    names = set()
+    for r in recs:
+        try:
+            names.add(C.counting_class(r))
+        except (CoordExpError, ValueError):
+            continue
+    return names.pop() if len(names) == 1 else None
+
+
 def load_counting_model(checkpoint: str, tokenizer_dir_: str | None = None, *, image_size: int | None = None,
                         dtype=None):
     """(model with heads, CountingEncoder, SequentialCountingConfig) from a checkpoint (ours or an HF export with
@@ -437,15 +480,8 @@ def load_counting_model(checkpoint: str, tokenizer_dir_: str | None = None, *, i
     image = ImageConfig(patch_size=v.patch_size, merge_size=v.spatial_merge_size,
                         temporal_patch_size=v.temporal_patch_size, min_pixels=min(px, 32 * 32 * 4), max_pixels=px)
     pcfg = PromptConfig(image=image, text_bucket="pow2", max_text_len=1 << 16)
-    scfg = None
-    run_cfg = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "config.json")
-    if os.path.isfile(run_cfg):
-        import ml_collections
-
-        with open(run_cfg) as f:
-            raw = json.load(f)
-        if raw.get("train", {}).get("kind") == "counting_regression":
-            scfg = sequential_config(ml_collections.ConfigDict(raw))
+    run = counting_run_config(checkpoint)
+    scfg = sequential_config(run) if run is not None else None
     if scfg is None:
         from coordexp_jax.data import counting as C
 
@@ -596,6 +632,7 @@ def prepare(cfg, components=None, eval_hook=None) -> tuple[Any, Any]:
 
 
 __all__ = ["prepare", "build_components", "CountingEncoder", "CountingBatches", "make_model_fn", "make_point_fn",
-           "make_predict_next", "predict_counting", "load_counting_model", "evaluate_counting", "counting_eval_hook",
-           "gradient_norms", "check_gradients", "first_step_check", "GradientFlowError", "token_ids",
-           "tokenizer_dir", "sequential_config", "synthetic_config", "counting_records"]
+           "make_predict_next", "predict_counting", "load_counting_model", "counting_run_config", "run_class_name",
+           "evaluate_counting", "counting_eval_hook", "gradient_norms", "check_gradients", "first_step_check",
+           "GradientFlowError", "token_ids", "tokenizer_dir", "sequential_config", "synthetic_config",
+           "counting_records"]
