@@ -19,8 +19,11 @@ that `[B, S, V]` logits never exist at once.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from coordexp_jax.coord import boxes as box_ops
 from coordexp_jax.coord.codec import MAX_BIN, NUM_BINS
@@ -77,11 +80,63 @@ def vocab_stats(logits, targets, coord_start: int | None, tau: float = 1.0, voca
     return _stats_from_logits(logits, targets, coord_start, tau, vocab_size)
 
 
+# Mesh axes of the vocabulary-parallel head (the axis names of `train/sharding.py`): the output embedding's rows are
+# split over VOCAB_AXES inside the chunked statistics; hidden rows keep ROW_AXES (their data-parallel axis) and are
+# gathered over the others chunk by chunk. Axes absent from the mesh or of size 1 are ignored.
+VOCAB_AXES = ("fsdp", "tensor")
+ROW_AXES = ("data",)
+BATCH_AXES = ("data", "fsdp")
+
+
+def _axes(names, size: dict, dim: int):
+    """The longest prefix of `names` (present, size > 1) whose product divides `dim`, as a PartitionSpec entry."""
+    axes = [a for a in names if size.get(a, 1) > 1]
+    while axes and dim % math.prod(size[a] for a in axes):
+        axes.pop()
+    return None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
+
+
+def vocab_parallel_specs(rows: int, vocab: int):
+    """PartitionSpecs of the vocabulary-parallel head under the mesh being traced, or None without one.
+
+    The mesh comes from `jax.sharding.get_abstract_mesh()` (set by `train.step.jit_train_step` with
+    `jax.sharding.use_abstract_mesh`); None when it is empty, has an Explicit axis, or no vocabulary axis > 1
+    divides `vocab`. Returns a dict of specs: `weight` `[V, H]` (rows over VOCAB_AXES), `rows` `[B, C, H]` (the
+    hidden chunk gathered to ROW_AXES), `own` `[B, C, H]` (the hidden rows' own batch sharding, BATCH_AXES),
+    `logits` `[B, C, V]` and `stats` `[B, C]`.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or any(t != jax.sharding.AxisType.Auto for t in mesh.axis_types):
+        return None
+    size = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    v = _axes(VOCAB_AXES, size, vocab)
+    if v is None:
+        return None
+    r = _axes(ROW_AXES, size, rows)
+    own = _axes(BATCH_AXES, size, rows)
+    return {"weight": P(v, None), "rows": P(r, None, None), "own": P(own, None, None), "logits": P(r, None, v),
+            "stats": P(r, None)}
+
+
+def maybe_constrain(x, spec):
+    """`jax.lax.with_sharding_constraint(x, spec)`, or x unchanged for spec None (no mesh)."""
+    return x if spec is None else jax.lax.with_sharding_constraint(x, spec)
+
+
 def chunked_vocab_stats(hidden, embedding, targets, coord_start: int | None, tau: float = 1.0, chunk_size: int = 256,
-                        vocab_size: int | None = None):
+                        vocab_size: int | None = None, dtype=None):
     """`vocab_stats` from hidden states `[B, S, H]` and the output embedding `[V, H]` without materialising
-    `[B, S, V]`: logits are computed chunk by chunk (`chunk_size` positions, float32 accumulation) inside a
-    `lax.scan` whose body is rematerialised in the backward pass. S is padded up to a multiple of the chunk.
+    `[B, S, V]`: logits are computed chunk by chunk (`chunk_size` positions) inside a `lax.scan` whose body is
+    rematerialised in the backward pass. S is padded up to a multiple of the chunk.
+
+    `dtype`: the matmul's operand dtype (the model's compute dtype, e.g. bfloat16; None = as given); hidden and
+    embedding are cast inside the chunk, the product accumulates in float32 (`preferred_element_type`), and the
+    embedding's gradient accumulates over chunks in the embedding's own dtype (float32 parameters: float32).
+
+    Vocabulary-parallel under a mesh (`vocab_parallel_specs`): the embedding's rows are split over the fsdp/tensor
+    axes, each chunk's hidden rows are gathered over them (a `[B, C, H]` chunk, not the weight), logits are
+    `[B, C, V / n]` per device and the log-sum-exps reduce across devices. Neither the weight nor its gradient is
+    ever whole on a device (Megatron-LM's vocabulary-parallel cross-entropy, Shoeybi et al. 2019, §3).
     """
     b, s, h = hidden.shape
     c = min(chunk_size, s)
@@ -91,11 +146,19 @@ def chunked_vocab_stats(hidden, embedding, targets, coord_start: int | None, tau
     tgt = jnp.pad(targets, ((0, 0), (0, pad)))
     hid = hid.reshape(b, n, c, h).swapaxes(0, 1)  # [n, B, C, H]
     tgt = tgt.reshape(b, n, c).swapaxes(0, 1)  # [n, B, C]
+    sp = vocab_parallel_specs(b, embedding.shape[0]) or {}
+    emb = maybe_constrain(embedding, sp.get("weight"))  # one reshard [V, H/n] -> [V/n, H] (all-to-all), before the scan
 
     @jax.checkpoint
     def chunk(hc, tc):
-        z = jnp.einsum("bch,vh->bcv", hc, embedding, preferred_element_type=jnp.promote_types(hc.dtype, F32))
-        return _stats_from_logits(z, tc, coord_start, tau, vocab_size)
+        w = maybe_constrain(emb, sp.get("weight"))  # the weight's cotangent stays row-sharded in the backward scan
+        hc = maybe_constrain(maybe_constrain(hc, sp.get("own")), sp.get("rows"))  # gather the chunk (reduce-scatter its grad)
+        if dtype is not None:
+            hc, w = hc.astype(dtype), w.astype(dtype)
+        z = jnp.einsum("bch,vh->bcv", hc, w, preferred_element_type=jnp.promote_types(hc.dtype, F32))
+        z = maybe_constrain(z, sp.get("logits"))
+        out = _stats_from_logits(z, maybe_constrain(tc, sp.get("stats")), coord_start, tau, vocab_size)
+        return {k: maybe_constrain(v, sp.get("stats")) for k, v in out.items()}
 
     _, out = jax.lax.scan(lambda carry, xs: (carry, chunk(*xs)), None, (hid, tgt))
     return {k: v.swapaxes(0, 1).reshape(b, n * c)[:, :s] for k, v in out.items()}
@@ -121,9 +184,9 @@ def ce(logits, targets, loss_mask, coord_mask, vocab_size: int | None = None):
 
 
 def ce_chunked(hidden, embedding, targets, loss_mask, coord_mask, chunk_size: int = 256,
-               vocab_size: int | None = None):
+               vocab_size: int | None = None, dtype=None):
     """`ce` from hidden states `[B, S, H]` and output embedding `[V, H]` (see `chunked_vocab_stats`)."""
-    stats = chunked_vocab_stats(hidden, embedding, targets, None, 1.0, chunk_size, vocab_size)
+    stats = chunked_vocab_stats(hidden, embedding, targets, None, 1.0, chunk_size, vocab_size, dtype)
     return ce_from_stats(stats, loss_mask, coord_mask)
 
 

@@ -31,6 +31,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from coordexp_jax.coord.losses import maybe_constrain, vocab_parallel_specs
+
 F32 = jnp.float32
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "drgrpo")
 
@@ -132,20 +134,20 @@ def token_logprobs(hidden, head_weight, targets, chunk: int = 256, *, vocab_size
     or lm_head's kernel transposed; V may include vocabulary padding), targets `[B, T]` int (clipped into range;
     mask invalid positions afterwards). Returns logp `[B, T]` float32 (float64 under x64 with f64 inputs), and with
     `return_entropy` also the entropy of the full softmax `[B, T]` (nats). Ids >= `vocab_size` are excluded from the
-    softmax. `dtype`: cast hidden and weight to it first (the model's compute dtype, as `Qwen3VL.lm_logits`).
+    softmax. `dtype`: the matmul's operand dtype (the model's compute dtype, as `Qwen3VL.lm_logits`), cast inside
+    each chunk; the product accumulates in float32.
 
     The same machinery as `coord.losses.chunked_vocab_stats`: T is padded to a multiple of `chunk`, a `lax.scan`
     runs over the chunks, its body under `jax.checkpoint` (rematerialised in the backward pass), logits accumulated
     in float32, the target logit read as a masked sum (its gradient is a select, not a scatter). Differentiable
-    with respect to hidden and head_weight. Raises ValueError when `chunk < 1` or shapes disagree.
+    with respect to hidden and head_weight. Vocabulary-parallel under a mesh, as `chunked_vocab_stats` (the weight
+    and its gradient never whole on a device). Raises ValueError when `chunk < 1` or shapes disagree.
     """
     if chunk < 1:
         raise ValueError(f"token_logprobs: chunk must be >= 1, got {chunk}")
     if hidden.ndim != 3 or targets.shape != hidden.shape[:2] or head_weight.shape[-1] != hidden.shape[-1]:
         raise ValueError(f"token_logprobs: need hidden [B, T, H], targets [B, T], head_weight [V, H]; got "
                          f"{hidden.shape}, {targets.shape}, {head_weight.shape}")
-    if dtype is not None:
-        hidden, head_weight = hidden.astype(dtype), head_weight.astype(dtype)
     b, s, h = hidden.shape
     v = head_weight.shape[0]
     c = min(chunk, s)
@@ -155,11 +157,18 @@ def token_logprobs(hidden, head_weight, targets, chunk: int = 256, *, vocab_size
     tgt = jnp.pad(jnp.clip(targets, 0, v - 1).astype(jnp.int32), ((0, 0), (0, pad))).reshape(b, n, c).swapaxes(0, 1)
     ids = jnp.arange(v, dtype=jnp.int32)
     valid = ids < (v if vocab_size is None else vocab_size)
-    acc = jnp.promote_types(hidden.dtype, F32)
+    acc = jnp.promote_types(hidden.dtype if dtype is None else jnp.dtype(dtype), F32)
+    sp = vocab_parallel_specs(b, v) or {}
+    weight = maybe_constrain(head_weight, sp.get("weight"))
 
     @jax.checkpoint
     def body(hc, tc):
-        z = jnp.einsum("bch,vh->bcv", hc, head_weight, preferred_element_type=acc)
+        w = maybe_constrain(weight, sp.get("weight"))
+        hc = maybe_constrain(maybe_constrain(hc, sp.get("own")), sp.get("rows"))
+        if dtype is not None:  # cast inside the chunk: the weight's gradient accumulates in its own dtype
+            hc, w = hc.astype(dtype), w.astype(dtype)
+        z = maybe_constrain(jnp.einsum("bch,vh->bcv", hc, w, preferred_element_type=acc), sp.get("logits"))
+        tc = maybe_constrain(tc, sp.get("stats"))
         if temperature != 1.0:
             z = z / temperature
         z = jnp.where(valid, z, -jnp.inf)
@@ -169,7 +178,7 @@ def token_logprobs(hidden, head_weight, targets, chunk: int = 256, *, vocab_size
         if return_entropy:
             lp = jnp.where(valid, z - lse[..., None], 0.0)
             out["entropy"] = -jnp.sum(jnp.exp(lp) * jnp.where(valid, lp, 0.0), axis=-1)
-        return out
+        return {k: maybe_constrain(x, sp.get("stats")) for k, x in out.items()}
 
     _, out = jax.lax.scan(lambda carry, xs: (carry, body(*xs)), None, (hid, tgt))
     out = {k: x.swapaxes(0, 1).reshape(b, n * c)[:, :s] for k, x in out.items()}

@@ -102,7 +102,8 @@ class Stage1Objective:
         cs = self.coord_start if need_gates else None
         if self.ce_chunk > 0:
             emb = output_embedding(model)
-            stats = L.chunked_vocab_stats(hidden, emb, targets, cs, self.tau, self.ce_chunk, self.vocab_size)
+            stats = L.chunked_vocab_stats(hidden, emb, targets, cs, self.tau, self.ce_chunk, self.vocab_size,
+                                          dtype=getattr(model, "dtype", None))  # bf16 matmul, f32 sums
         else:
             stats = L.vocab_stats(model.lm_logits(hidden), targets, cs, self.tau, self.vocab_size)
         out = {"ce": L.ce_from_stats(stats, lm, cm)[0]}

@@ -121,10 +121,17 @@ def make_train_step(
 
 
 def jit_train_step(step_fn: Callable, state_shardings: TrainState, mesh) -> Callable:
-    """`jax.jit` of a step with the state's in/out shardings, replicated metrics and the state donated."""
+    """`jax.jit` of a step with the state's in/out shardings, replicated metrics and the state donated. The step is
+    traced under the mesh (`jax.sharding.use_abstract_mesh`), so that code inside it can read the mesh (the
+    vocabulary-parallel head of `coord.losses.chunked_vocab_stats`)."""
     rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def step_in_mesh(state, batch):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return step_fn(state, batch)
+
     return jax.jit(
-        step_fn,
+        step_in_mesh,
         in_shardings=(state_shardings, None),
         out_shardings=(state_shardings, rep),
         donate_argnums=(0,),
