@@ -4,7 +4,9 @@
 - `build_vision_inputs`: per-item flat `pixel_values` [t*h*w, C*T*p*p] (processor order = merge-block order) and
   grids (t,h,w) -> slot arrays `pixel_values [I,P,F]`, `vision_segment_ids [I,P]`, `vision_pos_taps [I,P,4]`,
   `vision_pos_weights [I,P,4]`, `vision_rope_rc [I,P,2]`, plus where each item's merged tokens land.
+  Also `vision_token_rect [I,P/4,4]`: the pixel rectangle of each merged token (spatial linking).
 - `build_visual_index`: [B,S] index of each placeholder token's merged visual token in the flat `[I*P/4]` output.
+- `build_visual_image`: [B,S] which image of its row (0-based, order of appearance) each image placeholder shows.
 - `build_model_inputs`: all of the above in one dict with exactly the contract's keys.
 """
 
@@ -104,17 +106,30 @@ def pos_embed_taps(rc: np.ndarray, h: int, w: int, side: int):
     return taps, weights
 
 
+def merged_token_rects(t: int, h: int, w: int, patch_size: int = 16, m: int = 2) -> np.ndarray:
+    """[t*h*w/m^2, 4] float32 pixel rectangles (x1, y1, x2, y2) of an item's merged tokens in merger order.
+
+    Grid (t, h, w) in patches; the item is `w * patch_size` x `h * patch_size` pixels as the model sees it (the
+    resized image). Merged token j covers the m x m patch block (R, C) of the block-order grid (spec §2.1: blocks
+    row-major, so R = j // (w/m), C = j % (w/m) within a frame); frames repeat the same rectangles."""
+    R, C = np.meshgrid(np.arange(h // m), np.arange(w // m), indexing="ij")
+    cell = m * patch_size
+    r = np.stack([C.ravel() * cell, R.ravel() * cell, (C.ravel() + 1) * cell, (R.ravel() + 1) * cell], -1)
+    return np.tile(r, (t, 1)).astype(np.float32)
+
+
 def build_vision_inputs(pixel_values_list: Sequence[np.ndarray], grid_thw_list, *, num_slots: int | None = None,
                         patches_per_slot: int | None = None, spatial_merge_size: int = 2,
-                        num_position_embeddings: int = 2304, pack: bool = False):
+                        num_position_embeddings: int = 2304, pack: bool = False, patch_size: int = 16):
     """Vision slot arrays from per-item flat patches (merge-block order, as the HF processor emits them).
 
     pixel_values_list[i]: [t*h*w, F]; grid_thw_list[i] = (t, h, w) in patches. Each item goes to its own slot, or with
     `pack=True` first-fit into slots (items never straddle slots). `P` defaults to the largest item rounded up to a
     multiple of 4; `I` to the slots used. Returns (arrays, item_offsets) where arrays has `pixel_values [I,P,F] f32`,
     `vision_segment_ids [I,P] i32` (one id per temporal patch, -1 on padding), `vision_pos_taps [I,P,4] i32`,
-    `vision_pos_weights [I,P,4] f32`, `vision_rope_rc [I,P,2] i32`, and item_offsets[i] is the index of item i's
-    first merged token in the flat `[I*P/m^2]` merger output.
+    `vision_pos_weights [I,P,4] f32`, `vision_rope_rc [I,P,2] i32`, `vision_token_rect [I,P/m^2,4] f32` (pixel
+    rectangle x1, y1, x2, y2 of each merged token in the item's resized image, `merged_token_rects`; 0 on padding),
+    and item_offsets[i] is the index of item i's first merged token in the flat `[I*P/m^2]` merger output.
     """
     m2 = spatial_merge_size ** 2
     side = int(num_position_embeddings ** 0.5)
@@ -153,6 +168,7 @@ def build_vision_inputs(pixel_values_list: Sequence[np.ndarray], grid_thw_list, 
     taps = np.zeros((I, P, 4), np.int32)
     wts = np.zeros((I, P, 4), np.float32)
     rc_all = np.zeros((I, P, 2), np.int32)
+    rects = np.zeros((I, P // m2, 4), np.float32)
     next_seg = [0] * I
     offsets = []
     for (t, h, w), pv, (k, off) in zip(grids, pixel_values_list, place):
@@ -167,9 +183,10 @@ def build_vision_inputs(pixel_values_list: Sequence[np.ndarray], grid_thw_list, 
             taps[k, sl] = tp
             wts[k, sl] = wt
             rc_all[k, sl] = rc
+        rects[k, off // m2:(off + n) // m2] = merged_token_rects(t, h, w, patch_size, spatial_merge_size)
         offsets.append((k * P + off) // m2)
     arrays = dict(pixel_values=pix, vision_segment_ids=seg, vision_pos_taps=taps, vision_pos_weights=wts,
-                  vision_rope_rc=rc_all)
+                  vision_rope_rc=rc_all, vision_token_rect=rects)
     return arrays, offsets
 
 
@@ -192,6 +209,37 @@ def build_visual_index(input_ids, image_offsets, image_tokens, video_offsets=(),
     return vi
 
 
+def build_visual_image(input_ids, image_tokens, *, image_token_id: int) -> np.ndarray:
+    """[B,S] int32: for each image placeholder, which image of its row it belongs to (0-based, order of appearance);
+    -1 elsewhere (text, padding, video placeholders).
+
+    image_tokens[i]: merged-token count of image i, images in batch-major order of appearance (as
+    `build_visual_index`): image i's placeholders are the next image_tokens[i] ones in row-major order. Raises
+    ValueError when the counts do not match the placeholders or an image straddles two rows."""
+    ids = np.asarray(input_ids)
+    out = np.full(ids.shape, -1, np.int32)
+    where = ids == image_token_id
+    counts = [int(c) for c in image_tokens]
+    if int(where.sum()) != sum(counts):
+        raise ValueError(f"{int(where.sum())} image placeholder tokens in input_ids but the images give "
+                         f"{sum(counts)} merged tokens")
+    rows = np.nonzero(where)[0]  # row of each placeholder, row-major
+    gid = np.repeat(np.arange(len(counts)), counts)
+    local = np.zeros(len(counts), np.int64)
+    first_in_row: dict[int, int] = {}
+    start = 0
+    for i, c in enumerate(counts):
+        if c:
+            rr = rows[start:start + c]
+            if rr[0] != rr[-1]:
+                raise ValueError(f"image {i} straddles rows {int(rr[0])} and {int(rr[-1])}")
+            first_in_row.setdefault(int(rr[0]), i)
+            local[i] = i - first_in_row[int(rr[0])]
+        start += c
+    out[where] = local[gid]
+    return out
+
+
 def build_model_inputs(input_ids, attention_mask, image_grids=(), pixel_values_list=(), *, config,
                        video_grids=(), video_pixel_values_list=(), num_slots: int | None = None,
                        patches_per_slot: int | None = None, pack: bool = False) -> dict:
@@ -200,7 +248,8 @@ def build_model_inputs(input_ids, attention_mask, image_grids=(), pixel_values_l
     input_ids/attention_mask [B,S]; image_grids[i] = (t,h,w) and pixel_values_list[i] = [t*h*w, F] for the images in
     batch-major order of appearance (videos likewise). Returns input_ids, attention_mask, positions [3,B,S],
     rope_deltas [B] and, when there is any image or video (or num_slots is given), pixel_values,
-    vision_segment_ids, vision_pos_taps, vision_pos_weights, vision_rope_rc, visual_index.
+    vision_segment_ids, vision_pos_taps, vision_pos_weights, vision_rope_rc, visual_index, and for spatial linking
+    vision_token_rect [I,P/m^2,4] (pixels of the resized image) and visual_image [B,S] (`build_visual_image`).
     """
     ids = np.asarray(input_ids, np.int32)
     am = np.asarray(attention_mask, np.int32) if attention_mask is not None else np.ones_like(ids)
@@ -216,7 +265,7 @@ def build_model_inputs(input_ids, attention_mask, image_grids=(), pixel_values_l
         return out
     arrays, offsets = build_vision_inputs(items, grids, num_slots=num_slots, patches_per_slot=patches_per_slot,
                                           spatial_merge_size=m, num_position_embeddings=config.vision.num_position_embeddings,
-                                          pack=pack)
+                                          pack=pack, patch_size=config.vision.patch_size)
     if not items:  # an all-padding vision block (static shapes for text-only batches)
         arrays["pixel_values"] = np.zeros(arrays["pixel_values"].shape[:2] + (config.vision.patch_dim,), np.float32)
     n_img = len(pixel_values_list)
@@ -224,4 +273,5 @@ def build_model_inputs(input_ids, attention_mask, image_grids=(), pixel_values_l
     out.update(arrays)
     out["visual_index"] = build_visual_index(ids, offsets[:n_img], tokens[:n_img], offsets[n_img:], tokens[n_img:],
                                              image_token_id=config.image_token_id, video_token_id=config.video_token_id)
+    out["visual_image"] = build_visual_image(ids, tokens[:n_img], image_token_id=config.image_token_id)
     return out
