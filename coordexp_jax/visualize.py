@@ -287,3 +287,169 @@ def write_html(out_dir: str, entries: Sequence[dict], title: str = "coordexp_jax
 
 def _fmt(v) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+# ---------------------------------------------------------------------------------------------- attention heatmaps
+# The spatial-linking module's attention (a box's `<|box_end|>` token over the merged visual tokens of its image)
+# drawn over the image: one panel per box (`draw_attention`), or the image with every box followed by one panel
+# per box side by side (`draw_attention_panels`). A merged visual token of Qwen3-VL covers a (patch x merge)²
+# block of the resized image (32x32 px for patch 16, merge 2), its tokens in row-major order over the
+# `grid_hw = (rows, cols)` grid of blocks (data/image.py `patchify`); the resized image covers the whole original,
+# so token (r, c) covers columns [c W / cols, (c+1) W / cols) and rows [r H / rows, (r+1) H / rows) of any drawn
+# picture W x H of the image.
+
+KIND_NAMES = ("person", "object", "interaction", "other")  # the `kind` codes of the batch's `links` (0..3)
+KIND_COLOURS = (GT_COLOUR, PRED_COLOUR, FP_COLOUR, MISS_COLOUR)  # light green, light blue, pink, light orange
+HEAT_CMAP = "inferno"  # matplotlib colormap: black (no attention) to light yellow (the panel's largest weight)
+HEAT_EXPLANATION = ("colour: the box token's attention weight on each visual token (mean over the heads; one box's "
+                    "weights sum to 1), relative to the panel's largest weight (shown as max); the module attends "
+                    "only to the tokens whose patch centre lies inside the box")
+
+
+def token_cells(grid_hw: tuple[int, int], height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row_of_pixel [height], col_of_pixel [width]): the grid row / column of the visual token covering each
+    pixel row / column of a `height` x `width` picture of the image (pixel centre (i + 0.5) mapped to
+    floor((i + 0.5) * rows / height), the same for columns)."""
+    rows, cols = (int(v) for v in grid_hw)
+    if rows < 1 or cols < 1:
+        raise ValueError(f"grid_hw must be positive (rows, cols), got {grid_hw}")
+    r = np.minimum(((np.arange(height) + 0.5) * rows / height).astype(np.int64), rows - 1)
+    c = np.minimum(((np.arange(width) + 0.5) * cols / width).astype(np.int64), cols - 1)
+    return r, c
+
+
+def attention_heat(weights, grid_hw: tuple[int, int], height: int, width: int) -> np.ndarray:
+    """The attention over visual tokens as a density on the pixels of a `height` x `width` picture of the image.
+
+    weights `[rows * cols]` (row-major over `grid_hw`, e.g. one box's weights averaged over the heads) ->
+    `[height, width]` float64 where each token's weight is spread evenly over the pixels it covers
+    (`token_cells`), so the sum over any region is the attention mass on it and the total equals weights.sum()
+    (every token covers >= 1 pixel when height >= rows and width >= cols). Raises ValueError on a size mismatch
+    or a picture smaller than the grid.
+    """
+    rows, cols = (int(v) for v in grid_hw)
+    w = np.asarray(weights, np.float64).reshape(-1)
+    if w.size != rows * cols:
+        raise ValueError(f"{w.size} attention weights for a {rows}x{cols} token grid")
+    if height < rows or width < cols:
+        raise ValueError(f"a {height}x{width} picture is smaller than the {rows}x{cols} token grid")
+    r, c = token_cells((rows, cols), height, width)
+    per_row = np.bincount(r, minlength=rows)  # pixels per grid row / column
+    per_col = np.bincount(c, minlength=cols)
+    density = w.reshape(rows, cols) / (per_row[:, None] * per_col[None, :])
+    return density[r][:, c]
+
+
+def box_mass(heat: np.ndarray, box) -> float:
+    """Sum of `heat [H, W]` over the pixels whose centre lies inside `box` (x1, y1, x2, y2; pixels of the heat)."""
+    H, W = heat.shape
+    x1, y1, x2, y2 = (float(v) for v in box)
+    xs, ys = np.arange(W) + 0.5, np.arange(H) + 0.5
+    inside = ((ys >= y1) & (ys <= y2))[:, None] & ((xs >= x1) & (xs <= x2))[None, :]
+    return float(heat[inside].sum())
+
+
+def _heat_rgb(img: Image.Image, heat: np.ndarray, alpha: float = 0.75) -> Image.Image:
+    """The image dimmed to 40 % with the heat (normalised to its maximum) in `HEAT_CMAP` over it; the overlay's
+    opacity grows with the heat (sqrt), so untouched regions stay readable."""
+    from matplotlib import colormaps
+
+    base = np.asarray(img.convert("RGB"), np.float64) * 0.4
+    top = heat.max()
+    v = heat / top if top > 0 else np.zeros_like(heat)
+    col = colormaps[HEAT_CMAP](v)[..., :3] * 255.0
+    a = alpha * np.sqrt(v)[..., None]
+    return Image.fromarray(np.clip(base * (1 - a) + col * a, 0, 255).round().astype(np.uint8))
+
+
+def _kind_of(kind) -> tuple[str, tuple]:
+    k = int(kind) if kind is not None else 3
+    k = k if 0 <= k < len(KIND_NAMES) else 3
+    return KIND_NAMES[k], KIND_COLOURS[k]
+
+
+def _outlined_box(draw, box, colour, st: Style, label: str | None, font, W, H):
+    """A solid box outline with a black halo (the prediction style of `draw_prediction`) and a label above."""
+    w, h = st.line, st.halo
+    _rect(draw, box, HALO_COLOUR, w + 2 * h, grow=h)
+    _rect(draw, box, colour, w)
+    if label:
+        _label(draw, label, box[0] - h, box[1] - h - 1, colour, st, font, W, H, below=False)
+
+
+def draw_attention(image: Image.Image, weights, grid_hw: tuple[int, int], box, *, kind: int | None = None,
+                   label: str | None = None, min_side: int = 384) -> Image.Image:
+    """One heatmap panel: `weights [rows * cols]` over the image's visual tokens (`attention_heat`) drawn over
+    `image`, with `box` (pixels of `image`, x1 y1 x2 y2) outlined in its kind's colour (`KIND_COLOURS`: person
+    light green, object light blue, interaction pink, other light orange) and labelled "<label or kind> max <w>"
+    (the panel's largest token weight: the colours are relative to it). The image is upscaled (nearest) to
+    `min_side` first, as `draw_prediction` does. Returns a new RGB image."""
+    scale = max(1.0, min_side / max(image.width, image.height))
+    img = image.convert("RGB").resize((round(image.width * scale), round(image.height * scale)), Image.NEAREST)
+    W, H = img.size
+    w = np.asarray(weights, np.float64).reshape(-1)
+    out = _heat_rgb(img, attention_heat(w, grid_hw, H, W))
+    st = style_for(W, H)
+    name, colour = _kind_of(kind)
+    b = _box({"bbox": box}, scale)
+    if b is not None:
+        _outlined_box(ImageDraw.Draw(out), b, colour, st, f"{label or name} max {w.max():.2f}", _font(st.font_size),
+                      W, H)
+    return out
+
+
+def draw_attention_panels(image: Image.Image, panels: Sequence[dict], grid_hw: tuple[int, int], *,
+                          min_side: int = 384, legend: bool = True) -> Image.Image:
+    """Side by side: the image with every box outlined, then one `draw_attention` panel per entry of `panels`
+    ({"weights" [rows * cols], "box" (pixels of `image`), optional "kind" (0 person, 1 object, 2 interaction,
+    3 other), optional "label"}), e.g. the person, object and interaction boxes of one pair; with `legend`, a
+    strip below with the colour bar and `HEAT_EXPLANATION`. Returns a new RGB image."""
+    scale = max(1.0, min_side / max(image.width, image.height))
+    first = image.convert("RGB").resize((round(image.width * scale), round(image.height * scale)), Image.NEAREST)
+    W, H = first.size
+    st = style_for(W, H)
+    font = _font(st.font_size)
+    d = ImageDraw.Draw(first)
+    for p in panels:
+        b = _box({"bbox": p["box"]}, scale)
+        name, colour = _kind_of(p.get("kind"))
+        if b is not None:
+            _outlined_box(d, b, colour, st, p.get("label") or name, font, W, H)
+    tiles = [first] + [draw_attention(image, p["weights"], grid_hw, p["box"], kind=p.get("kind"),
+                                      label=p.get("label"), min_side=min_side) for p in panels]
+    gap = max(4, st.line * 2)
+    total_w = sum(t.width for t in tiles) + gap * (len(tiles) - 1)
+    strip = _heat_legend(total_w, st) if legend else None
+    out = Image.new("RGB", (total_w, H + (strip.height if strip else 0)), LEGEND_BG)
+    x = 0
+    for t in tiles:
+        out.paste(t, (x, 0))
+        x += t.width + gap
+    if strip is not None:
+        out.paste(strip, (0, H))
+    return out
+
+
+def _heat_legend(width: int, st: Style) -> Image.Image:
+    """A white strip: the colour bar (0 -> the panel's max) and `HEAT_EXPLANATION`, wrapped to `width`."""
+    from matplotlib import colormaps
+
+    font = _font(st.font_size)
+    pad = max(4, st.font_size // 2)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    bar_w = min(width - 2 * pad, 12 * st.font_size)
+    lines = _wrap(probe, HEAT_EXPLANATION, font, width - 2 * pad)
+    line_h = st.font_size + pad
+    height = pad + st.font_size + pad + len(lines) * line_h
+    strip = Image.new("RGB", (width, height), LEGEND_BG)
+    d = ImageDraw.Draw(strip)
+    d.text((pad, pad), "0", fill=TEXT_COLOUR, font=font)
+    x0 = pad + int(d.textlength("0 ", font=font))
+    ramp = (colormaps[HEAT_CMAP](np.linspace(0, 1, bar_w))[:, :3] * 255).round().astype(np.uint8)
+    strip.paste(Image.fromarray(np.repeat(ramp[None], st.font_size, 0)), (x0, pad))
+    d.text((x0 + bar_w + pad // 2, pad), "max", fill=TEXT_COLOUR, font=font)
+    y = pad + st.font_size + pad
+    for line in lines:
+        d.text((pad, y), line, fill=TEXT_COLOUR, font=font)
+        y += line_h
+    return strip
