@@ -186,6 +186,9 @@ def make_model_fn(cfg, mc, ids: TokenIds) -> tuple[Callable[[], nnx.Module], boo
             # carry almost no absolute position until it is learned. A 2-D sin/cos grid gives it from step 0.
             pe = model.visual.pos_embed
             pe[...] = jnp.asarray(sinusoidal_grid(*pe[...].shape, cfg.model.vision_pos_std), pe[...].dtype)
+        from coordexp_jax.model.spatial_linking import maybe_attach
+
+        maybe_attach(model, cfg, seed=cfg.train.seed + 3)  # model.spatial_linking (before LoRA: never adapted)
         if cfg.lora.enabled:
             exclude = None if cfg.lora.include_vision else r"(^|/)(vision|visual)\w*(/|$)"
             n = lora_lib.apply_lora(model, cfg.lora.targets, cfg.lora.rank, cfg.lora.alpha,
@@ -296,6 +299,18 @@ def build_components(cfg) -> Components:
     ids = token_ids(cfg)
     mc = model_config(cfg, ids)
     make_model, materialize = make_model_fn(cfg, mc, ids)
+    if cfg.data.kind == "hoi":  # chat records with boxes in the prompt; batches carry `links` (data/hoi.py)
+        from coordexp_jax.data import hoi
+
+        pcfg, tdir = prompt_config(cfg, mc), tokenizer_dir(cfg)
+        data_iter, eval_iter_fn, eval_records = hoi.build_train_data(
+            cfg, pcfg, mc, tdir, per_process_batch(cfg.data.batch_size), per_process_batch(cfg.eval.batch_size))
+        return Components(make_model=make_model, objective=Stage1Objective.from_config(cfg.loss, ids.coord_start,
+                                                                                       mc.vocab_size),
+                          data_iter=data_iter, vocab_size=mc.padded_vocab_size, coord_start=ids.coord_start,
+                          materialize=materialize, eval_iter_fn=eval_iter_fn, model_config=mc, token_ids=ids,
+                          tokenizer_dir=tdir, extra={"prompt_config": pcfg, "eval_specs": None,
+                                                     "hoi_eval_records": eval_records})
     train_specs, eval_specs = data_specs(cfg)
     pcfg = prompt_config(cfg, mc)
     tdir = tokenizer_dir(cfg)

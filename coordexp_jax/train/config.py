@@ -87,6 +87,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.seed = 0
     c.data.worker_count = 0
     c.data.synthetic_task = "detection"  # synthetic records read: 'detection' or 'grounding' (one per unique phrase)
+    # Human-object interaction (data.kind = 'hoi', data/hoi.py): data.path '' = the synthetic HOI set (cached under
+    # ~/.cache/coordexp_jax), else an HOI records file (JSONL or a JSON list; data.eval_path likewise). N (link slots)
+    # and the interaction box come from model.spatial_linking (max_boxes, interaction_box).
+    c.data.hoi = ml_collections.ConfigDict()
+    c.data.hoi.referring_weight = 1.0  # share of referring rows in the mix (0 = none)
+    c.data.hoi.grounding_weight = 1.0  # share of grounding rows (0 = none); records without task_type weigh 1
+    c.data.hoi.box_text = "text"  # boxes written as 'text' (the seed's (x1,y1),(x2,y2), 0..1000) or 'tokens' (coords)
+    c.data.hoi.max_images = 1  # image slots per row (2 for the tool-calling form: the image and the zoomed crop)
+    c.data.hoi.refer_format = "qwen1000"  # units of records' refer_boxes: 'qwen1000' (the seed) or 'pixel'
+    c.data.hoi.system_prompt = ""  # system turn for records without one ('' = none)
+    c.data.hoi.min_pairs = 2  # synthetic set: (person, object) pairs per image
+    c.data.hoi.max_pairs = 3
+    c.data.hoi.tool_ratio = 0.0  # synthetic set: fraction of referring records in the tool-calling form
 
     c.loss = ml_collections.ConfigDict()
     c.loss.ce = 1.0
@@ -266,7 +279,15 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.coord_init": (_one_of("random", "sinusoidal"), "'random' or 'sinusoidal'"),
     "model.vision_pos_init": (_one_of("random", "sinusoidal"), "'random' or 'sinusoidal'"),
     "model.vision_pos_std": (_positive, "> 0"),
-    "data.kind": (_one_of("synthetic", "jsonl", "fusion"), "'synthetic', 'jsonl' or 'fusion'"),
+    "data.kind": (_one_of("synthetic", "jsonl", "fusion", "hoi"), "'synthetic', 'jsonl', 'fusion' or 'hoi'"),
+    "data.hoi.referring_weight": (_non_negative, ">= 0"),
+    "data.hoi.grounding_weight": (_non_negative, ">= 0"),
+    "data.hoi.box_text": (_one_of("text", "tokens"), "'text' or 'tokens'"),
+    "data.hoi.max_images": (_positive, "> 0"),
+    "data.hoi.refer_format": (_one_of("qwen1000", "pixel"), "'qwen1000' or 'pixel'"),
+    "data.hoi.min_pairs": (lambda v: 1 <= v <= 4, "in 1..4"),
+    "data.hoi.max_pairs": (lambda v: 1 <= v <= 4, "in 1..4"),
+    "data.hoi.tool_ratio": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
     "data.image_size": (_positive, "> 0"),
     "data.max_objects": (_positive, "> 0"),
     "data.seq_len": (lambda v: v > 0 and (v & (v - 1)) == 0, "a power of two"),
@@ -423,6 +444,10 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             raise ConfigError(f"config key 'optim.group_patterns': unknown group {g!r} (groups: {sorted(groups)})")
     if full.data.min_objects > full.data.max_objects:
         raise ConfigError("config key 'data.min_objects' must be <= data.max_objects")
+    if full.data.hoi.min_pairs > full.data.hoi.max_pairs:
+        raise ConfigError("config key 'data.hoi.min_pairs' must be <= data.hoi.max_pairs")
+    if full.data.kind == "hoi" and full.data.hoi.referring_weight + full.data.hoi.grounding_weight <= 0:
+        raise ConfigError("config keys 'data.hoi.referring_weight' and 'data.hoi.grounding_weight' are both 0")
     if full.train.kind == "grpo":
         _check_grpo(full)
     return full
