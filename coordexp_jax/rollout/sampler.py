@@ -5,6 +5,7 @@ Model interface (what `Sampler` calls; `coordexp_jax.model.qwen3vl.Qwen3VL` prov
     model.init_cache(batch_size, max_len) -> cache                      # preallocated, one shared write index
     model.prefill(input_ids [B,S], positions [3,B,S], attention_mask [B,S], vision: dict | None, cache=cache)
         -> (logits [B, V] float32 at the last prompt position, cache)
+        (and `links=` when the batch has a `links` dict: the spatial-linking boxes, model/spatial_linking.py)
     model.decode_step(tokens [B], positions [3, B], cache) -> (logits [B, V], cache)
 
 The batch holds the model-input keys of docs/architecture.md (`input_ids`, `attention_mask`, `positions`,
@@ -43,6 +44,9 @@ from coordexp_jax.rollout.constraints import TokenDFA, advance, mask_logits
 
 # keys of the model-input contract with a leading image-slot axis [I, P, ...]
 VISION_KEYS = ("pixel_values", "vision_segment_ids", "vision_pos_taps", "vision_pos_weights", "vision_rope_rc")
+# spatial linking (model/spatial_linking.py): the merged tokens' rectangles [I, P/4, 4] and the image of each
+# placeholder [B, S], passed in the vision dict when the batch has them; `links` goes to prefill
+LINK_VISION_KEYS = ("vision_token_rect", "visual_image")
 
 
 class PromptTooLongError(CoordExpError, ValueError):
@@ -130,8 +134,15 @@ def bucket_inputs(inputs: dict[str, Any], *, pad_id: int, min_prompt_len: int = 
     ls, lb = Sb - S, Bb - B
     out = {}
     for k, v in inputs.items():
+        if k == "links":  # {pos [B, N], boxes [B, N, 4], image [B, N], kind [B, N]}: positions move with the padding
+            lk = {n: np.asarray(a) for n, a in v.items()}
+            pos = np.where(lk["pos"] >= 0, lk["pos"] + ls, -1)
+            fill = {"pos": -1, "kind": 3}
+            out[k] = {n: np.pad(pos if n == "pos" else a, ((0, lb),) + ((0, 0),) * (a.ndim - 1),
+                                constant_values=fill.get(n, 0)) for n, a in lk.items()}
+            continue
         v = np.asarray(v)
-        if k in VISION_KEYS:
+        if k in VISION_KEYS or k == "vision_token_rect":
             n = v.shape[0]
             nb = next_pow2(n) if n > 0 else 0
             fill = -1 if k == "vision_segment_ids" else 0
@@ -231,9 +242,11 @@ class Sampler:
         B, S = inputs["input_ids"].shape
         T = self.config.max_new_tokens
         cache = model.init_cache(B, S + T)
-        vision = {k: inputs[k] for k in VISION_KEYS + ("visual_index",)} if "visual_index" in inputs else None
+        vision = {k: inputs[k] for k in VISION_KEYS + ("visual_index",) + LINK_VISION_KEYS if k in inputs} \
+            if "visual_index" in inputs else None
+        extra = {"links": inputs["links"]} if "links" in inputs else {}  # spatial linking, at prefill only
         logits, cache = model.prefill(inputs["input_ids"], inputs["positions"], inputs["attention_mask"], vision,
-                                      cache=cache)
+                                      cache=cache, **extra)
         if self._tables is None and self.constraint is not None:
             raise RuntimeError("constraint tables not initialised")
         carry = {
@@ -294,7 +307,7 @@ class Sampler:
             raise RuntimeError("Sampler with a constraint needs vocab_size= (the model's logits width)")
         if key is None:
             key = jax.random.key(cfg.seed if seed is None else seed)
-        dev = {k: jnp.asarray(v) for k, v in bucketed.items()}
+        dev = jax.tree.map(jnp.asarray, bucketed)  # (`links` is a dict of arrays)
         carry = self._prefill(self.state, dev, key)
         carry = self._decode(self.state, carry)
         out = jax.device_get({k: carry[k] for k in
