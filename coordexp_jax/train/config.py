@@ -230,6 +230,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.counting.template = ""  # user prompt template ending in "<x> <y>" (data/counting.py fields); '' = the seed's
     c.counting.system_prompt = True  # the seed's system turn ("You are a vision assistant that locates ...")
     c.counting.grad_check = True  # first step: gradients must reach the heads and the LoRA weights (else an error)
+    c.counting.point_tokens = False  # also train CoordExp's point-token answer (task 'counting') on the same images
     return c
 
 

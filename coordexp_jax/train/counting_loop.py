@@ -204,6 +204,35 @@ class CountingEncoder:
         return self([s.image for s in samples], [s.system for s in samples], [s.prompt for s in samples],
                     np.stack([s.target for s in samples]), batch_size)
 
+    def encode_with_points(self, samples: Sequence, point_rows: Sequence[dict], collator) -> dict:
+        """One batch of `len(samples)` counting rows followed by the point-token rows (`counting.point_tokens`):
+        `point_rows` are `data.prompts.SampleEncoder` samples (task 'counting': the answer `{"count": N, "points":
+        [...]}` in coordinate tokens) and `collator` the Stage-1 `data.prompts.Collator`, which pads every row to
+        one length and adds `targets`, `loss_mask` (zero on the counting rows), `coord_mask` and the box keys.
+        `x_pos`, `y_pos`, `target`, `valid` as in `__call__`; `valid` is 0 on the point rows."""
+        from coordexp_jax.data import image as image_lib
+        from coordexp_jax.model.regression import token_positions
+
+        rows = []
+        for s in samples:
+            pv, grid, _ = image_lib.process_image(np.asarray(s.image), self.pcfg.image)
+            ids = np.asarray(self.prompt_ids(s.system, s.prompt, int(np.prod(grid)) // self.pcfg.image.merge_size ** 2),
+                             np.int32)
+            rows.append({"input_ids": ids, "targets": np.full(len(ids), self.ids.pad, np.int32),
+                         "loss_mask": np.zeros(len(ids), np.float32), "box_pos": np.zeros((0, 4), np.int32),
+                         "box_target": np.zeros((0, 4), np.float32), "pixel_values": pv,
+                         "grid_thw": np.asarray(grid, np.int32), "num_objects": np.int32(0)})
+        out = collator(rows + list(point_rows))
+        n, B = len(samples), len(rows) + len(point_rows)
+        for key, tok, name in (("x_pos", self.ids.x_token, "<x>"), ("y_pos", self.ids.y_token, "<y>")):
+            pos = np.zeros(B, np.int32)
+            pos[:n] = token_positions(out["input_ids"][:n], tok, name=name)
+            out[key] = pos
+        out["target"] = np.zeros((B, 2), np.float32)
+        out["target"][:n] = np.stack([s.target for s in samples]).astype(np.float32)
+        out["valid"] = (np.arange(B) < n).astype(np.float32)
+        return out
+
 
 class CountingBatches:
     """Host iterator of training batches: each epoch a seeded permutation of the sampler's records, B samples per
@@ -224,22 +253,48 @@ class CountingBatches:
     def __iter__(self):
         return self
 
-    def __next__(self) -> dict:
-        samples = []
+    def _draw(self) -> tuple[list[int], list]:
+        """The next B (record index, counting sample) pairs."""
+        idx, samples = [], []
         while len(samples) < self.B:
             perm = self._perm(self.epoch)
             if self.pos >= len(perm):
                 self.epoch, self.pos = self.epoch + 1, 0
                 continue
-            samples.append(self.sampler.sample(int(perm[self.pos]), self.epoch))
+            idx.append(int(perm[self.pos]))
+            samples.append(self.sampler.sample(idx[-1], self.epoch))
             self.pos += 1
-        return self.encoder.encode_samples(samples)
+        return idx, samples
+
+    def __next__(self) -> dict:
+        return self.encoder.encode_samples(self._draw()[1])
 
     def get_state(self) -> dict:
         return {"epoch": self.epoch, "pos": self.pos}
 
     def set_state(self, state: dict) -> None:
         self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+
+
+class CountingWithPointsBatches(CountingBatches):
+    """`CountingBatches` whose every batch also holds, for each of its B records, the point-token row of the same
+    (unmarked) image: CoordExp's `counting` task answer (`counting.point_tokens`), encoded by `point_encoder` (a
+    `data.prompts.SampleEncoder`) and collated by `collator` (`CountingEncoder.encode_with_points`): 2B rows."""
+
+    def __init__(self, sampler, encoder: CountingEncoder, point_encoder, collator, batch_size: int, seed: int = 0):
+        super().__init__(sampler, encoder, batch_size, seed)
+        self.point_encoder, self.collator = point_encoder, collator
+
+    def __next__(self) -> dict:
+        idx, samples = self._draw()
+        rows = [self.point_encoder(dataclasses.replace(self.sampler.items[i][0], task="counting")) for i in idx]
+        ok = [r for r in rows if r is not None]  # a dropped row (e.g. too long: logged) is replaced, so that
+        if not ok:  # every batch keeps one shape
+            from coordexp_jax.data.records import DataConfigError
+
+            raise DataConfigError("counting.point_tokens: no point-token row of the batch fits data.seq_len")
+        return self.encoder.encode_with_points(samples, [r if r is not None else ok[0] for r in rows],
+                                               self.collator)
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -348,11 +403,23 @@ def build_components(cfg):
     sampler = C.CountingSampler(train_recs, scfg, seed=cfg.data.seed)
     if sampler.report.counts:
         log.warning("counting records: %s", sampler.report.one_line())
-    data_iter = CountingBatches(sampler, encoder, build.per_process_batch(cfg.data.batch_size), seed=cfg.data.seed)
+    B = build.per_process_batch(cfg.data.batch_size)
+    objective = CountingObjective.from_config(cfg)
+    if cfg.counting.point_tokens:  # heads and point tokens trained together on the same images
+        from coordexp_jax.data.prompts import Collator, SampleEncoder
+        from coordexp_jax.train.counting_objective import CountingWithPointsObjective
+        from coordexp_jax.train.objective import Stage1Objective
+
+        data_iter = CountingWithPointsBatches(sampler, encoder, SampleEncoder(pcfg, tokenizer=encoder.tok),
+                                              Collator(pcfg, ids, mc), B, seed=cfg.data.seed)
+        objective = CountingWithPointsObjective(Stage1Objective.from_config(cfg.loss, ids.coord_start,
+                                                                            mc.vocab_size), objective)
+    else:
+        data_iter = CountingBatches(sampler, encoder, B, seed=cfg.data.seed)
     train_counts = [it[0] for it in sampler.items]
     mean_count = float(np.mean([C.object_geometry(r)[0].shape[0] for r in train_counts])) if train_counts else 0.0
     return build.Components(
-        make_model=make_model, objective=CountingObjective.from_config(cfg), data_iter=data_iter,
+        make_model=make_model, objective=objective, data_iter=data_iter,
         vocab_size=mc.padded_vocab_size, coord_start=ids.coord_start, materialize=materialize, model_config=mc,
         token_ids=ids, tokenizer_dir=tdir,
         extra={"prompt_config": pcfg, "encoder": encoder, "val_records": val_recs[:cfg.data.num_eval],
@@ -631,7 +698,8 @@ def prepare(cfg, components=None, eval_hook=None) -> tuple[Any, Any]:
     return comps, hook
 
 
-__all__ = ["prepare", "build_components", "CountingEncoder", "CountingBatches", "make_model_fn", "make_point_fn",
+__all__ = ["prepare", "build_components", "CountingEncoder", "CountingBatches", "CountingWithPointsBatches",
+           "make_model_fn", "make_point_fn",
            "make_predict_next", "predict_counting", "load_counting_model", "counting_run_config", "run_class_name",
            "evaluate_counting", "counting_eval_hook", "gradient_norms", "check_gradients", "first_step_check",
            "GradientFlowError", "token_ids", "tokenizer_dir", "sequential_config", "synthetic_config",

@@ -75,4 +75,45 @@ class CountingObjective:
         return {"x": jnp.sum(loss[:, 0]), "y": jnp.sum(loss[:, 1])}
 
 
-__all__ = ["CountingObjective", "regression_loss", "LOSSES", "TERMS"]
+class _SharedForward:
+    """A model stand-in whose call returns hidden states computed once (`[B, S, H]`); every attribute (heads, output
+    embedding, coordinate head, dtype) is the model's. Lets two objectives share one forward."""
+
+    def __init__(self, model, hidden):
+        self._model, self._hidden = model, hidden
+
+    def __call__(self, *args, **kwargs):
+        return self._hidden
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+@dataclasses.dataclass(frozen=True)
+class CountingWithPointsObjective:
+    """Regression heads and CoordExp's point tokens trained together (`counting.point_tokens`): the batch holds
+    counting rows (`valid` 1: marked image, prompt ending `<x> <y>`, `target`) and point-token rows (`loss_mask`
+    over the answer `{"count": N, "points": [...]}` of the same images, the Stage-1 keys of `data/prompts.py`).
+    One forward of the whole batch; the terms are the Stage-1 objective's (counted over the point rows' tokens)
+    and `x`, `y` (counted over the counting rows). `stage1`: a `train.objective.Stage1Objective`."""
+
+    stage1: object
+    counting: CountingObjective = CountingObjective()
+
+    @property
+    def weights(self) -> dict:
+        return {**self.stage1.weights, **self.counting.weights}
+
+    def counts(self, batch: dict) -> dict:
+        return {**self.stage1.counts(batch), **self.counting.counts(batch)}
+
+    def sums(self, model, batch: dict, rng=None) -> dict:
+        from coordexp_jax.train.objective import links_of, vision_inputs
+
+        hidden = model(batch["input_ids"], batch["positions"], batch["attention_mask"], vision_inputs(batch),
+                       links_of(batch, rng))
+        shared = _SharedForward(model, hidden)
+        return {**self.stage1.sums(shared, batch, rng), **self.counting.sums(shared, batch)}
+
+
+__all__ = ["CountingObjective", "CountingWithPointsObjective", "regression_loss", "LOSSES", "TERMS"]

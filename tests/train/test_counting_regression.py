@@ -162,3 +162,46 @@ def test_loop_runs_counting(setup, tmp_path):
     want = res["state"].params["regression_heads"]
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # saved float32, restored bit-exact
+
+
+def test_heads_with_point_tokens_share_one_batch_and_forward(setup):
+    """`counting.point_tokens`: B counting rows then the B point-token rows of the same images; the joint
+    objective's terms (one forward) equal the Stage-1 objective's on the point rows plus the heads' on the counting
+    rows, each computed by its own objective with its own forward."""
+    from coordexp_jax.coord import protocols
+    from coordexp_jax.train.counting_objective import CountingObjective
+    from coordexp_jax.train.objective import Stage1Objective
+
+    cfg = _cfg(setup[0].data.path, **{"counting.point_tokens": True, "data.protocol": "coordjson",
+                                      "data.seq_len": 128, "loss.soft_ce": 0.5, "loss.gate": 1.0})
+    comps = CL.build_components(cfg)
+    batch = next(comps.data_iter)
+    ids, B = comps.token_ids, cfg.data.batch_size
+    assert batch["input_ids"].shape == (2 * B, 128)
+    np.testing.assert_array_equal(batch["valid"], [1.0] * B + [0.0] * B)
+    assert np.all(batch["loss_mask"][:B] == 0) and np.all(batch["loss_mask"][B:].sum(-1) > 0)
+    rows = np.arange(B)
+    np.testing.assert_array_equal(batch["input_ids"][rows, batch["x_pos"][:B]], ids.x_token)
+    np.testing.assert_array_equal(batch["input_ids"][rows, batch["y_pos"][:B]], ids.y_token)
+    # the point rows answer the counting task for the records of the counting rows (same images, same counts)
+    sampler = comps.data_iter.sampler
+    it = CL.CountingWithPointsBatches(sampler, comps.data_iter.encoder, comps.data_iter.point_encoder,
+                                      comps.data_iter.collator, B, seed=cfg.data.seed)
+    idx, samples = it._draw()
+    tok = comps.extra["encoder"].tok
+    for b, s in enumerate(samples):
+        answer = batch["targets"][B + b][batch["loss_mask"][B + b] > 0][:-1]  # the answer tokens, <|im_end|> off
+        parsed = protocols.parse_count(answer, tok, ids)
+        assert len(parsed.points) == s.n == parsed.count
+    model = comps.make_model()
+    jb = jax.tree.map(np.asarray, batch)
+    joint = comps.objective.sums(model, jb)
+    s1 = Stage1Objective.from_config(cfg.loss, ids.coord_start, comps.model_config.vocab_size).sums(model, jb)
+    hd = CountingObjective.from_config(cfg).sums(model, jb)
+    assert set(joint) == set(s1) | {"x", "y"}
+    for k, v in {**s1, **hd}.items():
+        # the same float32 graph twice: equal up to XLA fusion differences (relative 1e-5 of the term)
+        np.testing.assert_allclose(float(joint[k]), float(v), rtol=1e-5, atol=1e-6)
+    counts = comps.objective.counts(jb)
+    assert float(counts["x"]) == B and float(counts["ce"]) == float(jb["loss_mask"].sum() - (
+        jb["coord_mask"].sum()))
