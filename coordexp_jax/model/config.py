@@ -16,6 +16,11 @@ from coordexp_jax.errors import CoordExpError
 
 VOCAB_PAD_MULTIPLE = 256
 
+# ModelConfig.remat_policy values: "full" saves nothing (jax.checkpoint's default); the others name
+# jax.checkpoint_policies members that take no arguments.
+REMAT_POLICIES = ("full", "nothing_saveable", "everything_saveable", "dots_saveable", "checkpoint_dots",
+                  "dots_with_no_batch_dims_saveable", "checkpoint_dots_with_no_batch_dims")
+
 
 class ConfigError(CoordExpError, ValueError):
     """A config.json that this port cannot represent; the message names the key."""
@@ -80,6 +85,17 @@ class ModelConfig:
     vision_start_token_id: int = 151652
     vision_end_token_id: int = 151653
     tie_word_embeddings: bool = False
+    # Execution options (not part of the HF config.json, not compared by ==). scan_layers: the decoder layers and the
+    # ViT blocks are one stacked module each, run under `jax.lax.scan` (compile time nearly flat in depth); their
+    # parameters get a leading 'layers' axis (docs/model.md, "Scanned layers").
+    scan_layers: bool = dataclasses.field(default=False, compare=False)
+    # What the backward pass keeps when remat is on (`Qwen3VL(remat=True)`, train config `model.remat`): "full"
+    # (nothing: recompute the whole layer) or a name in `jax.checkpoint_policies` from REMAT_POLICIES.
+    remat_policy: str = dataclasses.field(default="full", compare=False)
+
+    def __post_init__(self):
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ConfigError(f"key 'remat_policy' is {self.remat_policy!r}; choose one of {list(REMAT_POLICIES)}")
 
     @property
     def vocab_size(self) -> int:
@@ -210,11 +226,16 @@ def tiny_config(*, tie_word_embeddings: bool = False, vocab_size: int = 1000) ->
                        tie_word_embeddings=tie_word_embeddings)
 
 
+# The released sizes run scanned (scan_layers=True); "tiny" keeps the per-layer loop.
 _PRESETS = {
-    "2b": lambda: ModelConfig(text=_release_text(2048, 28, 16, 8, 6144), vision=_small_vision(2048), tie_word_embeddings=True),
-    "4b": lambda: ModelConfig(text=_release_text(2560, 36, 32, 8, 9728), vision=_small_vision(2560), tie_word_embeddings=True),
-    "8b": lambda: ModelConfig(text=_release_text(4096, 36, 32, 8, 12288), vision=_big_vision(4096), tie_word_embeddings=False),
-    "32b": lambda: ModelConfig(text=_release_text(5120, 64, 64, 8, 25600), vision=_big_vision(5120), tie_word_embeddings=False),
+    "2b": lambda: ModelConfig(text=_release_text(2048, 28, 16, 8, 6144), vision=_small_vision(2048), tie_word_embeddings=True,
+                              scan_layers=True),
+    "4b": lambda: ModelConfig(text=_release_text(2560, 36, 32, 8, 9728), vision=_small_vision(2560), tie_word_embeddings=True,
+                              scan_layers=True),
+    "8b": lambda: ModelConfig(text=_release_text(4096, 36, 32, 8, 12288), vision=_big_vision(4096), tie_word_embeddings=False,
+                              scan_layers=True),
+    "32b": lambda: ModelConfig(text=_release_text(5120, 64, 64, 8, 25600), vision=_big_vision(5120), tie_word_embeddings=False,
+                               scan_layers=True),
     "tiny": tiny_config,
 }
 

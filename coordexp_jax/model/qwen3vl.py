@@ -5,7 +5,8 @@ see `coordexp_jax/weights/names.py`. The vocabulary inside the model is padded t
 logits of padded ids are `PAD_LOGIT` (finfo(float32).min: as good as -inf for softmax/argmax, but 0 * it is 0, not NaN).
 
 KV cache (a plain dict pytree, donate it to the jitted decode step):
-    k, v      : list (one per text layer) of [B, L, nkv, hd] arrays (keys after k_norm and RoPE, values raw)
+    k, v      : list (one per text layer) of [B, L, nkv, hd] arrays (keys after k_norm and RoPE, values raw);
+                with config.scan_layers one stacked array [n_layers, B, L, nkv, hd] each
     mask      : [B, L] int32, 1 where the key slot holds a real token (prompt padding and unwritten slots are 0)
     index     : int32 scalar, the next write slot, shared by the whole batch (prompts are left-padded)
     next_pos  : [B] int32, the rope position of the next token of each row (n_valid + rope_delta)
@@ -21,6 +22,7 @@ from flax import nnx
 from .config import ModelConfig, TextConfig
 from .layers import Dense, Embed, RMSNorm, linear
 from .rope import mrope_cos_sin
+from .scan import remat_policy, scan_apply, stack_modules
 from .text import DecoderLayer
 from .vision import VisionModel
 
@@ -28,13 +30,14 @@ PAD_LOGIT = float(np.finfo(np.float32).min)
 
 
 class TextModel(nnx.Module):
-    def __init__(self, cfg: TextConfig, padded_vocab: int, *, dtype, param_dtype, rngs):
+    def __init__(self, cfg: TextConfig, padded_vocab: int, *, dtype, param_dtype, rngs, scan: bool = False):
         self.embed_tokens = Embed(padded_vocab, cfg.hidden_size, ("vocab", "embed"), dtype=dtype, param_dtype=param_dtype,
                                   rngs=rngs, std=cfg.initializer_range)
         if padded_vocab > cfg.vocab_size:  # padded rows start at zero
             self.embed_tokens.embedding.set_value(self.embed_tokens.embedding.get_value().at[cfg.vocab_size:].set(0))
-        self.layers = nnx.List([DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-                                for _ in range(cfg.num_hidden_layers)])
+        layers = [DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(cfg.num_hidden_layers)]
+        # scan: one DecoderLayer whose parameters are stacked [n_layers, ...] (same values as the list)
+        self.layers = stack_modules(layers) if scan else nnx.List(layers)
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
 
 
@@ -44,7 +47,8 @@ def _call_layer(layer, x, cos, sin, mask):
 
 class Qwen3VL(nnx.Module):
     """Qwen3VLForConditionalGeneration. dtype: compute dtype; param_dtype: parameter storage dtype;
-    remat: rematerialise each decoder layer in the backward pass (training)."""
+    remat: rematerialise each decoder layer and ViT block in the backward pass (training), keeping what
+    `config.remat_policy` saves. `config.scan_layers`: layers and blocks stacked and run under `lax.scan`."""
 
     def __init__(self, config: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs | None = None,
                  remat: bool = False):
@@ -54,8 +58,10 @@ class Qwen3VL(nnx.Module):
         self.param_dtype = param_dtype
         self.remat = remat
         Vp = config.padded_vocab_size
-        self.visual = VisionModel(config.vision, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.language_model = TextModel(config.text, Vp, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.visual = VisionModel(config.vision, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                                  scan=config.scan_layers, remat=remat, remat_policy=config.remat_policy)
+        self.language_model = TextModel(config.text, Vp, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                                        scan=config.scan_layers)
         if not config.tie_word_embeddings:
             self.lm_head = Dense(config.text.hidden_size, Vp, ("embed", "vocab"), bias=False, dtype=dtype,
                                  param_dtype=param_dtype, rngs=rngs, std=config.text.initializer_range)
@@ -82,17 +88,41 @@ class Qwen3VL(nnx.Module):
         ds_tok = [jnp.where(sel, jnp.take(f, idx, axis=0).astype(h.dtype), 0) for f in ds]
         return h, ds_tok
 
-    def _layers(self, h, cos, sin, mask, ds_tok):
-        """Runs every decoder layer without a cache; DeepStack feature k is added after layer k. Returns (h, ks, vs)."""
-        call = nnx.remat(_call_layer) if self.remat else _call_layer
-        ks, vs = [], []
-        for i, layer in enumerate(self.language_model.layers):
-            h, k, v = call(layer, h, cos, sin, mask)
-            ks.append(k)
-            vs.append(v)
-            if ds_tok is not None and i < len(ds_tok):
-                h = h + ds_tok[i]
-        return h, ks, vs
+    def _layers(self, h, cos, sin, mask, ds_tok, cache: dict | None = None):
+        """Runs every decoder layer over the whole sequence; DeepStack feature k is added after layer k.
+
+        Returns h, or with `cache` (from init_cache) (h, k, v): the cache arrays with this sequence's keys and values
+        written from slot 0. Per-layer loop, or one `lax.scan` over the stacked layers (config.scan_layers), where
+        DeepStack is selected by the layer index."""
+        n_ds = 0 if ds_tok is None else len(ds_tok)
+        if not self.config.scan_layers:
+            call = nnx.remat(_call_layer, policy=remat_policy(self.config.remat_policy)) if self.remat else _call_layer
+            ks, vs = [], []
+            for i, layer in enumerate(self.language_model.layers):
+                h, k, v = call(layer, h, cos, sin, mask)
+                if cache is not None:
+                    ks.append(jax.lax.dynamic_update_slice(cache["k"][i], k.astype(cache["k"][i].dtype), (0, 0, 0, 0)))
+                    vs.append(jax.lax.dynamic_update_slice(cache["v"][i], v.astype(cache["v"][i].dtype), (0, 0, 0, 0)))
+                if i < n_ds:
+                    h = h + ds_tok[i]
+            return h if cache is None else (h, ks, vs)
+        ds = jnp.stack(ds_tok) if n_ds else None  # [n_ds, B, S, H]
+
+        def body(layer, i, carry):
+            h, ck, cv = carry
+            h, k, v = layer(h, cos, sin, mask)
+            if ck is not None:
+                ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (i, 0, 0, 0, 0))
+                cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (i, 0, 0, 0, 0))
+            if ds is not None:
+                add = jax.lax.dynamic_index_in_dim(ds, jnp.minimum(i, n_ds - 1), keepdims=False)
+                h = h + jnp.where(i < n_ds, add, jnp.zeros_like(add))
+            return h, ck, cv
+
+        ck, cv = (None, None) if cache is None else (cache["k"], cache["v"])
+        h, ck, cv = scan_apply(self.language_model.layers, body, (h, ck, cv), remat=self.remat,
+                               policy=self.config.remat_policy)
+        return h if cache is None else (h, ck, cv)
 
     @staticmethod
     def causal_mask(attention_mask):
@@ -106,7 +136,7 @@ class Qwen3VL(nnx.Module):
         Returns the hidden states after the final norm [B,S,H]."""
         h, ds_tok = self.embed(input_ids, vision)
         cos, sin = self._cos_sin(positions)
-        h, _, _ = self._layers(h, cos, sin, self.causal_mask(attention_mask), ds_tok)
+        h = self._layers(h, cos, sin, self.causal_mask(attention_mask), ds_tok)
         return self.language_model.norm(h)
 
     # ------------------------------------------------------------------ heads
@@ -144,7 +174,11 @@ class Qwen3VL(nnx.Module):
         dtype = dtype or self.dtype
         shape = (batch, max_len, t.num_key_value_heads, t.head_dim)
         n = t.num_hidden_layers
-        return dict(k=[jnp.zeros(shape, dtype) for _ in range(n)], v=[jnp.zeros(shape, dtype) for _ in range(n)],
+        if self.config.scan_layers:
+            k, v = jnp.zeros((n,) + shape, dtype), jnp.zeros((n,) + shape, dtype)
+        else:
+            k, v = [jnp.zeros(shape, dtype) for _ in range(n)], [jnp.zeros(shape, dtype) for _ in range(n)]
+        return dict(k=k, v=v,
                     mask=jnp.zeros((batch, max_len), jnp.int32), index=jnp.zeros((), jnp.int32),
                     next_pos=jnp.zeros((batch,), jnp.int32))
 
@@ -160,12 +194,12 @@ class Qwen3VL(nnx.Module):
             cache = self.init_cache(B, cache_len if cache_len is not None else S)
         h, ds_tok = self.embed(input_ids, vision)
         cos, sin = self._cos_sin(positions)
-        h, ks, vs = self._layers(h, cos, sin, self.causal_mask(attention_mask), ds_tok)
+        h, ks, vs = self._layers(h, cos, sin, self.causal_mask(attention_mask), ds_tok, cache=cache)
         h = self.language_model.norm(h[:, -1])
         logits = self.lm_logits(h)
         new = dict(
-            k=[jax.lax.dynamic_update_slice(c, k.astype(c.dtype), (0, 0, 0, 0)) for c, k in zip(cache["k"], ks)],
-            v=[jax.lax.dynamic_update_slice(c, v.astype(c.dtype), (0, 0, 0, 0)) for c, v in zip(cache["v"], vs)],
+            k=ks,
+            v=vs,
             mask=jax.lax.dynamic_update_slice(cache["mask"], attention_mask.astype(jnp.int32), (0, 0)),
             index=jnp.asarray(S, jnp.int32),
             # the next token's rope position: max over the 3 axes and valid slots + 1 (= n_valid + rope_delta)
@@ -187,11 +221,17 @@ class Qwen3VL(nnx.Module):
         cos, sin = self._cos_sin(positions[:, :, None])
         kmask = jax.lax.dynamic_update_slice(cache["mask"], jnp.ones((B, 1), jnp.int32), (0, idx))
         mask = (kmask > 0)[:, None, :]  # [B,1,L]
-        new_k, new_v = [], []
-        for i, layer in enumerate(self.language_model.layers):
-            h, k, v = layer(h, cos, sin, mask, cache["k"][i], cache["v"][i], idx)
-            new_k.append(k)
-            new_v.append(v)
+        if self.config.scan_layers:
+            def body(layer, i, carry):
+                return layer(carry[0], cos, sin, mask, carry[1], carry[2], idx, layer=i)
+
+            h, new_k, new_v = scan_apply(self.language_model.layers, body, (h, cache["k"], cache["v"]))
+        else:
+            new_k, new_v = [], []
+            for i, layer in enumerate(self.language_model.layers):
+                h, k, v = layer(h, cos, sin, mask, cache["k"][i], cache["v"][i], idx)
+                new_k.append(k)
+                new_v.append(v)
         logits = self.lm_logits(self.language_model.norm(h[:, 0]))
         cache = dict(k=new_k, v=new_v, mask=kmask, index=idx + 1, next_pos=positions[0] + 1)
         return logits, cache

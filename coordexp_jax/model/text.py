@@ -53,19 +53,28 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.dtype = dtype
 
-    def __call__(self, x, cos, sin, mask, cache_k=None, cache_v=None, index=None):
+    def __call__(self, x, cos, sin, mask, cache_k=None, cache_v=None, index=None, layer=None):
         """Without a cache: attention over x itself (mask [B,S,S]); returns (x, k, v) with k, v [B,S,nkv,hd].
 
         With a cache (cache_k/v [B,L,nkv,hd], write position `index`, mask [B,S,L]): writes the new k, v at
         `index` with one dynamic_update_slice shared by the batch, attends over the cache and returns the
-        updated cache arrays.
+        updated cache arrays. With `layer` (an int32 scalar, under the layer scan) cache_k/v are the stacked caches
+        of all layers [n_layers, B, L, nkv, hd]: the new k, v go to layer `layer` (only the S new slots are
+        written), attention reads that layer's slice, and the updated stacked caches are returned.
         """
         h = self.input_layernorm(x)
         q, k, v = self.self_attn.qkv(h, cos, sin)
-        if cache_k is not None:
+        if cache_k is not None and layer is not None:
+            cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), (layer, 0, index, 0, 0))
+            cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), (layer, 0, index, 0, 0))
+            k = jax.lax.dynamic_index_in_dim(cache_k, layer, keepdims=False)
+            v = jax.lax.dynamic_index_in_dim(cache_v, layer, keepdims=False)
+        elif cache_k is not None:
             k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, index, 0, 0))
             v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
         a = gqa_attention(q, k, v, mask, self.dtype)
         x = x + self.self_attn.o_proj(a)
         x = x + self.mlp(self.post_attention_layernorm(x))
+        if layer is not None and cache_k is not None:
+            return x, cache_k, cache_v
         return x, k, v

@@ -71,7 +71,7 @@ class PatchMerger(nnx.Module):
         D4 = cfg.hidden_size * cfg.spatial_merge_size ** 2
         self.postshuffle = postshuffle
         self.norm = LayerNorm(D4 if postshuffle else cfg.hidden_size, "norm", dtype=dtype, param_dtype=param_dtype)
-        self.linear_fc1 = Dense(D4, D4, ("vision_mlp", "vision_mlp"), bias=True, dtype=dtype, param_dtype=param_dtype,
+        self.linear_fc1 = Dense(D4, D4, ("vision_embed", "vision_mlp"), bias=True, dtype=dtype, param_dtype=param_dtype,
                                 rngs=rngs, std=cfg.initializer_range)
         self.linear_fc2 = Dense(D4, cfg.out_hidden_size, ("vision_mlp", "embed"), bias=True, dtype=dtype,
                                 param_dtype=param_dtype, rngs=rngs, std=cfg.initializer_range)

@@ -110,7 +110,7 @@ def resolve_spec(
     out = []
     logical = tuple(logical) + (None,) * (len(shape) - len(tuple(logical)))
     for dim, lname in zip(shape, logical):
-        if lname is None:
+        if lname is None or lname == "layers":  # the stacking axis of scanned layers (model.scan) is never sharded
             out.append(None)
             continue
         if lname not in table:
@@ -140,7 +140,36 @@ def tree_shardings(logical_specs: Any, shapes: Any, mesh: Mesh, rules: Sequence[
         NamedSharding(mesh, resolve_spec(spec, leaf.shape, mesh, rules, jax.tree_util.keystr(path)))
         for spec, (path, leaf) in zip(specs, paths_shapes)
     ]
+    warn_replicated([(jax.tree_util.keystr(p), leaf) for p, leaf in paths_shapes], out, mesh)
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shapes), out)
+
+
+REPLICATED_WARN_BYTES = 16 * 2**20
+
+
+def warn_replicated(named_arrays: Sequence[tuple[str, Any]], shardings: Sequence[NamedSharding], mesh: Mesh,
+                    limit_bytes: int = REPLICATED_WARN_BYTES) -> list[str]:
+    """Logs one warning naming each array larger than `limit_bytes` (default 16 MiB) that its sharding leaves whole
+    on every device of a mesh with an fsdp or tensor axis > 1 (its optimizer moments are then whole there too: every
+    logical rule of its dimensions maps to unused, size-1 or non-dividing axes). Returns the names; none on a
+    single device or a data-only mesh, where replication is the intent. Called by `tree_shardings` at start-up.
+
+    named_arrays: (name, array or ShapeDtypeStruct) pairs; shardings: one NamedSharding each.
+    """
+    if all(n == 1 for a, n in mesh.shape.items() if a != "data"):
+        return []  # one device, or pure data parallelism: replication is the intent
+    names = []
+    for (name, leaf), sh in zip(named_arrays, shardings):
+        nbytes = math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+        if nbytes > limit_bytes and all(a is None for a in sh.spec):
+            names.append(name)
+            key = ("replicated", name, tuple(leaf.shape))
+            if key not in _reported:
+                _reported.add(key)
+                log.warning("sharding: '%s' %s (%.0f MiB) is replicated on all %d devices of mesh %s; add a "
+                            "mesh.rules entry that shards one of its dimensions", name, tuple(leaf.shape),
+                            nbytes / 2**20, mesh.size, dict(mesh.shape))
+    return names
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
