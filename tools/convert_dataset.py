@@ -9,7 +9,7 @@
       --out omnicount_train.jsonl
 
 Formats: coco, lvis, odvg, refcoco (--instances, --split), mmkd, fsc147 (--classes), coco_class (--category,
---keep_empty), omnicount (--split, --scenes, --classes; --images optional), jsonl2coco.
+--keep_empty), omnicount (--split, --scenes, --classes; --images optional), hico (HOI chat records), jsonl2coco.
 Every output line is validated as the contract reads it back and the per-reason counts are printed. The output
 is written atomically: on an error (a truncated input, a record the contract refuses), or when no record passes
 validation, nothing is written (a previous file is kept) and the exit code is 2.
@@ -32,7 +32,8 @@ from coordexp_jax.errors import CoordExpError  # noqa: E402
 READBACK_POLICY = {"size_mismatch": "skip", "degenerate_box": "skip"}
 
 
-def write_validated(dicts, out: str, check_images: str, report: records.ValidationReport) -> int:
+def write_validated(dicts, out: str, check_images: str, report: records.ValidationReport,
+                    parse=records.parse_record) -> int:
     """Writes contract dicts to `out` as JSONL, validating each line as `records.read_jsonl` would read it back
     (messages name `out:line`). Atomic: on any error, or when no record passes validation, `out` is left as it was
     (absent, or its previous content) and `ConversionError` / `RecordError` is raised."""
@@ -42,8 +43,8 @@ def write_validated(dicts, out: str, check_images: str, report: records.Validati
         for d in dicts:
             line = json.dumps(d, ensure_ascii=False)
             n += 1
-            records.parse_record(json.loads(line), where=f"{out}:{n}", image_root=out_dir, check_images=check_images,
-                                 policy=READBACK_POLICY, report=report)
+            parse(json.loads(line), where=f"{out}:{n}", image_root=out_dir, check_images=check_images,
+                  policy=READBACK_POLICY, report=report)
             f.write(line + "\n")
         if report.records_kept == 0:
             raise converters.ConversionError(
@@ -113,8 +114,11 @@ def main(argv=None) -> int:
         conv_report = records.ValidationReport()
         out_dir = os.path.dirname(os.path.abspath(a.out))
         report = records.ValidationReport()
+        parse = records.parse_record
+        if a.format in converters.HOI_FORMATS:  # HOI chat records: read back as data/hoi.py reads them
+            from coordexp_jax.data.hoi import parse_hoi_record as parse
         n = write_validated(converters.convert(a.format, a.input, a.images, out_dir, conv_report, **kw), a.out,
-                            a.check_images, report)
+                            a.check_images, report, parse)
         print(f"{n} records -> {a.out}")
         if conv_report.counts:
             print("left out during conversion:\n" + "\n".join(f"  {k}: {v}" for k, v in sorted(conv_report.counts.items())))

@@ -16,6 +16,7 @@ changed silently: boxes are copied as they are (xywh -> xyxy is the only arithme
 | fsc147 | FSC-147 annotation JSON (`{"img.jpg": {"points": [[x, y]], "box_examples_coordinates": ...}}`) + optional class file | counting, objects with `point_2d` |
 | coco_class | COCO instances JSON + one category (name or id) | counting, one record per image holding the category, objects with `bbox_2d` (centre = box centre) |
 | omnicount | OmniCount-191: `<root>/<Scene>/<split>/_annotations.coco.json` (COCO, images beside it), or one such file | counting, one record per (image, class present) |
+| hico | the HOI seed's simplified HICO-DET / SWIG-HOI benchmark JSON (`file_name`, `width`, `height`, `boxes`, `person_box_idx`/`object_box_idx`/`gt_action` or `action`/`object_category`/`gt_box_inds`) | HOI chat records (`data/hoi.py`): referring or grounding |
 
 `records_to_coco` writes COCO instances JSON from validated records for evaluation (pycocotools loads it).
 """
@@ -33,7 +34,7 @@ from coordexp_jax.errors import CoordExpError
 from coordexp_jax.data import image as image_lib
 from coordexp_jax.data.records import Record, ValidationReport, json_lines, parse_record
 
-FORMATS = ("coco", "lvis", "odvg", "refcoco", "mmkd", "fsc147", "coco_class", "omnicount")
+FORMATS = ("coco", "lvis", "odvg", "refcoco", "mmkd", "fsc147", "coco_class", "omnicount", "hico")
 
 
 class ConversionError(CoordExpError, ValueError):
@@ -468,8 +469,101 @@ def from_omnicount(path, images_dir=None, out_dir=None, report=None, split: str 
     return gen()
 
 
+def _hico_box(sample: Mapping, idx: int, where: str) -> tuple[list[float], str]:
+    """Box `idx` of a simplified HICO-DET sample: pixels from `boxes` (preferred), else 0..1000 from `boxes_1000`."""
+    key = "boxes" if "boxes" in sample else "boxes_1000"
+    bs = _need(sample, key, where)
+    if not isinstance(bs, list) or not 0 <= idx < len(bs):
+        raise ConversionError(f"{where}: box index {idx} is not in '{key}' ({len(bs) if isinstance(bs, list) else 0} "
+                              "boxes)")
+    return _floats(bs[idx], 4, where, f"{key}[{idx}]"), ("pixel" if key == "boxes" else "qwen1000")
+
+
+def from_hico(path, images_dir, out_dir=None, report=None) -> Iterator[dict]:
+    """The HOI seed's simplified HICO-DET (or SWIG-HOI) benchmark JSON (a list) -> HOI chat records (`data/hoi.py`).
+
+    Referring samples (`person_box_idx`, `object_box_idx`, `gt_action`): "What is the person <box> doing with the
+    object <box>?" -> the action phrase, with `refer_boxes`. Grounding samples (`action`, `object_category`,
+    `gt_box_inds` alternating person, object): "Who is <action> <object>?" -> every pair as
+    `<|object_ref_start|>person<|object_ref_end|><box><|object_ref_start|>object<|object_ref_end|><box>`.
+    Boxes come from `boxes` (pixels, with `width`/`height`; written on the 0..1000 grid as q = round(1000 x / W),
+    the continuous convention of `coord/codec.py`) or else `boxes_1000` (copied). A pre-built `query`/`response` is
+    not used (its boxes are JSON text, not box tokens) but kept in metadata. A pair with a degenerate box is left
+    out and counted (`degenerate_box`); a sample left with no pair is counted `no_objects`.
+    """
+    from coordexp_jax.coord import codec
+    from coordexp_jax.data import hoi
+
+    report = report if report is not None else ValidationReport()
+    data = _load_json(path)
+    if not isinstance(data, list):
+        raise ConversionError(f"{path}: expected a JSON list of samples")
+    for i, d in enumerate(data):
+        where = f"{path}: [{i}]"
+        name = _need(d, "file_name", where)
+        w = _int(d, "width", where) if "boxes" in d else None
+        h = _int(d, "height", where) if "boxes" in d else None
+
+        def q(idx):
+            b, unit = _hico_box(d, int(idx), where)
+            if _degenerate(b):
+                report.add("degenerate_box", where, f"box {idx} {b} has zero width or height (pair left out)")
+                return None
+            if unit == "pixel":
+                return [int(v) for v in codec.px_to_qwen1000(np.asarray(b, np.float64), w, h)]
+            if not all(0 <= v <= codec.QWEN_SCALE for v in b):
+                raise ConversionError(f"{where}: boxes_1000[{idx}] {b} is outside 0..1000")
+            return [int(round(v)) for v in b]
+
+        def text(b):
+            return hoi.format_box(np.asarray(b, np.float64) / codec.QWEN_SCALE)
+
+        meta = {"source": "hico", "index": i, "file_name": name}
+        meta.update({k: d[k] for k in ("query", "response", "hoi_id", "image_id") if k in d})
+        base = {"images": [_img_path(images_dir, name, out_dir)], "metadata": meta}
+        if w is not None:
+            base["image_sizes"] = [[w, h]]
+        if "gt_action" in d or "person_box_idx" in d:
+            p, o = q(d.get("person_box_idx", 0)), q(d.get("object_box_idx", 1))
+            if p is None or o is None:
+                continue
+            action = str(_need(d, "gt_action", where)).strip()
+            if not action:
+                raise ConversionError(f"{where}: empty 'gt_action'")
+            yield {**base, "task_type": "referring", "refer_boxes": [p, o],
+                   "messages": [{"role": "user", "content": f"{hoi.IMAGE_PLACEHOLDER}What is the person {text(p)} "
+                                                            f"doing with the object {text(o)}?"},
+                                {"role": "assistant", "content": action}],
+                   "metadata": {**meta, "action": action}}
+        elif "action" in d:
+            action, obj = str(d["action"]).strip(), str(d.get("object_category", "object")).strip()
+            inds = d.get("gt_box_inds")
+            if inds is None:
+                n = len(_need(d, "boxes" if "boxes" in d else "boxes_1000", where))
+                inds = list(range(n))
+            if not isinstance(inds, list) or len(inds) % 2:
+                raise ConversionError(f"{where}: 'gt_box_inds' must list (person, object) index pairs, "
+                                      f"got {inds!r}"[:300])
+            answer = []
+            for k in range(0, len(inds), 2):
+                p, o = q(inds[k]), q(inds[k + 1])
+                if p is None or o is None:
+                    continue
+                answer.append(f"{hoi.REF_START}person{hoi.REF_END}{text(p)}{hoi.REF_START}{obj}{hoi.REF_END}{text(o)}")
+            if not answer:
+                report.add("no_objects", where, "no pair left")
+                continue
+            yield {**base, "task_type": "grounding",
+                   "messages": [{"role": "user", "content": f"{hoi.IMAGE_PLACEHOLDER}Who is {action} {obj}?"},
+                                {"role": "assistant", "content": "".join(answer)}],
+                   "metadata": {**meta, "action": action, "object": obj, "num_pairs": len(answer)}}
+        else:
+            raise ConversionError(f"{where}: neither a referring sample ('gt_action') nor a grounding one ('action')")
+
+
 CONVERTERS = {"coco": from_coco, "lvis": from_lvis, "odvg": from_odvg, "refcoco": from_refcoco, "mmkd": from_mmkd,
-              "fsc147": from_fsc147, "coco_class": from_coco_class, "omnicount": from_omnicount}
+              "fsc147": from_fsc147, "coco_class": from_coco_class, "omnicount": from_omnicount, "hico": from_hico}
+HOI_FORMATS = ("hico",)  # formats whose output is HOI chat records (read back with data/hoi.py)
 
 
 def convert(fmt: str, path: str, images_dir: str, out_dir: str | None = None, report: ValidationReport | None = None,

@@ -201,7 +201,8 @@ def _close(a, b, tol: float) -> bool:
     return bool(np.all(np.abs(np.asarray(a) - np.asarray(b)) <= tol))
 
 
-def assign_kinds(boxes: Sequence, labels: Sequence[str | None], tol: float = 1.0 / codec.QWEN_SCALE + 1e-9) -> list[int]:
+def assign_kinds(boxes: Sequence, labels: Sequence[str | None],
+                 tol: float = 1.0 / codec.QWEN_SCALE + 1e-9) -> list[int]:
     """Kinds of the boxes of one turn (normalised `[4]` each, in order) by the rules of the module docstring."""
     kinds: list[int | None] = [kind_of_label(lb) for lb in labels]
     i, out = 0, [0] * len(boxes)
@@ -540,7 +541,8 @@ def iter_hoi_file(path: str, *, image_root: str | None = None, policy=None, repo
             with open(path, encoding="utf-8") as f:
                 data = json.load(f)
         except json.JSONDecodeError as e:
-            raise RecordError(path, "bad_json", f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+            raise RecordError(path, "bad_json",
+                              f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
         if not isinstance(data, list):
             raise RecordError(path, "bad_value", "a .json HOI file must hold a list of records")
         items = ((f"{path}:[{i}]", d) for i, d in enumerate(data))

@@ -6,12 +6,14 @@ placed side by side with a gap between pairs (a pair never touches another pair)
 body, two arms and two legs drawn with PIL lines; objects are a ball, a cup, a bike and a horse. The actions and
 their geometry (person box p, object box o, person height h = p.y2 - p.y1; `action_of_boxes` is the rule):
 
-| action | drawn as | rule on the boxes |
-|---|---|---|
-| riding | the person sits on the bike / horse (hip at its top, legs down its sides) | p.y1 < o.y1 < p.y2 < o.y2 - 0.1 o.h and o.x1 < centre_x(p) < o.x2 |
-| holding | an arm held out, the ball / cup in the hand at chest height | boxes overlap in x, centre_y(o) - p.y1 in [0.2 h, 0.65 h], o.y2 < p.y2 - 0.2 h |
-| kicking | one leg swung forward, the ball at that foot on the ground | boxes overlap in x, abs(o.y2 - p.y2) <= 0.1 h, o.y1 > p.y1 + 0.5 h |
-| looking at | standing, the face turned to the object, which stands apart on the ground | horizontal gap >= 0.1 h |
+- riding: the person sits on the bike / horse (hip at its top, legs down its sides);
+  rule p.y1 < o.y1 < p.y2 < o.y2 - 0.1 o.h and o.x1 < centre_x(p) < o.x2 (checked first);
+- looking at: standing, the face turned to the object, which stands apart on the ground; rule: horizontal gap
+  between the boxes >= 0.1 h;
+- holding: an arm held out, the ball / cup in the hand at chest height; rule: the boxes overlap in x,
+  centre_y(o) - p.y1 in [0.2 h, 0.65 h] and o.y2 < p.y2 - 0.2 h;
+- kicking: one leg swung forward, the ball at that foot on the ground; rule: the boxes overlap in x,
+  abs(o.y2 - p.y2) <= 0.1 h and o.y1 > p.y1 + 0.5 h.
 
 Objects and their actions: ball (holding, kicking, looking at), cup (holding, looking at), bike and horse (riding,
 looking at). The (action, object) combinations of one image are distinct, so every pair has a grounding query with
@@ -42,11 +44,12 @@ OBJECT_ACTIONS = {"ball": ("holding", "kicking", "looking at"), "cup": ("holding
                   "bike": ("riding", "looking at"), "horse": ("riding", "looking at")}
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 SHIRTS = ((200, 40, 40), (40, 90, 210), (30, 150, 60), (150, 60, 200), (230, 130, 20), (20, 160, 170))
-OBJECT_COLOURS = {"ball": ((230, 60, 30), (250, 200, 20), (240, 240, 240)), "cup": ((30, 60, 160), (250, 250, 250),
-                                                                                  (200, 60, 140)),
+# saturated or dark: every colour differs from the light background (185..225 per channel) by > 60 in a channel
+OBJECT_COLOURS = {"ball": ((230, 60, 30), (240, 190, 20), (30, 150, 230)), "cup": ((30, 60, 160), (20, 140, 120),
+                                                                                (200, 60, 140)),
                   "bike": ((30, 30, 30), (120, 20, 20), (20, 40, 110)), "horse": ((120, 70, 30), (70, 40, 20),
                                                                               (40, 30, 30))}
-SKIN = (235, 190, 150)
+SKIN = (200, 140, 100)  # > 60 from the background in a channel
 
 
 @dataclasses.dataclass(frozen=True)

@@ -57,7 +57,8 @@ TOOL = {
     "messages": [{"role": "system", "content": "You are helpful.\n<tools>zoom_in</tools>"},
                  {"role": "user", "content": "<image> What action is the person <|box_start|>(100,200),(400,900)"
                                              "<|box_end|> doing with <|box_start|>(350,500),(700,800)<|box_end|>?"},
-                 {"role": "assistant", "content": "<think>small</think>\n<tool_call>{\"name\": \"zoom_in\"}</tool_call>"},
+                 {"role": "assistant",
+                  "content": "<think>small</think>\n<tool_call>{\"name\": \"zoom_in\"}</tool_call>"},
                  {"role": "user", "content": "<image> (zoomed) the cup <|box_start|>(0,0),(500,500)<|box_end|>"},
                  {"role": "assistant", "content": "<think>ok</think>\n<answer>holding cup</answer>"}],
     "images": ["a.png", "b.png"], "uses_tool": True}
