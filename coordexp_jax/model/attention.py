@@ -1,11 +1,29 @@
-"""Softmax attention shared by the text decoder (GQA, causal/padding masks) and the ViT (segment masks)."""
+"""Softmax attention shared by the text decoder (GQA, causal/padding masks) and the ViT (segment masks).
+
+`attention(q, k, v, mask, dtype)` is what the layers call. `mask` is either a dense boolean array `[B,S,T]`
+(the KV-cache decode step: a few queries over the cache; always computed densely) or an `AttentionMask`, the
+structured mask of a self-attention pass (causal + key padding for the text decoder, segment ids for the ViT),
+which also carries the implementation chosen by `ModelConfig.attention`:
+
+- "dense": `gqa_attention`, the reference (f32 scores `[B,nh,S,T]`); the default.
+- "blockwise": `blockwise_attention`, pure JAX, any backend: online softmax over key blocks, never more than one
+  `[query block, key block]` tile of scores, with a custom VJP that recomputes the tiles in the backward pass.
+- "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")` (cuDNN flash attention; GPU, bf16/fp16).
+- "splash": the Pallas TPU splash attention kernel (TPU; runs in interpret mode on CPU for the tests).
+"""
 
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import struct
+
+from coordexp_jax.errors import CoordExpError
+
+from .config import ATTENTION_IMPLEMENTATIONS
 
 NEG_INF = -1e30
 
@@ -98,3 +116,310 @@ def _attention_cpu_bwd(dtype, res, d_out):
 
 
 _attention_cpu.defvjp(_attention_cpu_fwd_impl, _attention_cpu_bwd)
+
+
+# --- the structured mask and the dispatcher -------------------------------------------------------------------
+
+@struct.dataclass
+class AttentionMask:
+    """The mask of a self-attention pass over S positions (queries and keys are the same positions).
+
+    Key j is visible to query i iff `kv_valid[b, j]` (when given) and `segment_ids[b, i] == segment_ids[b, j]` (when
+    given) and `j <= i` (when `causal`). Text decoder: `AttentionMask.causal_padding(attention_mask)`; ViT:
+    `AttentionMask.segments(vision_segment_ids)` (padding id -1 attends padding, so no ViT row is fully masked).
+    `impl` (static) is the implementation that `attention` runs, one of ATTENTION_IMPLEMENTATIONS.
+    """
+    kv_valid: Any = None     # [B,T] bool
+    segment_ids: Any = None  # [B,T] int32
+    causal: bool = struct.field(pytree_node=False, default=False)
+    impl: str = struct.field(pytree_node=False, default="dense")
+
+    @classmethod
+    def causal_padding(cls, attention_mask, impl: str = "dense") -> "AttentionMask":
+        """Causal + key padding from attention_mask [B,S] (1 = real token)."""
+        return cls(kv_valid=attention_mask > 0, causal=True, impl=impl)
+
+    @classmethod
+    def segments(cls, segment_ids, impl: str = "dense") -> "AttentionMask":
+        """Attention only between equal segment ids [B,S] (the ViT's images in a slot; -1 = padding)."""
+        return cls(segment_ids=segment_ids, impl=impl)
+
+    def dense(self):
+        """[B,S,S] bool, the mask the dense reference uses."""
+        ref = self.kv_valid if self.kv_valid is not None else self.segment_ids
+        B, S = ref.shape
+        keep = jnp.ones((1, S, S), bool)
+        if self.causal:
+            keep = keep & jnp.tril(jnp.ones((S, S), bool))[None]
+        if self.kv_valid is not None:
+            keep = keep & self.kv_valid[:, None, :]
+        if self.segment_ids is not None:
+            keep = keep & (self.segment_ids[:, :, None] == self.segment_ids[:, None, :])
+        return jnp.broadcast_to(keep, (B, S, S))
+
+
+def attention(q, k, v, mask, dtype):
+    """q [B,S,nh,hd]; k, v [B,T,nkv,hd] -> [B,S,nh*hd] in `dtype` (softmax in float32).
+
+    `mask`: an `AttentionMask` (self-attention, S == T; computed by `mask.impl`) or a dense bool array [B,S,T] (the
+    KV-cache decode step, a few queries over the cache: always the dense reference, whatever the configured
+    implementation). Raises ValueError for an unknown implementation name.
+    """
+    if not isinstance(mask, AttentionMask):
+        return gqa_attention(q, k, v, mask, dtype)
+    if mask.impl == "dense":
+        return gqa_attention(q, k, v, mask.dense(), dtype)
+    if mask.impl == "blockwise":
+        return blockwise_attention(q, k, v, mask, dtype)
+    if mask.impl == "cudnn":
+        return cudnn_attention(q, k, v, mask, dtype)
+    if mask.impl == "splash":
+        return splash_attention(q, k, v, mask, dtype)
+    raise ValueError(f"unknown attention implementation {mask.impl!r}; choose one of {ATTENTION_IMPLEMENTATIONS}")
+
+
+# --- blockwise (memory-efficient) attention in pure JAX -------------------------------------------------------
+# Rabe & Staats 2021, "Self-attention does not need O(n^2) memory" (arXiv:2112.05682): the softmax is accumulated
+# over key blocks with a running max (online softmax), so the forward never holds more than one [query block,
+# key block] tile of scores. Differentiating that loop would store its carries per step (O(S * T / block));
+# instead the custom VJP saves only the output and the row max and sum (O(S)) and recomputes each tile in the
+# backward pass, P = exp(S - m) / l, dS = P * (dP - rowsum(dO * O)) (the FlashAttention-2 backward, Dao 2023,
+# arXiv:2307.08691, Algorithm 2). Same float32 softmax as the dense reference, including its masked rows: a masked
+# score is NEG_INF, so a fully masked row (a left-pad query) averages every key, as `gqa_attention` does, and
+# masked scores get no gradient. Keys past T (block padding) are -inf and take no part at all.
+
+BLOCK_Q = 512
+BLOCK_K = 512
+
+
+def blockwise_attention(q, k, v, mask: AttentionMask, dtype, *, block_q: int = BLOCK_Q, block_k: int = BLOCK_K):
+    """q [B,S,nh,hd]; k, v [B,S,nkv,hd]; mask an AttentionMask -> [B,S,nh*hd] in `dtype`.
+
+    Memory: one [B, nh, block_q, block_k] float32 score tile at a time (forward and backward) plus O(S) residuals
+    (output, row max and sum); no [S, S] array. Blocks are min(block, S); S is zero-padded up to a multiple.
+    """
+    S, T = q.shape[1], k.shape[1]
+    if S != T:
+        raise ValueError(f"blockwise_attention is self-attention (S == T), got S={S}, T={T}")
+    kv_valid = None if mask.kv_valid is None else mask.kv_valid.astype(bool)
+    seg = None if mask.segment_ids is None else mask.segment_ids.astype(jnp.int32)
+    return _blockwise(q, k, v, kv_valid, seg, mask.causal, min(block_q, S), min(block_k, T), jnp.dtype(dtype))
+
+
+def _q_blocks(x, nkv, bq):
+    """[B,S,nh,hd] -> [nq,B,nkv,g,bq,hd] (positions zero-padded to nq*bq; head h = kv head h // g, as HF)."""
+    B, S, nh, hd = x.shape
+    nq = -(-S // bq)
+    x = jnp.pad(x, ((0, 0), (0, nq * bq - S), (0, 0), (0, 0)))
+    return x.reshape(B, nq, bq, nkv, nh // nkv, hd).transpose(1, 0, 3, 4, 2, 5)
+
+
+def _q_unblocks(x, S):
+    """[nq,B,nkv,g,bq,hd] -> [B,S,nh,hd] (inverse of _q_blocks)."""
+    nq, B, K, G, bq, hd = x.shape
+    return x.transpose(1, 0, 4, 2, 3, 5).reshape(B, nq * bq, K * G, hd)[:, :S]
+
+
+def _kv_blocks(x, bk):
+    """[B,T,nkv,hd] -> [nk,B,nkv,bk,hd] (zero-padded)."""
+    B, T, K, hd = x.shape
+    nk = -(-T // bk)
+    x = jnp.pad(x, ((0, 0), (0, nk * bk - T), (0, 0), (0, 0)))
+    return x.reshape(B, nk, bk, K, hd).transpose(1, 0, 3, 2, 4)
+
+
+def _kv_unblocks(x, T):
+    nk, B, K, bk, hd = x.shape
+    return x.transpose(1, 0, 3, 2, 4).reshape(B, nk * bk, K, hd)[:, :T]
+
+
+def _vec_blocks(x, block, fill):
+    """[B,N] -> [nb,B,block] (padded with `fill`); None stays None."""
+    if x is None:
+        return None
+    B, N = x.shape
+    nb = -(-N // block)
+    return jnp.pad(x, ((0, 0), (0, nb * block - N)), constant_values=fill).reshape(B, nb, block).transpose(1, 0, 2)
+
+
+def _block_info(kv_valid, seg, S, bq, bk):
+    """Per query block: positions [nq,bq], segments [nq,B,bq]; per key block: positions, real (not padding) [nk,bk],
+    kv_valid and segments [nk,B,bk]."""
+    nq, nk = -(-S // bq), -(-S // bk)
+    qi = dict(pos=jnp.arange(nq * bq, dtype=jnp.int32).reshape(nq, bq), seg=_vec_blocks(seg, bq, -2))
+    kpos = jnp.arange(nk * bk, dtype=jnp.int32).reshape(nk, bk)
+    ki = dict(pos=kpos, real=kpos < S, valid=_vec_blocks(kv_valid, bk, False), seg=_vec_blocks(seg, bk, -2))
+    return qi, ki
+
+
+def _tile(qt, kt, qi, ki, causal, scale):
+    """Masked float32 scores of one tile: qt [B,K,G,bq,hd], kt [B,K,bk,hd] -> s [B,K,G,bq,bk], keep [.,1,1,bq,bk]."""
+    s = jnp.einsum("bkgqd,bktd->bkgqt", qt, kt, preferred_element_type=jnp.float32) * scale
+    bq, bk = s.shape[-2:]
+    keep = jnp.ones((1, bq, bk), bool)
+    if ki["valid"] is not None:
+        keep = keep & ki["valid"][:, None, :]
+    if ki["seg"] is not None:
+        keep = keep & (qi["seg"][:, :, None] == ki["seg"][:, None, :])
+    if causal:
+        keep = keep & (ki["pos"][None, None, :] <= qi["pos"][None, :, None])
+    keep = keep[:, None, None]
+    s = jnp.where(keep, s, NEG_INF)
+    s = jnp.where(ki["real"], s, -jnp.inf)
+    return s, keep & ki["real"]
+
+
+def _blockwise_fwd(q, k, v, kv_valid, seg, causal, bq, bk, dtype):
+    B, S, nh, hd = q.shape
+    nkv = k.shape[2]
+    scale = hd ** -0.5
+    qb, kb, vb = _q_blocks(q, nkv, bq), _kv_blocks(k, bk), _kv_blocks(v, bk)
+    qi, ki = _block_info(kv_valid, seg, S, bq, bk)
+
+    def one_q_block(args):
+        qt, qit = args
+        shape = qt.shape[:-1]  # [B,K,G,bq]
+
+        def step(carry, x):
+            m, l, acc = carry
+            kt, vt, kit = x
+            s, _ = _tile(qt, kt, qit, kit, causal, scale)
+            m_new = jnp.maximum(m, s.max(-1))
+            p = jnp.exp(s - m_new[..., None])
+            c = jnp.exp(m - m_new)
+            acc = acc * c[..., None] + jnp.einsum("bkgqt,bktd->bkgqd", p.astype(dtype), vt.astype(dtype),
+                                                  preferred_element_type=jnp.float32)
+            return (m_new, l * c + p.sum(-1), acc), None
+
+        init = (jnp.full(shape, NEG_INF, jnp.float32), jnp.zeros(shape, jnp.float32),
+                jnp.zeros(shape + (hd,), jnp.float32))
+        (m, l, acc), _ = jax.lax.scan(step, init, (kb, vb, ki))
+        # l >= 1 (the row max contributes exp(0)). m and l are kept apart: m + log(l) would round to m for a
+        # fully masked row (m = NEG_INF), and its backward would then see p = 1 instead of 1/T
+        return acc / l[..., None], (m, l)
+
+    out_b, stats = jax.lax.map(one_q_block, (qb, qi))  # [nq,B,K,G,bq,hd] f32; m, l [nq,B,K,G,bq]
+    out = _q_unblocks(out_b.astype(dtype), S).reshape(B, S, nh * hd)
+    return out, (q, k, v, kv_valid, seg, out_b, stats)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _blockwise(q, k, v, kv_valid, seg, causal, bq, bk, dtype):
+    return _blockwise_fwd(q, k, v, kv_valid, seg, causal, bq, bk, dtype)[0]
+
+
+def _blockwise_bwd(causal, bq, bk, dtype, res, d_out):
+    q, k, v, kv_valid, seg, out_b, (m, l) = res
+    B, S, nh, hd = q.shape
+    nkv = k.shape[2]
+    scale = hd ** -0.5
+    qb, kb, vb = _q_blocks(q, nkv, bq), _kv_blocks(k, bk), _kv_blocks(v, bk)
+    qi, ki = _block_info(kv_valid, seg, S, bq, bk)
+    dob = _q_blocks(d_out.reshape(B, S, nh, hd).astype(jnp.float32), nkv, bq)   # zero on padded queries
+    delta = jnp.sum(dob * out_b, axis=-1)                                       # rowsum(dO * O) [nq,B,K,G,bq]
+
+    def one_q_block(carry, x):
+        dk_acc, dv_acc = carry
+        qt, qit, dot, mt, lt, dt = x
+
+        def step(dq, y):
+            kt, vt, kit = y
+            s, keep = _tile(qt, kt, qit, kit, causal, scale)
+            p = jnp.exp(s - mt[..., None]) / lt[..., None]                      # the forward's probabilities
+            dv = jnp.einsum("bkgqt,bkgqd->bktd", p.astype(dtype), dot.astype(dtype), preferred_element_type=jnp.float32)
+            dp = jnp.einsum("bkgqd,bktd->bkgqt", dot.astype(dtype), vt.astype(dtype), preferred_element_type=jnp.float32)
+            ds = jnp.where(keep, p * (dp - dt[..., None]), 0.0) * scale         # masked scores: no gradient
+            dq = dq + jnp.einsum("bkgqt,bktd->bkgqd", ds, kt.astype(jnp.float32))
+            dk = jnp.einsum("bkgqt,bkgqd->bktd", ds, qt.astype(jnp.float32))
+            return dq, (dk, dv)
+
+        dq, (dk, dv) = jax.lax.scan(step, jnp.zeros(qt.shape, jnp.float32), (kb, vb, ki))
+        return (dk_acc + dk, dv_acc + dv), dq
+
+    zeros = jnp.zeros(kb.shape, jnp.float32)
+    (dk, dv), dq = jax.lax.scan(one_q_block, (zeros, zeros), (qb, qi, dob, m, l, delta))
+    T = k.shape[1]
+    return (_q_unblocks(dq, S).astype(q.dtype), _kv_unblocks(dk, T).astype(k.dtype),
+            _kv_unblocks(dv, T).astype(v.dtype), None, None)
+
+
+_blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
+
+
+# --- cuDNN flash attention (GPU) -------------------------------------------------------------------------------
+
+class AttentionConfigError(CoordExpError, ValueError):
+    """The configured attention implementation cannot run with the model's settings (e.g. 'cudnn' in float32)."""
+
+
+def cudnn_attention(q, k, v, mask: AttentionMask, dtype, *, implementation: str = "cudnn"):
+    """q [B,S,nh,hd]; k, v [B,S,nkv,hd] -> [B,S,nh*hd] via `jax.nn.dot_product_attention` (GQA native).
+
+    Text (causal + key padding): cuDNN's padding mask covers only right padding (`query/key_value_seq_lengths`), so
+    each row is rotated to put its real tokens first (they must be one contiguous run: left- or right-padded
+    rows), attended with `is_causal=True` and the real lengths, and rotated back; padded queries output 0 (they
+    are never used). The ViT (segments): a boolean `[B,1,S,S]` mask (one byte per pair per image slot, no
+    per-head scores). `implementation="xla"` runs the same plumbing on any backend (the CPU tests).
+    Raises AttentionConfigError when `implementation="cudnn"` and dtype is not bfloat16/float16 (cuDNN's flash
+    kernels have no float32 path).
+    """
+    B, S, nh, hd = q.shape
+    if implementation == "cudnn" and jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        raise AttentionConfigError(f"attention 'cudnn' needs a bfloat16 or float16 compute dtype (model.dtype), "
+                                   f"got {jnp.dtype(dtype).name}")
+    q, k, v = (x.astype(dtype) for x in (q, k, v))
+    if mask.causal and mask.kv_valid is not None and mask.segment_ids is None:
+        valid = mask.kv_valid.astype(bool)
+        n = jnp.sum(valid, axis=-1).astype(jnp.int32)                   # real tokens per row [B]
+        start = jnp.argmax(valid, axis=-1).astype(jnp.int32)            # first real token (0 if none)
+        ar = jnp.arange(S, dtype=jnp.int32)
+        fwd_idx = ((ar[None] + start[:, None]) % S)[:, :, None, None]  # rotated[i] = x[(i + start) % S]
+        rot = [jnp.take_along_axis(x, fwd_idx, axis=1) for x in (q, k, v)]
+        n1 = jnp.maximum(n, 1)  # an all-padding row (never used) still gets a well-defined kernel call
+        out = jax.nn.dot_product_attention(*rot, is_causal=True, query_seq_lengths=n1, key_value_seq_lengths=n1,
+                                           implementation=implementation)
+        back_idx = ((ar[None] - start[:, None]) % S)[:, :, None, None]
+        out = jnp.take_along_axis(out, back_idx, axis=1)
+        out = jnp.where(valid[:, :, None, None], out, 0)
+    elif mask.kv_valid is None or mask.segment_ids is None:
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask.dense()[:, None], implementation=implementation)
+    else:
+        raise NotImplementedError("cudnn_attention: kv_valid together with segment_ids")
+    return out.astype(dtype).reshape(B, S, nh * hd)
+
+
+# --- Pallas splash attention (TPU) -----------------------------------------------------------------------------
+
+def splash_attention(q, k, v, mask: AttentionMask, dtype, *, block: int = 512, interpret: bool = False):
+    """q [B,S,nh,hd]; k, v [B,S,nkv,hd] -> [B,S,nh*hd] via the Pallas TPU splash attention kernel (GQA native).
+
+    Causal structure as the kernel's static `CausalMask`, the rest as segment ids: the ViT's own ids, or for the
+    text 1 = real token, 0 = padding (a padded query then sees only padding, never fully masked; its output is
+    never used). S is padded to a multiple of 128 with its own segment (-2); block sizes are the largest of
+    `block`, ..., 128 dividing it. `interpret=True` runs the kernel in Pallas's interpreter (any backend; tests).
+    """
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    B, S, nh, hd = q.shape
+    if mask.kv_valid is not None and mask.segment_ids is not None:
+        raise NotImplementedError("splash_attention: kv_valid together with segment_ids")
+    if mask.segment_ids is not None:
+        seg = mask.segment_ids.astype(jnp.int32)
+    elif mask.kv_valid is not None:
+        seg = mask.kv_valid.astype(jnp.int32)
+    else:
+        seg = jnp.zeros((B, S), jnp.int32)
+    Sp = -(-S // 128) * 128
+    bs = next(b for b in (block, 1024, 512, 256, 128) if b <= block and Sp % b == 0)
+    pad = ((0, 0), (0, 0), (0, Sp - S), (0, 0))
+    # [B,heads,Sp,hd]; the kernel does not scale the scores, so q is scaled first (as MaxText does)
+    qs = jnp.pad((q.astype(jnp.float32) * hd ** -0.5).astype(dtype).transpose(0, 2, 1, 3), pad)
+    ks, vs = (jnp.pad(x.astype(dtype).transpose(0, 2, 1, 3), pad) for x in (k, v))
+    seg = jnp.pad(seg, ((0, 0), (0, Sp - S)), constant_values=-2)
+    head_mask = sa.CausalMask((Sp, Sp)) if mask.causal else sa.FullMask((Sp, Sp))
+    sizes = sa.BlockSizes(block_q=bs, block_kv=bs, block_kv_compute=bs, block_q_dkv=bs, block_kv_dkv=bs,
+                          block_kv_dkv_compute=bs, block_q_dq=bs, block_kv_dq=bs)
+    kernel = sa.make_splash_mha(sa.MultiHeadMask([head_mask] * nh), head_shards=1, q_seq_shards=1,
+                                block_sizes=sizes, interpret=interpret)
+    out = jax.vmap(lambda a, b, c, s: kernel(a, b, c, segment_ids=sa.SegmentIds(q=s, kv=s)))(qs, ks, vs, seg)
+    return out[:, :, :S].transpose(0, 2, 1, 3).astype(dtype).reshape(B, S, nh * hd)

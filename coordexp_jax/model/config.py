@@ -15,6 +15,7 @@ from typing import Any
 from coordexp_jax.errors import CoordExpError
 
 VOCAB_PAD_MULTIPLE = 256
+ATTENTION_IMPLEMENTATIONS = ("dense", "blockwise", "cudnn", "splash")  # ModelConfig.attention (model/attention.py)
 
 # ModelConfig.remat_policy values: "full" saves nothing (jax.checkpoint's default); the others name
 # jax.checkpoint_policies members that take no arguments.
@@ -92,10 +93,15 @@ class ModelConfig:
     # What the backward pass keeps when remat is on (`Qwen3VL(remat=True)`, train config `model.remat`): "full"
     # (nothing: recompute the whole layer) or a name in `jax.checkpoint_policies` from REMAT_POLICIES.
     remat_policy: str = dataclasses.field(default="full", compare=False)
+    # Self-attention implementation (model/attention.py; train config `model.attention`): "dense" (the reference),
+    # "blockwise" (memory-efficient, pure JAX, any backend), "cudnn" (GPU flash attention), "splash" (TPU Pallas).
+    attention: str = dataclasses.field(default="dense", compare=False)
 
     def __post_init__(self):
         if self.remat_policy not in REMAT_POLICIES:
             raise ConfigError(f"key 'remat_policy' is {self.remat_policy!r}; choose one of {list(REMAT_POLICIES)}")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ConfigError(f"key 'attention' is {self.attention!r}; choose one of {list(ATTENTION_IMPLEMENTATIONS)}")
 
     @property
     def vocab_size(self) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from .attention import gqa_attention
+from .attention import attention
 from .config import TextConfig
 from .layers import Dense, RMSNorm
 from .rope import apply_rope
@@ -72,7 +72,7 @@ class DecoderLayer(nnx.Module):
         elif cache_k is not None:
             k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, index, 0, 0))
             v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
-        a = gqa_attention(q, k, v, mask, self.dtype)
+        a = attention(q, k, v, mask, self.dtype)  # mask: AttentionMask (ModelConfig.attention) or [B,S,L] bool
         x = x + self.self_attn.o_proj(a)
         x = x + self.mlp(self.post_attention_layernorm(x))
         if layer is not None and cache_k is not None:
