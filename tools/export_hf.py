@@ -7,6 +7,8 @@ transformers.Qwen3VLForConditionalGeneration.from_pretrained loads unchanged.
 A checkpoint with regression heads (sequential counting) exports the HF model unchanged plus
 `regression_heads.safetensors` (float32, torch nn.Linear layout) and `regression_heads.json` (layers, width,
 activation, tensor names; the <x>/<y> token ids when --tokenizer_dir is given); `load_checkpoint` reads them back.
+A checkpoint with the spatial-linking module (HOI) likewise gets `spatial_linking.safetensors` (float32, torch
+layout) and `spatial_linking.json` (heads, width, dropout, refine_mlp, tensor names).
 """
 
 import argparse
@@ -30,7 +32,8 @@ def main(argv=None):
 
     import jax.numpy as jnp
 
-    from coordexp_jax.weights.checkpoint import split_heads, load_checkpoint, save_heads
+    from coordexp_jax.model.spatial_linking import linking_of
+    from coordexp_jax.weights.checkpoint import split_heads, load_checkpoint, save_heads, save_linking
     from coordexp_jax.weights.cli import atomic_dir
     from coordexp_jax.weights.hf import save_hf_checkpoint
 
@@ -43,6 +46,8 @@ def main(argv=None):
                                    dtype=getattr(jnp, args.dtype) if args.dtype else None)
         if heads is not None:
             files += save_heads(tmp, heads, extra=_token_extra(args.tokenizer_dir))
+        if linking_of(model) is not None:
+            files += save_linking(tmp, linking_of(model))
     print(f"wrote {args.out}: {', '.join(files)}")
 
 

@@ -23,6 +23,7 @@ from .config import ModelConfig, TextConfig
 from .layers import Dense, Embed, RMSNorm, linear
 from .rope import mrope_cos_sin
 from .scan import remat_policy, scan_apply, stack_modules
+from .spatial_linking import ATTR as LINKING_ATTR, token_geometry
 from .text import DecoderLayer
 from .vision import VisionModel
 
@@ -75,8 +76,10 @@ class Qwen3VL(nnx.Module):
         t = self.config.text
         return mrope_cos_sin(positions, t.head_dim, t.rope_theta, t.mrope_section, self.dtype)
 
-    def embed(self, input_ids, vision: dict | None = None):
-        """Token embeddings with image features scattered in -> (h [B,S,H], deepstack list of [B,S,H] or None)."""
+    def embed(self, input_ids, vision: dict | None = None, links: dict | None = None):
+        """Token embeddings with image features scattered in -> (h [B,S,H], deepstack list of [B,S,H] or None).
+        With `links` (model/spatial_linking.py) and an attached `spatial_linking` module, the linked box-end tokens
+        get the module's update; without either (or without images) h is exactly Qwen3-VL's."""
         h = self.language_model.embed_tokens(input_ids)
         if vision is None:
             return h, None
@@ -86,7 +89,22 @@ class Qwen3VL(nnx.Module):
         idx = jnp.maximum(vi, 0)
         h = jnp.where(sel, jnp.take(feats, idx, axis=0).astype(h.dtype), h)
         ds_tok = [jnp.where(sel, jnp.take(f, idx, axis=0).astype(h.dtype), 0) for f in ds]
+        linking = getattr(self, LINKING_ATTR, None)
+        if links is not None and linking is not None:
+            h = linking(h, *token_geometry(vision), links)
         return h, ds_tok
+
+    def link_attention(self, input_ids, vision: dict, links: dict):
+        """The spatial-linking module's attention weights [B, N, heads, S] float32 over sequence positions (sum 1
+        over the visual tokens a usable link selects, 0 elsewhere; no dropout), for heatmaps
+        (`spatial_linking.heatmap` with `token_geometry(vision)`). Runs the vision tower and the embeddings only.
+        Raises ValueError when the model has no spatial-linking module."""
+        linking = getattr(self, LINKING_ATTR, None)
+        if linking is None:
+            raise ValueError("the model has no spatial-linking module (model.spatial_linking.enabled)")
+        h, _ = self.embed(input_ids, vision)  # the DeepStack gathers are dead code under jit
+        links = {k: v for k, v in links.items() if k != "rng"}
+        return linking(h, *token_geometry(vision), links, return_weights=True)[1]
 
     def _layers(self, h, cos, sin, mask, ds_tok, cache: dict | None = None):
         """Runs every decoder layer over the whole sequence; DeepStack feature k is added after layer k.
@@ -131,10 +149,11 @@ class Qwen3VL(nnx.Module):
         causal = jnp.tril(jnp.ones((S, S), bool))
         return causal[None] & (attention_mask[:, None, :] > 0)
 
-    def __call__(self, input_ids, positions, attention_mask, vision: dict | None = None):
+    def __call__(self, input_ids, positions, attention_mask, vision: dict | None = None, links: dict | None = None):
         """input_ids [B,S], positions [3,B,S], attention_mask [B,S], vision: the vision arrays + visual_index or None.
-        Returns the hidden states after the final norm [B,S,H]."""
-        h, ds_tok = self.embed(input_ids, vision)
+        links: the spatial-linking boxes (model/spatial_linking.py) or None. Returns the hidden states after the
+        final norm [B,S,H]."""
+        h, ds_tok = self.embed(input_ids, vision, links)
         cos, sin = self._cos_sin(positions)
         h = self._layers(h, cos, sin, self.causal_mask(attention_mask), ds_tok)
         return self.language_model.norm(h)
@@ -182,7 +201,8 @@ class Qwen3VL(nnx.Module):
                     mask=jnp.zeros((batch, max_len), jnp.int32), index=jnp.zeros((), jnp.int32),
                     next_pos=jnp.zeros((batch,), jnp.int32))
 
-    def prefill(self, input_ids, positions, attention_mask, vision: dict | None = None, *, cache: dict | None = None,
+    def prefill(self, input_ids, positions, attention_mask, vision: dict | None = None, links: dict | None = None, *,
+                cache: dict | None = None,
                 cache_len: int | None = None):
         """Runs the (left-padded) prompt, DeepStack included, and fills a fresh cache from slot 0.
 
@@ -192,7 +212,7 @@ class Qwen3VL(nnx.Module):
         B, S = input_ids.shape
         if cache is None:
             cache = self.init_cache(B, cache_len if cache_len is not None else S)
-        h, ds_tok = self.embed(input_ids, vision)
+        h, ds_tok = self.embed(input_ids, vision, links)
         cos, sin = self._cos_sin(positions)
         h, ks, vs = self._layers(h, cos, sin, self.causal_mask(attention_mask), ds_tok, cache=cache)
         h = self.language_model.norm(h[:, -1])

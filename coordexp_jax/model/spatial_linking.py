@@ -236,9 +236,18 @@ def config_from_train(cfg, hidden_size: int) -> LinkingConfig:
 
 
 def maybe_attach(model: nnx.Module, cfg, *, seed: int = 0) -> nnx.Module:
-    """Attaches a fresh `SpatialLinking` per `cfg.model.spatial_linking` when it is enabled and the model has none
-    (a checkpoint's module is kept); returns the model. Dtypes follow the model's."""
-    if not cfg.model.spatial_linking.enabled or linking_of(model) is not None:
+    """The model with a spatial-linking module exactly when `cfg.model.spatial_linking.enabled`: a fresh
+    `SpatialLinking` (dtypes of the model) is attached when enabled and the model has none (a checkpoint's module is
+    kept); a checkpoint's module is removed when disabled (the model is then exactly Qwen3-VL). In place."""
+    if not cfg.model.spatial_linking.enabled:
+        if linking_of(model) is not None:
+            import logging
+
+            logging.getLogger(__name__).warning("model.checkpoint has a spatial-linking module; "
+                                                "model.spatial_linking.enabled is False, so it is dropped")
+            delattr(model, ATTR)
+        return model
+    if linking_of(model) is not None:
         return model
     lcfg = config_from_train(cfg, model.config.text.hidden_size)
     pdt = jax.tree.leaves(nnx.state(model.language_model.norm, nnx.Param))[0].dtype

@@ -67,6 +67,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.coord_init = "random"  # 'random' | 'sinusoidal': init of the coordinate-token embedding rows
     c.model.vision_pos_init = "random"  # 'random' | 'sinusoidal': init of the ViT's position table (random init)
     c.model.vision_pos_std = 0.5  # per-element std of the sinusoidal position table
+    # Spatial linking (model/spatial_linking.py, the HOI seed): each box-end token cross-attends to the visual tokens
+    # inside its box before the decoder. Disabled: the model is exactly Qwen3-VL (no extra parameters).
+    c.model.spatial_linking = ml_collections.ConfigDict()
+    c.model.spatial_linking.enabled = False
+    c.model.spatial_linking.heads = 8  # attention heads (divide the width)
+    c.model.spatial_linking.dim = 0  # attention width D; 0 = the model's hidden size (the seed's module)
+    c.model.spatial_linking.dropout = 0.1  # attention-weight dropout (training steps only)
+    c.model.spatial_linking.refine_mlp = True  # residual MLP after the attention (the seed's use_refine_mlp)
+    c.model.spatial_linking.zero_init = True  # output projection starts at 0 (training starts at Qwen3-VL)
+    c.model.spatial_linking.max_boxes = 8  # N: box slots per sample (static shape of the batch's link_* arrays)
+    c.model.spatial_linking.interaction_box = True  # the data adds the person-object union box where asked
 
     c.tokenizer = ml_collections.ConfigDict()
     c.tokenizer.path = ""  # '' = the project's small tokenizer
@@ -133,6 +144,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.merger = _group()
     c.optim.coord_rows = _group()  # rows of the coordinate tokens in the embedding (and an untied lm_head)
     c.optim.heads = _group(lr_mult=5.0)  # regression heads (train.kind 'counting_regression'); trainable under LoRA
+    c.optim.linking = _group()  # spatial-linking module (model.spatial_linking); trainable under LoRA
     c.optim.group_patterns = DEFAULT_GROUP_PATTERNS
     c.optim.coord_row_params = (r"embed_tokens", r"lm_head")  # regexes of params whose rows are vocabulary rows
 
@@ -280,6 +292,10 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.coord_init": (_one_of("random", "sinusoidal"), "'random' or 'sinusoidal'"),
     "model.vision_pos_init": (_one_of("random", "sinusoidal"), "'random' or 'sinusoidal'"),
     "model.vision_pos_std": (_positive, "> 0"),
+    "model.spatial_linking.heads": (_positive, "> 0"),
+    "model.spatial_linking.dim": (_non_negative, ">= 0"),
+    "model.spatial_linking.dropout": (_prob, "in [0, 1)"),
+    "model.spatial_linking.max_boxes": (_positive, "> 0"),
     "data.kind": (_one_of("synthetic", "jsonl", "fusion", "hoi"), "'synthetic', 'jsonl', 'fusion' or 'hoi'"),
     "data.hoi.referring_weight": (_non_negative, ">= 0"),
     "data.hoi.grounding_weight": (_non_negative, ">= 0"),
@@ -443,6 +459,10 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for g, pattern in full.optim.group_patterns:
         if g not in groups:
             raise ConfigError(f"config key 'optim.group_patterns': unknown group {g!r} (groups: {sorted(groups)})")
+    sl = full.model.spatial_linking
+    if sl.dim and sl.dim % sl.heads:
+        raise ConfigError(f"config key 'model.spatial_linking.heads' = {sl.heads} must divide "
+                          f"model.spatial_linking.dim = {sl.dim}")
     if full.data.min_objects > full.data.max_objects:
         raise ConfigError("config key 'data.min_objects' must be <= data.max_objects")
     if full.data.hoi.min_pairs > full.data.hoi.max_pairs:

@@ -46,8 +46,11 @@ def run_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def load_trained_model(workdir: str, step: int | None = None, use_ema: bool = False):
-    """(ModelConfig, nnx.Module with LoRA merged, step) of checkpoint `step` (default: latest) of a run."""
+    """(ModelConfig, nnx.Module with LoRA merged, step) of checkpoint `step` (default: latest) of a run. A run with
+    `model.spatial_linking.enabled` gives the model its trained spatial-linking module (saved beside the Qwen3-VL
+    parameters by `weights.checkpoint.save_checkpoint`)."""
     from coordexp_jax.model.qwen3vl import Qwen3VL
+    from coordexp_jax.model.spatial_linking import maybe_attach
     from coordexp_jax.train import build, checkpoint as ckpt_lib, lora, optim, sharding as shd, state as state_lib
 
     cfg = run_config(workdir)
@@ -56,7 +59,7 @@ def load_trained_model(workdir: str, step: int | None = None, use_ema: bool = Fa
     dtype, pdtype = build._DT[cfg.model.dtype], build._DT[cfg.model.param_dtype]
 
     def make():  # the structure only (weights come from the checkpoint)
-        m = Qwen3VL(mc, dtype=dtype, param_dtype=pdtype, rngs=nnx.Rngs(0))
+        m = maybe_attach(Qwen3VL(mc, dtype=dtype, param_dtype=pdtype, rngs=nnx.Rngs(0)), cfg)
         if cfg.lora.enabled:
             exclude = None if cfg.lora.include_vision else r"(^|/)(vision|visual)\w*(/|$)"
             lora.apply_lora(m, cfg.lora.targets, cfg.lora.rank, cfg.lora.alpha, nnx.Rngs(1), exclude=exclude)

@@ -56,12 +56,14 @@ def apply_lora(model: nnx.Module, targets: Sequence[str], rank: int, alpha: floa
     """Wraps every `nnx.Linear` named in `targets` (path not matching `exclude`) in a `ScaledLoRA`, in place.
 
     Returns the number of layers adapted; raises if none matched (a typo in `lora.targets` would otherwise train
-    nothing).
+    nothing). Add-on modules (the regression heads, spatial linking) are trained whole, never adapted.
     """
     hits = []
     for path, mod in list(_modules(model)):
         name = path[-1]
         p = "/".join(str(k) for k in path)
+        if re.match(r"(regression_heads|spatial_linking)(/|$)", p):
+            continue
         if name in targets and _is_linear(mod) and not (exclude and re.search(exclude, p)):
             hits.append((path, mod))
     if not hits:

@@ -31,13 +31,31 @@ COORD_TERMS = ("coord_ce", "soft_ce", "w1", "gate")
 BOX_TERMS = ("l1", "giou", "smooth_l1", "ciou")
 VISION_KEYS = ("pixel_values", "vision_segment_ids", "vision_pos_taps", "vision_pos_weights", "vision_rope_rc",
                "visual_index")
+# token geometry for spatial linking (model/inputs.py), passed on when the batch has it
+LINK_VISION_KEYS = ("vision_token_rect", "visual_image")
+LINK_KEYS = ("pos", "boxes", "image", "kind")  # batch keys link_<name> (model/spatial_linking.py)
 
 
 def vision_inputs(batch: dict) -> dict | None:
     """The model's `vision` dict from a batch (None for a text-only batch)."""
     if "pixel_values" not in batch:
         return None
-    return {k: batch[k] for k in VISION_KEYS}
+    return {k: batch[k] for k in VISION_KEYS + tuple(k for k in LINK_VISION_KEYS if k in batch)}
+
+
+def links_of(batch: dict, rng=None) -> dict | None:
+    """The model's spatial-linking `links` dict `{pos, boxes, image, kind}` from the flat batch keys `link_pos`,
+    `link_boxes`, `link_image`, `link_kind` (or a `batch['links']` dict); None when the batch has none. `rng` (a
+    PRNG key) is added as `links['rng']`: the module's attention dropout runs only when it is given (training)."""
+    if isinstance(batch.get("links"), dict):
+        links = {k: batch["links"][k] for k in LINK_KEYS if k in batch["links"]}
+    elif "link_pos" in batch:
+        links = {k: batch[f"link_{k}"] for k in LINK_KEYS if f"link_{k}" in batch}
+    else:
+        return None
+    if rng is not None:
+        links["rng"] = rng
+    return links
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,10 +110,11 @@ class Stage1Objective:
         return {t: n[kind[t]] for t in self.weights}
 
     def sums(self, model: nnx.Module, batch: dict, rng=None) -> dict:
-        """Summed loss of each active term on one micro-batch `[B, ...]` (float32 scalars)."""
-        del rng
+        """Summed loss of each active term on one micro-batch `[B, ...]` (float32 scalars). `rng`: dropout key of
+        the spatial-linking module (None: deterministic)."""
         w = self.weights
-        hidden = model(batch["input_ids"], batch["positions"], batch["attention_mask"], vision_inputs(batch))
+        hidden = model(batch["input_ids"], batch["positions"], batch["attention_mask"], vision_inputs(batch),
+                       links_of(batch, rng))
         targets, lm = batch["targets"], batch["loss_mask"]
         cm = batch["coord_mask"].astype(jnp.float32) * (lm > 0)
         need_gates = "gate" in w or "text_gate" in w

@@ -8,6 +8,8 @@ optimizer state. The vocabulary rows of the coordinate tokens in the embedding (
 frozen 'lm'), through a per-row gradient mask and update scale. The regression heads of sequential counting
 (`model/regression.py`, paths under `regression_heads/`) form the group 'heads' (`optim.heads`, lr multiplier 5 by
 default as in the VLM-regression counting recipe); they are new parameters, so they stay trainable under LoRA.
+The spatial-linking module (`model/spatial_linking.py`, paths under `spatial_linking/`) likewise forms the group
+'linking' (`optim.linking`), trainable under LoRA and with the vision tower frozen.
 
 Each group differs only by a constant lr multiplier, and AdamW's update is elementwise, so the groups are one
 `optax.adamw` followed by a per-parameter (or per-row) scale of its update: exactly AdamW with lr * multiplier
@@ -55,11 +57,19 @@ def param_group(path: str, patterns) -> str:
 
 
 HEADS_PATTERN = r"(^|/)regression_heads(/|$)"
+LINKING_PATTERN = r"^spatial_linking(/|$)"
+# Add-on modules beside Qwen3-VL: whole groups of new parameters, trainable under LoRA unless their group is frozen
+ADDON_GROUPS = (("heads", HEADS_PATTERN), ("linking", LINKING_PATTERN))
 
 
 def is_heads_param(path: str) -> bool:
     """Whether a '/'-joined parameter path belongs to the regression heads (group 'heads')."""
     return re.search(HEADS_PATTERN, path) is not None
+
+
+def addon_group(path: str) -> str | None:
+    """The add-on group ('heads', 'linking') of a '/'-joined parameter path, or None for a Qwen3-VL parameter."""
+    return next((g for g, pattern in ADDON_GROUPS if re.search(pattern, path)), None)
 
 
 def is_coord_row_param(path: str, cfg: ml_collections.ConfigDict) -> bool:
@@ -74,8 +84,9 @@ def trainable_filter(cfg: ml_collections.ConfigDict) -> Callable[[tuple, Any], b
         if not isinstance(var, nnx.Param):
             return False
         p = "/".join(str(k) for k in path)
-        if is_heads_param(p):
-            return not o.heads.freeze
+        addon = addon_group(p)
+        if addon is not None:
+            return not o[addon].freeze
         group = param_group(p, o.group_patterns)
         if isinstance(var, nnx.LoRAParam):
             return not o[group].freeze
@@ -115,8 +126,9 @@ def multipliers(params: nnx.State, cfg: ml_collections.ConfigDict, vocab_size: i
 
     def one(path, leaf):
         p = path_str(path)
-        if is_heads_param(p):
-            return 0.0 if o.heads.freeze else float(o.heads.lr_mult)
+        addon = addon_group(p)
+        if addon is not None:
+            return 0.0 if o[addon].freeze else float(o[addon].lr_mult)
         group = param_group(p, o.group_patterns)
         base = 0.0 if (o[group].freeze or cfg.lora.enabled) else float(o[group].lr_mult)
         if "lora_a" in p or "lora_b" in p:

@@ -145,7 +145,7 @@ def make_eval_loss(graphdef: nnx.GraphDef, objective: Objective) -> Callable:
         counts = objective.counts(batch)
         micro = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), batch)
         model = nnx.merge(graphdef, params, frozen)
-        sums = objective.sums(model, micro, jax.random.PRNGKey(0))
+        sums = objective.sums(model, micro, None)  # no rng: no dropout in validation
         out = {"loss": _combine(dict(objective.weights), sums, counts)}
         out.update({f"loss/{k}": sums[k] / jnp.maximum(counts[k], 1.0) for k in counts})
         return out

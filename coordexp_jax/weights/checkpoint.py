@@ -7,6 +7,10 @@ Layout of a directory written by `save_checkpoint`:
                         only for a model with regression heads (`model/regression.py`, sequential counting): the
                         heads beside the Qwen3-VL parameters, in the same two files the HF export writes
                         (`save_heads` / `load_heads`), so `params/` holds exactly the Qwen3-VL tree
+    spatial_linking.safetensors + spatial_linking.json
+                        only for a model with the spatial-linking module (`model/spatial_linking.py`, HOI): the
+                        module beside the Qwen3-VL parameters, likewise in the files the HF export writes
+                        (`save_linking` / `load_linking`)
 """
 
 from __future__ import annotations
@@ -27,6 +31,13 @@ FORMAT = "coordexp_jax"
 HEADS_WEIGHTS = "regression_heads.safetensors"
 HEADS_CONFIG = "regression_heads.json"
 HEADS_FORMAT = "coordexp_regression_heads"
+LINKING_WEIGHTS = "spatial_linking.safetensors"
+LINKING_CONFIG = "spatial_linking.json"
+LINKING_FORMAT = "coordexp_spatial_linking"
+LINKING_DOC = ("SpatialLinking (coordexp_jax/model/spatial_linking.py): after the token embeddings and before the "
+               "decoder, each <|box_end|> token of a box adds out(refine(MHA(q = its embedding, k = v = the merged "
+               "visual tokens of its image whose 32 px cell centre lies inside the box, in pixels of the resized "
+               "image)))); torch layout: Linear <part>.weight [out, in] + .bias, norms <part>.weight (+ .bias)")
 
 
 def is_ours(path: str) -> bool:
@@ -130,15 +141,86 @@ def load_heads(path: str):
 
 def split_heads(model_or_state):
     """(Qwen3-VL part, heads) of a model or a parameter state: a Module keeps its heads module; a state gives the
-    pure-dict heads subtree (or None)."""
+    pure-dict heads subtree (or None). The spatial-linking module (if any) is left out of the Qwen3-VL part of a
+    Module (`split_linking` returns it)."""
     from ..model.regression import ATTR, heads_of
+    from ..model.spatial_linking import ATTR as LINKING
 
     if isinstance(model_or_state, nnx.Module):
-        return nnx.state(model_or_state, nnx.Param), heads_of(model_or_state)
+        state = nnx.state(model_or_state, nnx.Param)
+        if LINKING in state:
+            state = nnx.State({k: v for k, v in state.items() if k != LINKING})
+        return state, heads_of(model_or_state)
     state = _split_state(model_or_state)
     pure = nnx.to_pure_dict(state)
     heads = pure.pop(ATTR, None)
     return (pure if heads is not None else state), heads
+
+
+# ------------------------------------------------------------------------------------------- spatial linking
+def save_linking(out_dir: str, module, extra: dict | None = None) -> list[str]:
+    """Writes a `SpatialLinking` module as `spatial_linking.safetensors` (float32, torch layout,
+    `linking_to_numpy`) and `spatial_linking.json` (format, LinkingConfig fields, tensor names, what it does, plus
+    `extra`). Returns the file names written."""
+    import numpy as np
+
+    from ..model.spatial_linking import linking_to_numpy
+    from .safetensors_io import write_file
+
+    tensors = {k: np.ascontiguousarray(v, np.float32) for k, v in linking_to_numpy(module).items()}
+    names = sorted(tensors)
+    os.makedirs(out_dir, exist_ok=True)
+    write_file(os.path.join(out_dir, LINKING_WEIGHTS), [(n, tensors[n].shape, np.dtype(np.float32)) for n in names],
+               lambda n: tensors[n], metadata={"format": "pt"})
+    meta = dict(format=LINKING_FORMAT, **module.cfg.to_json(), tensors=names, module=LINKING_DOC, **(extra or {}))
+    with open(os.path.join(out_dir, LINKING_CONFIG), "w") as f:
+        json.dump(meta, f, indent=2)
+    return [LINKING_WEIGHTS, LINKING_CONFIG]
+
+
+def has_linking(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, LINKING_CONFIG))
+
+
+def load_linking(path: str, *, dtype=jnp.float32, param_dtype=jnp.float32):
+    """The `SpatialLinking` stored in directory `path` (`save_linking`), or None when it has no
+    `spatial_linking.json`; compute `dtype`, parameters cast to `param_dtype`. Raises WeightsError naming the file on
+    a bad JSON, a missing safetensors file, a missing or mis-shaped tensor."""
+    from ..model.spatial_linking import LinkingConfig, linking_from_numpy
+    from .safetensors_io import read_header, read_tensor
+
+    cpath = os.path.join(path, LINKING_CONFIG)
+    if not os.path.isfile(cpath):
+        return None
+    try:
+        with open(cpath) as f:
+            meta = json.load(f)
+        if meta.get("format") != LINKING_FORMAT:
+            raise ValueError(f"format is {meta.get('format')!r}, not {LINKING_FORMAT!r}")
+        cfg = LinkingConfig(hidden_size=int(meta["hidden_size"]), heads=int(meta["heads"]), dim=int(meta["dim"]),
+                            dropout=float(meta["dropout"]), refine_mlp=bool(meta["refine_mlp"]),
+                            zero_init=bool(meta.get("zero_init", True)), eps=float(meta.get("eps", 1e-6)))
+    except (ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
+        raise WeightsError(f"{cpath}: not a spatial-linking description ({e})") from None
+    wpath = os.path.join(path, LINKING_WEIGHTS)
+    if not os.path.isfile(wpath):
+        raise WeightsError(f"{wpath}: missing (described by {LINKING_CONFIG})")
+    header, start = read_header(wpath)
+    tensors = {n: read_tensor(wpath, info, start, n) for n, info in header.items() if n != "__metadata__"}
+    try:
+        return linking_from_numpy(cfg, tensors, where=wpath, dtype=dtype, param_dtype=param_dtype)
+    except ValueError as e:
+        raise WeightsError(str(e)) from None
+
+
+def _attach_loaded_linking(path: str, model):
+    from ..model.spatial_linking import attach_linking
+
+    pdt = jax.tree.leaves(nnx.state(model.language_model.norm, nnx.Param))[0].dtype
+    module = load_linking(path, dtype=model.dtype, param_dtype=pdt)
+    if module is not None:
+        attach_linking(model, module)
+    return model
 
 
 def _attach_loaded_heads(path: str, model):
@@ -152,14 +234,21 @@ def _attach_loaded_heads(path: str, model):
 
 def save_checkpoint(path: str, model_or_state, config: ModelConfig) -> None:
     """Writes params (orbax) and the config into `path` (must not exist or be empty); a model with regression heads
-    also gets `regression_heads.safetensors` + `.json` (`save_heads`), never inside `params/`."""
+    also gets `regression_heads.safetensors` + `.json` (`save_heads`), and one with spatial linking
+    `spatial_linking.safetensors` + `.json` (`save_linking`), never inside `params/`. Raises WeightsError for a
+    bare state holding a spatial-linking subtree (its config is not in the state: save the model)."""
     import orbax.checkpoint as ocp
 
     from ..model.regression import ATTR
+    from ..model.spatial_linking import ATTR as LINKING, linking_of
 
+    linking = linking_of(model_or_state) if isinstance(model_or_state, nnx.Module) else None
     state, heads = split_heads(model_or_state)
     pure = state if isinstance(state, dict) else nnx.to_pure_dict(state)
     pure.pop(ATTR, None)
+    if pure.pop(LINKING, None) is not None and linking is None:
+        raise WeightsError(f"{path}: the state has a {LINKING} subtree; save the model (the module's config is "
+                           f"not in the state)")
     path = os.path.abspath(path)
     os.makedirs(path, exist_ok=True)
     ckptr = ocp.StandardCheckpointer()
@@ -171,6 +260,8 @@ def save_checkpoint(path: str, model_or_state, config: ModelConfig) -> None:
         json.dump(meta, f, indent=2)
     if heads is not None:
         save_heads(path, heads)
+    if linking is not None:
+        save_linking(path, linking)
 
 
 def load_checkpoint(path: str, dtype=None, *, compute_dtype=None, return_state: bool = False, remat: bool = False):
@@ -178,7 +269,8 @@ def load_checkpoint(path: str, dtype=None, *, compute_dtype=None, return_state: 
 
     dtype: parameter dtype (default: float32 for HF, the saved dtype for ours). Regression heads stored beside the
     weights (`regression_heads.json` + `.safetensors`, in our format or an HF export) are attached to the model
-    (`model.regression_heads`; float32).
+    (`model.regression_heads`; float32); so is a spatial-linking module (`spatial_linking.json` +
+    `.safetensors`, as `model.spatial_linking`, in the model's dtypes).
     """
     if not os.path.isdir(path):
         raise WeightsError(f"{path}: checkpoint directory not found")
@@ -199,13 +291,14 @@ def load_checkpoint(path: str, dtype=None, *, compute_dtype=None, return_state: 
     elif is_hf(path):
         config, model = load_hf_checkpoint(path, dtype or jnp.float32, compute_dtype=compute_dtype, remat=remat)
         _attach_loaded_heads(path, model)
+        _attach_loaded_linking(path, model)
         return (config, nnx.split(model)) if return_state else (config, model)
     elif os.path.isfile(os.path.join(path, "config.json")):
         raise WeightsError(f"{path}: no *.safetensors files (only safetensors checkpoints are read)")
     else:
         raise WeightsError(f"{path}: neither an HF checkpoint (config.json + *.safetensors) nor ours ({CONFIG_NAME} + params/)")
-    if has_heads(path):
-        model = _attach_loaded_heads(path, nnx.merge(graphdef, state))
+    if has_heads(path) or has_linking(path):
+        model = _attach_loaded_linking(path, _attach_loaded_heads(path, nnx.merge(graphdef, state)))
         return (config, nnx.split(model)) if return_state else (config, model)
     if return_state:
         return config, (graphdef, state)

@@ -55,8 +55,8 @@ def read_tensor(path: str, info: dict, data_start: int, name: str = "") -> np.nd
 
 
 # Safetensors files of add-on modules written beside an HF model (not Qwen3-VL tensors): the regression heads of
-# sequential counting (weights/checkpoint.py save_heads).
-ADDON_FILES = ("regression_heads.safetensors",)
+# sequential counting (weights/checkpoint.py save_heads) and the spatial-linking module (save_linking).
+ADDON_FILES = ("regression_heads.safetensors", "spatial_linking.safetensors")
 
 
 def index_checkpoint(hf_dir: str) -> dict[str, tuple[str, dict, int]]:
