@@ -16,6 +16,7 @@ from .attention import gqa_attention
 from .config import VisionConfig
 from .layers import Dense, LayerNorm, param
 from .rope import rotate_half, vision_cos_sin
+from .scan import remat_policy as _remat_policy, scan_apply, stack_modules
 
 class VisionAttention(nnx.Module):
     def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs):
@@ -87,15 +88,27 @@ class PatchMerger(nnx.Module):
         return self.linear_fc2(jax.nn.gelu(self.linear_fc1(y), approximate=False))  # exact (erf) GELU
 
 
+def _call_block(blk, x, cos, sin, mask):
+    return blk(x, cos, sin, mask)
+
+
 class VisionModel(nnx.Module):
-    def __init__(self, cfg: VisionConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    """The ViT. scan: the blocks are one stacked VisionBlock run under `lax.scan` (DeepStack taps kept in a
+    [n_taps, I, P, D] buffer written at the tap layers); remat: each block rematerialised with `remat_policy`."""
+
+    def __init__(self, cfg: VisionConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs,
+                 scan: bool = False, remat: bool = False, remat_policy: str = "full"):
         self.cfg = cfg
         self.dtype = dtype
+        self.scan = scan
+        self.remat = remat
+        self.remat_policy = remat_policy
         self.patch_embed = Dense(cfg.patch_dim, cfg.hidden_size, ("vision_mlp", "vision_embed"), bias=True, dtype=dtype,
                                  param_dtype=param_dtype, rngs=rngs, std=cfg.initializer_range)
         self.pos_embed = param(rngs, (cfg.num_position_embeddings, cfg.hidden_size), (None, "vision_embed"), param_dtype,
                                std=cfg.initializer_range)
-        self.blocks = nnx.List([VisionBlock(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(cfg.depth)])
+        blocks = [VisionBlock(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(cfg.depth)]
+        self.blocks = stack_modules(blocks) if scan else nnx.List(blocks)
         self.merger = PatchMerger(cfg, postshuffle=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.deepstack_merger_list = nnx.List([
             PatchMerger(cfg, postshuffle=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -111,11 +124,36 @@ class VisionModel(nnx.Module):
         cos, sin = vision_cos_sin(vision["vision_rope_rc"], self.cfg.head_dim, self.cfg.rope_theta)
         # Padding (id -1) attends to padding, so no row is fully masked (no NaN); its output is never used.
         mask = seg[:, :, None] == seg[:, None, :]
-        ds = []
-        ds_at = {layer: k for k, layer in enumerate(self.cfg.deepstack_visual_indexes)}
-        for i, blk in enumerate(self.blocks):
-            x = blk(x, cos, sin, mask)
-            if i in ds_at:
-                ds.append((ds_at[i], self.deepstack_merger_list[ds_at[i]](x)))
+        taps = self.cfg.deepstack_visual_indexes
+        if self.scan:
+            x, ds = self._scan_blocks(x, cos, sin, mask)
+        else:
+            call = nnx.remat(_call_block, policy=_remat_policy(self.remat_policy)) if self.remat else _call_block
+            ds = [None] * len(taps)
+            for i, blk in enumerate(self.blocks):
+                x = call(blk, x, cos, sin, mask)
+                for k, layer in enumerate(taps):
+                    if layer == i:
+                        ds[k] = x
         feats = self.merger(x)
-        return feats, [f for _, f in sorted(ds, key=lambda t: t[0])]
+        return feats, [self.deepstack_merger_list[k](d) for k, d in enumerate(ds)]
+
+    def _scan_blocks(self, x, cos, sin, mask):
+        """x [I,P,D] through the stacked blocks under lax.scan -> (x, [x after block taps[k] for each k])."""
+        taps = self.cfg.deepstack_visual_indexes
+        slot_of = jnp.full((self.cfg.depth,), -1, jnp.int32)
+        for k, layer in enumerate(taps):
+            slot_of = slot_of.at[layer].set(k)
+        buf = jnp.zeros((max(len(taps), 1),) + x.shape, x.dtype)
+
+        def body(blk, i, carry):
+            x, buf = carry
+            x = blk(x, cos, sin, mask)
+            slot = slot_of[i]
+            k = jnp.maximum(slot, 0)
+            keep = jax.lax.dynamic_index_in_dim(buf, k, keepdims=False)
+            buf = jax.lax.dynamic_update_index_in_dim(buf, jnp.where(slot >= 0, x, keep), k, 0)
+            return x, buf
+
+        x, buf = scan_apply(self.blocks, body, (x, buf), remat=self.remat, policy=self.remat_policy)
+        return x, [buf[k] for k in range(len(taps))]
