@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .attention import AttentionMask
 from .config import ModelConfig, TextConfig
 from .layers import Dense, Embed, RMSNorm, linear
 from .rope import mrope_cos_sin
@@ -83,7 +84,7 @@ class Qwen3VL(nnx.Module):
         h = self.language_model.embed_tokens(input_ids)
         if vision is None:
             return h, None
-        feats, ds = self.visual(vision)
+        feats, ds = self.visual(vision, self.config.attention)
         vi = vision["visual_index"]
         sel = (vi >= 0)[..., None]
         idx = jnp.maximum(vi, 0)
@@ -142,12 +143,9 @@ class Qwen3VL(nnx.Module):
                                policy=self.config.remat_policy)
         return h if cache is None else (h, ck, cv)
 
-    @staticmethod
-    def causal_mask(attention_mask):
-        """[B,S] 0/1 -> [B,S,S] bool: causal and key padding."""
-        S = attention_mask.shape[-1]
-        causal = jnp.tril(jnp.ones((S, S), bool))
-        return causal[None] & (attention_mask[:, None, :] > 0)
+    def causal_mask(self, attention_mask):
+        """[B,S] 0/1 -> AttentionMask: causal and key padding, computed by `config.attention` (`.dense()`: [B,S,S])."""
+        return AttentionMask.causal_padding(attention_mask, self.config.attention)
 
     def __call__(self, input_ids, positions, attention_mask, vision: dict | None = None, links: dict | None = None):
         """input_ids [B,S], positions [3,B,S], attention_mask [B,S], vision: the vision arrays + visual_index or None.

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .attention import gqa_attention
+from .attention import AttentionMask, attention
 from .config import VisionConfig
 from .layers import Dense, LayerNorm, param
 from .rope import rotate_half, vision_cos_sin
@@ -38,7 +38,7 @@ class VisionAttention(nnx.Module):
         # rotary in float32, then back (as HF)
         q = (q.astype(jnp.float32) * c + rotate_half(q.astype(jnp.float32)) * s).astype(self.dtype)
         k = (k.astype(jnp.float32) * c + rotate_half(k.astype(jnp.float32)) * s).astype(self.dtype)
-        return self.proj(gqa_attention(q, k, v, mask, self.dtype))  # every head its own kv head
+        return self.proj(attention(q, k, v, mask, self.dtype))  # every head its own kv head
 
 
 class VisionMLP(nnx.Module):
@@ -114,7 +114,8 @@ class VisionModel(nnx.Module):
             PatchMerger(cfg, postshuffle=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
             for _ in cfg.deepstack_visual_indexes])
 
-    def __call__(self, vision: dict):
+    def __call__(self, vision: dict, attention_impl: str = "dense"):
+        """attention_impl: the attention implementation (ModelConfig.attention, model/attention.py)."""
         pv = vision["pixel_values"]
         seg = vision["vision_segment_ids"]
         x = self.patch_embed(pv.astype(self.dtype))  # [I,P,D]
@@ -123,7 +124,7 @@ class VisionModel(nnx.Module):
         x = x + pos.astype(x.dtype)
         cos, sin = vision_cos_sin(vision["vision_rope_rc"], self.cfg.head_dim, self.cfg.rope_theta)
         # Padding (id -1) attends to padding, so no row is fully masked (no NaN); its output is never used.
-        mask = seg[:, :, None] == seg[:, None, :]
+        mask = AttentionMask.segments(seg, attention_impl)
         taps = self.cfg.deepstack_visual_indexes
         if self.scan:
             x, ds = self._scan_blocks(x, cos, sin, mask)

@@ -173,6 +173,7 @@ def make_model_fn(cfg, mc, ids: TokenIds) -> tuple[Callable[[], nnx.Module], boo
 
     def finish(model, fresh: bool):
         """Init options (only for a freshly initialised model: a checkpoint keeps its trained rows), then LoRA."""
+        model.config = model.config.replace(attention=cfg.model.attention)  # an execution option, also for checkpoints
         if fresh and cfg.model.coord_init == "sinusoidal" and ids.has_coords:
             H = mc.text.hidden_size
             rows = jnp.asarray(sinusoidal_rows(NUM_BINS, H, 0.02))

@@ -179,6 +179,7 @@ def fingerprint(cfg, vocab_size: int, trainable_names: list[str]) -> dict:
     c = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
     model = dict(c["model"])
     model.pop("remat", None)  # recomputation does not change the parameters
+    model.pop("attention", None)  # nor does the attention implementation
     model.pop("dtype", None)
     out = {
         "model": json.loads(json.dumps(model)),

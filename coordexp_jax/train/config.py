@@ -63,6 +63,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype of activations
     c.model.param_dtype = "float32"
     c.model.remat = False
+    # self-attention implementation (ModelConfig.attention, model/attention.py): 'dense' (reference), 'blockwise'
+    # (memory-efficient, any backend), 'cudnn' (GPU flash attention, bf16/fp16 compute), 'splash' (TPU Pallas kernel)
+    c.model.attention = "dense"
     c.model.overrides = ml_collections.ConfigDict()  # ModelConfig fields (free-form, checked by ModelConfig)
     c.model.coord_init = "random"  # 'random' | 'sinusoidal': init of the coordinate-token embedding rows
     c.model.vision_pos_init = "random"  # 'random' | 'sinusoidal': init of the ViT's position table (random init)
@@ -292,6 +295,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.coord_init": (_one_of("random", "sinusoidal"), "'random' or 'sinusoidal'"),
     "model.vision_pos_init": (_one_of("random", "sinusoidal"), "'random' or 'sinusoidal'"),
     "model.vision_pos_std": (_positive, "> 0"),
+    "model.attention": (_one_of("dense", "blockwise", "cudnn", "splash"), "'dense', 'blockwise', 'cudnn' or 'splash'"),
     "model.spatial_linking.heads": (_positive, "> 0"),
     "model.spatial_linking.dim": (_non_negative, ">= 0"),
     "model.spatial_linking.dropout": (_prob, "in [0, 1)"),
