@@ -85,6 +85,12 @@ def np_module(t, cfg, h, mask, pos):
     return out, weights
 
 
+@nnx.jit(static_argnames="return_weights")
+def _apply(m, h, ti, tr, links, return_weights=False):
+    """The module under jit (eager op-by-op dispatch is slower than compiling these small graphs)."""
+    return m(h, ti, tr, links, return_weights=return_weights)
+
+
 def _random_module(cfg, seed):
     m = SpatialLinking(cfg, rngs=nnx.Rngs(seed))
     rng = np.random.default_rng(seed)
@@ -137,7 +143,7 @@ def test_module_matches_numpy(refine):
     m, t = _random_module(cfg, 1 + refine)
     h, ti, tr = _geometry()
     links = {k: jnp.asarray(v) for k, v in LINKS.items()}
-    out, w = m(jnp.asarray(h), jnp.asarray(ti), jnp.asarray(tr), links, return_weights=True)
+    out, w = _apply(m, jnp.asarray(h), jnp.asarray(ti), jnp.asarray(tr), links, return_weights=True)
     mask = np_mask(ti, tr, LINKS["pos"], LINKS["boxes"], LINKS["image"])
     ref_out, ref_w = np_module(t, cfg, h, mask, LINKS["pos"])
     # float32 vs float64 through three 16-wide layers of O(1) values: a few float32 ulps of O(1)
@@ -162,7 +168,7 @@ def test_empty_links_change_nothing_and_give_finite_gradients():
     h, ti, tr = _geometry()
     empty = dict(pos=jnp.array([[-1, 5], [3, 30]]), image=jnp.array([[0, -1], [0, 0]]),
                  boxes=jnp.array([[[0, 0, 64, 64]] * 2, [[5, 5, 5, 50], [0, 0, 64, 64]]], jnp.float32))
-    out, w = m(jnp.asarray(h), jnp.asarray(ti), jnp.asarray(tr), empty, return_weights=True)
+    out, w = _apply(m, jnp.asarray(h), jnp.asarray(ti), jnp.asarray(tr), empty, return_weights=True)
     np.testing.assert_array_equal(np.asarray(out), h)
     assert np.all(np.asarray(w) == 0)
     graphdef, state = nnx.split(m)
@@ -170,13 +176,13 @@ def test_empty_links_change_nothing_and_give_finite_gradients():
     def loss(state, h):
         return jnp.sum(nnx.merge(graphdef, state)(h, jnp.asarray(ti), jnp.asarray(tr), empty) ** 2)
 
-    gs, gh = jax.grad(loss, argnums=(0, 1))(state, jnp.asarray(h))
+    gs, gh = jax.jit(jax.grad(loss, argnums=(0, 1)))(state, jnp.asarray(h))
     for g in jax.tree.leaves(gs) + [gh]:
         assert np.all(np.isfinite(np.asarray(g)))
     assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(gs))  # nothing used the module
     # a text-only row (no image token at all) with a box: also nothing, no NaN
-    out = m(jnp.asarray(h), jnp.full(ti.shape, -1), jnp.zeros_like(tr),
-            {k: jnp.asarray(v) for k, v in LINKS.items()})
+    out = _apply(m, jnp.asarray(h), jnp.full(ti.shape, -1), jnp.zeros_like(jnp.asarray(tr)),
+                 {k: jnp.asarray(v) for k, v in LINKS.items()})
     np.testing.assert_array_equal(np.asarray(out), h)
 
 
@@ -185,13 +191,13 @@ def test_zero_output_projection_adds_exactly_zero_and_dropout_only_with_rng():
     m = SpatialLinking(cfg, rngs=nnx.Rngs(0))
     h, ti, tr = _geometry()
     links = {k: jnp.asarray(v) for k, v in LINKS.items()}
-    np.testing.assert_array_equal(np.asarray(m(jnp.asarray(h), jnp.asarray(ti), jnp.asarray(tr), links)), h)
+    np.testing.assert_array_equal(np.asarray(_apply(m, jnp.asarray(h), jnp.asarray(ti), jnp.asarray(tr), links)), h)
     m2, _ = _random_module(LinkingConfig(hidden_size=H, heads=2, dropout=0.5, zero_init=False), 4)
     args = (jnp.asarray(h), jnp.asarray(ti), jnp.asarray(tr))
-    det = np.asarray(m2(*args, links))
-    np.testing.assert_array_equal(det, np.asarray(m2(*args, links)))  # no rng: deterministic
-    d1 = np.asarray(m2(*args, dict(links, rng=jax.random.key(1))))
-    d2 = np.asarray(m2(*args, dict(links, rng=jax.random.key(1))))
+    det = np.asarray(_apply(m2, *args, links))
+    np.testing.assert_array_equal(det, np.asarray(_apply(m2, *args, links)))  # no rng: deterministic
+    d1 = np.asarray(_apply(m2, *args, dict(links, rng=jax.random.key(1))))
+    d2 = np.asarray(_apply(m2, *args, dict(links, rng=jax.random.key(1))))
     np.testing.assert_array_equal(d1, d2)  # a given key: reproducible
     assert np.abs(d1 - det).max() > 1e-3  # and a different forward (half the weights dropped)
 

@@ -246,3 +246,59 @@ def test_checkpoint_and_hf_export_round_trip(models, batch, tmp_path):
     save_checkpoint(plain, models[0], CFG)
     assert not any(f.startswith("spatial_linking") for f in os.listdir(plain))
     assert linking_of(load_checkpoint(plain)[1]) is None
+
+
+TRAIN_CONFIG = """
+from coordexp_jax.train.config import base_config
+
+
+def get_config():
+    c = base_config()
+    c.model.preset = "tiny"
+    c.model.spatial_linking.enabled = True
+    c.model.spatial_linking.heads = 4
+    c.model.spatial_linking.zero_init = False
+    c.lora.enabled = True
+    c.data.kind = "jsonl"
+    c.data.path = {path!r}
+    c.data.image_size = 64
+    c.data.seq_len = 128
+    c.data.batch_size = 2
+    c.data.num_eval = 0
+    c.train.steps = 1
+    c.train.progress = False
+    c.train.tensorboard = False
+    c.train.async_checkpoint = False
+    c.eval.at_end = False
+    return c
+"""
+
+
+@pytest.mark.slow
+def test_training_run_saves_and_reloads_the_module(tmp_path, capsys):
+    """The real training CLI (tiny Qwen3-VL, LoRA, spatial linking on): the run's checkpoint and its final_model
+    carry the module (final_model: spatial_linking.safetensors + .json beside params/), and load_trained_model,
+    load_checkpoint(final_model) and the HF export all give the same module values."""
+    import shutil
+
+    from coordexp_jax.train import __main__ as train_cli
+    from coordexp_jax.train.export import load_trained_model
+    from coordexp_jax.weights.checkpoint import load_checkpoint, load_linking
+    from coordexp_jax.model.spatial_linking import linking_to_numpy
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    shutil.copy(os.path.join(root, "fixtures", "data", "bad_inputs", "good.png"), tmp_path / "good.png")  # 64x48
+    rec = {"images": ["good.png"], "width": 64, "height": 48, "objects": [{"desc": "cat", "bbox_2d": [4, 5, 30, 40]}]}
+    (tmp_path / "d.jsonl").write_text((json.dumps(rec) + "\n") * 2)
+    (tmp_path / "cfg.py").write_text(TRAIN_CONFIG.format(path=str(tmp_path / "d.jsonl")))
+    wd = tmp_path / "run"
+    assert train_cli.main(["train", "--config", str(tmp_path / "cfg.py"), "--workdir", str(wd)]) == 0
+    assert {"spatial_linking.safetensors", "spatial_linking.json"} <= set(os.listdir(wd / "final_model"))
+    _, model, step = load_trained_model(str(wd))
+    _, final = load_checkpoint(str(wd / "final_model"))
+    assert step == 1 and linking_of(model) is not None
+    want = linking_to_numpy(linking_of(model))
+    for got in (linking_to_numpy(linking_of(final)), linking_to_numpy(load_linking(str(wd / "final_model")))):
+        assert got.keys() == want.keys()
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k], err_msg=k)
