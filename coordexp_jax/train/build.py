@@ -202,7 +202,8 @@ def make_model_fn(cfg, mc, ids: TokenIds) -> tuple[Callable[[], nnx.Module], boo
 
         def load():
             log.info("starting weights: %s (model.checkpoint)", os.path.abspath(cfg.model.checkpoint))
-            _, model = load_checkpoint(cfg.model.checkpoint, pdtype, compute_dtype=dtype, remat=cfg.model.remat)
+            _, model = load_checkpoint(cfg.model.checkpoint, pdtype, compute_dtype=dtype, remat=cfg.model.remat,
+                                       scan_layers=mc.scan_layers, remat_policy=mc.remat_policy)  # mc's layout
             return finish(model, fresh=False)
 
         return load, True

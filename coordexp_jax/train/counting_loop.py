@@ -338,7 +338,8 @@ def _grown_checkpoint_model(cfg, mc, ids):
     from coordexp_jax.weights.vocab import expand_vocab_state
 
     dtype, pdtype = build._DT[cfg.model.dtype], build._DT[cfg.model.param_dtype]
-    old_mc, model = load_checkpoint(cfg.model.checkpoint, pdtype, compute_dtype=dtype, remat=cfg.model.remat)
+    old_mc, model = load_checkpoint(cfg.model.checkpoint, pdtype, compute_dtype=dtype, remat=cfg.model.remat,
+                                    scan_layers=mc.scan_layers, remat_policy=mc.remat_policy)
     heads = heads_of(model)
     if old_mc.vocab_size < mc.vocab_size:
         if heads is not None:

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ..model.config import ModelConfig
+from ..model.scan import is_stacked_pure, stack_pure, unstack_pure
 from .hf import _split_state, abstract_model, hf_model_config, load_hf_checkpoint
 from .names import WeightsError
 
@@ -54,8 +55,11 @@ def checkpoint_config(path: str) -> ModelConfig:
     an HF directory from config.json with the output head resolved as transformers does (`hf.resolve_head`: a tied
     config whose safetensors hold a differing lm_head.weight is untied), a bare config.json as it is.
     Raises FileNotFoundError, ConfigError or WeightsError naming the file."""
-    if os.path.isfile(os.path.join(path, CONFIG_NAME)):
-        return ModelConfig.from_hf(os.path.join(path, CONFIG_NAME))
+    cpath = os.path.join(path, CONFIG_NAME)
+    if os.path.isfile(cpath):  # with the saved layout (scan_layers)
+        config = ModelConfig.from_hf(cpath)
+        with open(cpath) as f:
+            return config.replace(scan_layers=bool(json.load(f).get("scan_layers", False)))
     if os.path.isdir(path) and is_hf(path):
         return hf_model_config(path)
     return ModelConfig.from_hf(path)
@@ -255,7 +259,8 @@ def save_checkpoint(path: str, model_or_state, config: ModelConfig) -> None:
     ckptr.save(os.path.join(path, "params"), pure)
     ckptr.wait_until_finished()
     dt = {str(x.dtype) for x in jax.tree.leaves(pure)}
-    meta = dict(config.to_hf(), format=FORMAT, param_dtype=dt.pop() if len(dt) == 1 else "mixed")
+    meta = dict(config.to_hf(), format=FORMAT, param_dtype=dt.pop() if len(dt) == 1 else "mixed",
+                scan_layers=bool(is_stacked_pure(pure)))  # the layout of params/ (read from the tree itself)
     with open(os.path.join(path, CONFIG_NAME), "w") as f:
         json.dump(meta, f, indent=2)
     if heads is not None:
@@ -264,32 +269,45 @@ def save_checkpoint(path: str, model_or_state, config: ModelConfig) -> None:
         save_linking(path, linking)
 
 
-def load_checkpoint(path: str, dtype=None, *, compute_dtype=None, return_state: bool = False, remat: bool = False):
+def load_checkpoint(path: str, dtype=None, *, compute_dtype=None, return_state: bool = False, remat: bool = False,
+                    scan_layers: bool | None = None, remat_policy: str | None = None):
     """Loads an HF directory or one of ours. Returns (ModelConfig, Qwen3VL) or (ModelConfig, (graphdef, state)).
 
     dtype: parameter dtype (default: float32 for HF, the saved dtype for ours). Regression heads stored beside the
     weights (`regression_heads.json` + `.safetensors`, in our format or an HF export) are attached to the model
     (`model.regression_heads`; float32); so is a spatial-linking module (`spatial_linking.json` +
     `.safetensors`, as `model.spatial_linking`, in the model's dtypes).
+
+    scan_layers: the layout of the returned model (`ModelConfig.scan_layers`); None = as saved (ours:
+    `model_config.json`'s "scan_layers", HF: per-layer). A checkpoint of ours saved in the other layout is converted
+    on load (stacked or unstacked in memory: `model.scan.stack_pure` / `unstack_pure`). remat_policy: the returned
+    config's `remat_policy` (None: default).
     """
     if not os.path.isdir(path):
         raise WeightsError(f"{path}: checkpoint directory not found")
+    policy = {"remat_policy": remat_policy} if remat_policy else {}
     if is_ours(path):
         import orbax.checkpoint as ocp
 
         with open(os.path.join(path, CONFIG_NAME)) as f:
             meta = json.load(f)
-        config = ModelConfig.from_hf(meta)
+        saved_scan = bool(meta.get("scan_layers", False))
+        config = ModelConfig.from_hf(meta).replace(scan_layers=saved_scan, **policy)
         saved = meta.get("param_dtype", "float32")
         dtype = dtype or (jnp.dtype(saved) if saved != "mixed" else jnp.float32)
         graphdef, abstract = abstract_model(config, dtype, compute_dtype, remat)
         target = nnx.to_pure_dict(abstract)
         restored = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(path, "params")), target)
         restored = jax.tree.map(lambda x, t: jnp.asarray(x, t.dtype), restored, target)
+        if scan_layers is not None and bool(scan_layers) != saved_scan:  # convert to the requested layout
+            restored = stack_pure(restored) if scan_layers else unstack_pure(restored)
+            config = config.replace(scan_layers=bool(scan_layers))
+            graphdef, abstract = abstract_model(config, dtype, compute_dtype, remat)
         nnx.replace_by_pure_dict(abstract, restored)
         state = abstract
     elif is_hf(path):
-        config, model = load_hf_checkpoint(path, dtype or jnp.float32, compute_dtype=compute_dtype, remat=remat)
+        config, model = load_hf_checkpoint(path, dtype or jnp.float32, compute_dtype=compute_dtype, remat=remat,
+                                           scan_layers=bool(scan_layers), remat_policy=remat_policy)
         _attach_loaded_heads(path, model)
         _attach_loaded_linking(path, model)
         return (config, nnx.split(model)) if return_state else (config, model)

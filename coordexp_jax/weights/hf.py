@@ -39,7 +39,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "mer
 
 
 def abstract_model(config: ModelConfig, dtype=jnp.float32, compute_dtype=None, remat: bool = False):
-    """(graphdef, abstract state) of a Qwen3VL, no memory used."""
+    """(graphdef, abstract state) of a Qwen3VL, no memory used (stacked layers when `config.scan_layers`)."""
     m = nnx.eval_shape(lambda: Qwen3VL(config, dtype=compute_dtype or dtype, param_dtype=dtype, remat=remat))
     return nnx.split(m)
 
@@ -81,11 +81,12 @@ def hf_model_config(hf_dir: str) -> ModelConfig:
 
 
 def load_hf_checkpoint(hf_dir: str, dtype=jnp.float32, *, compute_dtype=None, return_state: bool = False,
-                       remat: bool = False):
+                       remat: bool = False, scan_layers: bool = False, remat_policy: str | None = None):
     """Reads an HF Qwen3-VL directory (sharded with model.safetensors.index.json, or *.safetensors).
 
     Returns (ModelConfig, Qwen3VL) or, with return_state=True, (ModelConfig, (graphdef, state)). Parameters are
-    stored in `dtype`; compute dtype defaults to `dtype`. The output head follows `resolve_head` (a tied config with
+    stored in `dtype`; compute dtype defaults to `dtype`. scan_layers: build the scanned model (the per-layer HF
+    tensors are stacked on load; `ModelConfig.scan_layers`); remat_policy: `ModelConfig.remat_policy` (None: default). The output head follows `resolve_head` (a tied config with
     a differing lm_head.weight loads untied, logging one warning line). Raises WeightsError naming the tensor on a
     missing, unexpected or mis-shaped tensor, ConfigError naming the key on a bad config.json.
     """
@@ -94,6 +95,7 @@ def load_hf_checkpoint(hf_dir: str, dtype=jnp.float32, *, compute_dtype=None, re
     config, alias, msg = resolve_head(config, index, hf_dir)
     if msg:
         log.warning(msg)
+    config = config.replace(scan_layers=bool(scan_layers), **({"remat_policy": remat_policy} if remat_policy else {}))
     graphdef, state = abstract_model(config, dtype, compute_dtype, remat)
     flat = flat_params(state)
     table = name_table(config)
@@ -111,14 +113,25 @@ def load_hf_checkpoint(hf_dir: str, dtype=jnp.float32, *, compute_dtype=None, re
         got = tuple(index[src][1]["shape"])
         if got != want:
             raise WeightsError(f"{index[src][0]}: tensor {src} has shape {got}, config.json implies {want}")
-    if len(table) != len(flat):
+    if len({e.path for e in table}) != len(flat):
         raise WeightsError(f"name table covers {len(table)} parameters, the model has {len(flat)}")
     np_dtype = np.dtype(dtype)
-    for e in table:
+    # stacked parameters are filled slice by slice in a host buffer and moved to the device once complete; the table
+    # is walked parameter-major so that only one stack is buffered at a time
+    stacks: dict[tuple, list] = {}  # path -> [buffer, slices filled]
+    for e in sorted(table, key=lambda e: (e.layer is not None, str(e.path), e.layer or 0)):
         src = alias.get(e.hf, e.hf)
         path, info, start = index[src]
         arr = to_ours(e, read_tensor(path, info, start, src), flat[e.path].shape, config).astype(np_dtype, copy=False)
-        flat[e.path].set_value(jnp.asarray(arr))
+        if e.layer is None:
+            flat[e.path].set_value(jnp.asarray(arr))
+        else:
+            buf = stacks.setdefault(e.path, [np.empty(flat[e.path].shape, np_dtype), 0])
+            buf[0][e.layer] = arr
+            buf[1] += 1
+            if buf[1] == buf[0].shape[0]:
+                flat[e.path].set_value(jnp.asarray(buf[0]))
+                del stacks[e.path]
         del arr
     state = nnx.from_flat_state(list(flat.items()))
     if return_state:
@@ -135,18 +148,30 @@ def _split_state(model_or_state):
 
 
 def hf_tensors(model_or_state, config: ModelConfig):
-    """[(hf_name, shape, dtype, producer)] of the HF tensors of a model, tied head left out."""
+    """[(hf_name, shape, dtype, producer)] of the HF tensors of a model, tied head left out. The layout (per-layer or
+    scanned) is read from the state itself, so `config.scan_layers` need not match."""
     state = _split_state(model_or_state)
     flat = flat_params(state)
     out = []
+    config = config.replace(scan_layers=_is_scanned(flat))
     for e in name_table(config):
         if e.path not in flat:
             raise WeightsError(f"model state has no parameter {'.'.join(map(str, e.path))} (for {e.hf})")
         var = flat[e.path]
         shape = hf_shape(e, var.shape, config)
-        out.append((e.hf, shape, np.dtype(var.dtype),
-                    lambda e=e, var=var: to_hf(e, np.asarray(jax.device_get(var.get_value())), config)))
+        if e.layer is None:
+            get = lambda var=var: var.get_value()  # noqa: E731
+        else:  # slice on the device: only this layer's tensor is copied to the host
+            get = lambda var=var, i=e.layer: var.get_value()[i]  # noqa: E731
+        out.append((e.hf, shape, np.dtype(var.dtype), lambda e=e, get=get: to_hf(e, np.asarray(jax.device_get(get())),
+                                                                                  config)))
     return out
+
+
+def _is_scanned(flat: dict) -> bool:
+    """Whether a flat parameter dict (path tuple -> Variable) holds stacked decoder layers (a scanned model)."""
+    return any(p[:2] == ("language_model", "layers") and len(p) > 2 and not isinstance(p[2], int) and
+               not str(p[2]).isdigit() for p in flat)
 
 
 def save_hf_checkpoint(model_or_state, config: ModelConfig, out_dir: str, tokenizer_dir: str | None = None, *,
