@@ -24,7 +24,8 @@ Record shape (one JSON object per JSONL line, or a JSON list of them; the shapes
 - `refer_boxes`: the boxes of the prompt (non-assistant turns) in order of appearance, in `refer_format` units
   (`qwen1000` as the seed, or `pixel`); each `[x1, y1, x2, y2]` or `[[x1, y1, x2, y2]]`. When present they
   must agree with the boxes written in the prompt (to 1 unit of the grid); when absent they are extracted from
-  the prompt's box text (`extract_refer_boxes`).
+  the prompt's box text (`extract_refer_boxes`). One extra last box equal to the union of the two before it (the
+  seed's `[[person], [object], [interaction]]` with only two boxes written) asks for the interaction box.
 
 Validation reuses `records.py`'s policy and report (`bad_json`, `missing_field`, `bad_value`, `unknown_field`,
 `missing_image`, `unreadable_image`, `size_mismatch`, `unprocessable_image`, `degenerate_box`, `box_outside`), and
@@ -447,6 +448,12 @@ def _parse(rec, ctx: _Ctx, image_root, check_images, refer_format, tolerance_px)
                        for pi, p in enumerate(pieces) if p[0] == "box"]
     if "refer_boxes" in rec and rec["refer_boxes"] is not None:
         rb = _refer_boxes(rec["refer_boxes"], ctx, refer_format, sizes)
+        if (len(rb) == len(prompt_mentions) + 1 and len(rb) >= 3 and inter is not False
+                and _close(rb[-1], union_box(rb[-3], rb[-2]), 1.0 + 1e-6 if refer_format == "qwen1000" else
+                           max(max(s) for s in sizes) / codec.QWEN_SCALE + tolerance_px)):
+            # the seed's [[person], [object], [interaction]] with the union not written in the prompt: the record
+            # asks for the interaction box (added where the rows are written)
+            rb, inter = rb[:-1], True
         if len(rb) != len(prompt_mentions):
             ctx.fail("bad_value", f"refer_boxes has {len(rb)} boxes but the prompt writes {len(prompt_mentions)} "
                                   f"{BOX_START}...{BOX_END} boxes (each refer box needs its box text)")

@@ -137,6 +137,18 @@ def test_bad_records_error_or_skip(img_dir, change, reason):
     assert rep.counts[reason] == 1 and rep.records_kept == 0
 
 
+def test_refer_boxes_with_the_interaction_box_ask_for_it(img_dir):
+    # the seed's [[person], [object], [interaction]] where the prompt writes only person and object
+    rec = dict(REFERRING, refer_boxes=[[[100, 200, 400, 900]], [[350, 500, 700, 800]], [[100, 200, 700, 900]]])
+    r = _parse(rec, img_dir)
+    assert r.interaction_box is True
+    turns = hoi.row_turns(r, hoi.HOIConfig(interaction_box=False))  # the record asks: added even when off
+    assert [(p.kind, p.box) for t in turns for p in t.parts if p.is_box][2] == (hoi.INTERACTION, (0.1, 0.2, 0.7, 0.9))
+    bad = dict(rec, refer_boxes=rec["refer_boxes"][:2] + [[[100, 200, 700, 950]]])  # not the union
+    with pytest.raises(RecordError, match="refer_boxes has 3 boxes but the prompt writes 2"):
+        _parse(bad, img_dir)
+
+
 def test_refer_boxes_pixel_format(img_dir):
     rec = dict(REFERRING, refer_boxes=[[20, 30, 80, 135], [70, 75, 140, 120]])  # 200 x 150 px
     assert _parse(rec, img_dir, refer_format="pixel") is not None
