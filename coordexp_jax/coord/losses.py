@@ -49,9 +49,12 @@ def _masked_sum(values, mask):
 
 
 # ----------------------------------------------------------------------------------------------- vocabulary terms
-def _stats_from_logits(z, targets, coord_start: int | None, tau: float, vocab_size: int | None):
+def _stats_from_logits(z, targets, coord_start: int | None, tau: float, vocab_size: int | None,
+                       coord_by_mask: bool = False):
     """Per-position statistics of full logits `z [..., V]` (float32): see `vocab_stats`; without `coord_start`
-    only `logp` and `lse_tau`."""
+    only `logp` and `lse_tau`. `coord_by_mask`: the bins' log-sum-exp over the whole vocabulary with the other ids
+    masked, instead of over the 1000-column slice (for a vocabulary-sharded z: the slice's gradient is padded back
+    to a full-vocabulary `[..., V]` array on every device)."""
     z = _up(z)
     if vocab_size is not None and vocab_size < z.shape[-1]:
         z = jnp.where(jnp.arange(z.shape[-1]) < vocab_size, z, -jnp.inf)  # padded vocabulary rows
@@ -64,7 +67,8 @@ def _stats_from_logits(z, targets, coord_start: int | None, tau: float, vocab_si
     out = {"logp": tgt - lse, "lse_tau": jax.nn.logsumexp(zt, axis=-1)}
     if coord_start is not None:
         is_coord = (ids >= coord_start) & (ids < coord_start + NUM_BINS)
-        out["lse_coord_tau"] = jax.nn.logsumexp(coord_logits(zt, coord_start), axis=-1)
+        coord = jnp.where(is_coord, zt, -jnp.inf) if coord_by_mask else coord_logits(zt, coord_start)
+        out["lse_coord_tau"] = jax.nn.logsumexp(coord, axis=-1)
         out["lse_text_tau"] = jax.nn.logsumexp(jnp.where(is_coord, -jnp.inf, zt), axis=-1)
     return out
 
@@ -157,7 +161,8 @@ def chunked_vocab_stats(hidden, embedding, targets, coord_start: int | None, tau
             hc, w = hc.astype(dtype), w.astype(dtype)
         z = jnp.einsum("bch,vh->bcv", hc, w, preferred_element_type=jnp.promote_types(hc.dtype, F32))
         z = maybe_constrain(z, sp.get("logits"))
-        out = _stats_from_logits(z, maybe_constrain(tc, sp.get("stats")), coord_start, tau, vocab_size)
+        out = _stats_from_logits(z, maybe_constrain(tc, sp.get("stats")), coord_start, tau, vocab_size,
+                                 coord_by_mask=bool(sp))
         return {k: maybe_constrain(v, sp.get("stats")) for k, v in out.items()}
 
     _, out = jax.lax.scan(lambda carry, xs: (carry, chunk(*xs)), None, (hid, tgt))

@@ -1,6 +1,6 @@
 """Run in a subprocess with 8 simulated CPU devices: `chunked_vocab_stats` and `train.grpo.token_logprobs` (values and
 gradients) under (data, fsdp, tensor) meshes against the same functions without a mesh, and the compiled HLO of
-the sharded gradient searched for a whole `[V, H]` array. Prints one JSON line after 'RESULT '."""
+the sharded gradient searched for a whole `[V, H]` array and for whole-vocabulary `[B, C, V]` logits. Prints one JSON line after 'RESULT '."""
 
 import json
 import re
@@ -60,6 +60,8 @@ def main():
             "grad_rel": [float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(np.asarray(a))))
                          for a, b in zip(g1, g8)],
             "whole_weight_arrays": whole,
+            # [B, C, V] logits (or their gradient) over the whole vocabulary on one device
+            "whole_vocab_logits": sorted(set(re.findall(rf"\w+\[\d+,\d+,{V}\]", hlo))),
             "whole_weight_arrays_without_mesh": sorted(set(re.findall(rf"\w+\[{V},{H}\]", plain))),
         }
     print("RESULT " + json.dumps(out))

@@ -35,6 +35,9 @@ def test_vocab_parallel_equals_unsharded_without_whole_weight():
         assert max(m["grad_rel"]) < 1e-5, (shape, m["grad_rel"])
         # no device builds the whole [V, H] weight or gradient (in any dtype) ...
         assert m["whole_weight_arrays"] == [], (shape, m["whole_weight_arrays"])
+        # nor whole-vocabulary logits: the coordinate bins' log-sum-exp is a masked one, not a slice whose gradient
+        # is padded back to [B, C, V]
+        assert m["whole_vocab_logits"] == [], (shape, m["whole_vocab_logits"])
     # ... which the same search does find when the head is traced without the mesh (fsdp=8 gathers the weight)
     assert res["meshes"]["(1, 8, 1)"]["whole_weight_arrays_without_mesh"], res
 
