@@ -25,7 +25,10 @@ log = logging.getLogger(__name__)
 
 
 def detection_eval_hook(cfg, comps, t_start: float | None = None):
-    """A loop eval hook, or None when the config has no eval records (data.num_eval == 0 / no eval path)."""
+    """A loop eval hook, or None when the config has no eval records (data.num_eval == 0 / no eval path).
+    HOI runs (data.kind 'hoi') get `hoi_eval_hook`."""
+    if cfg.data.kind == "hoi":
+        return hoi_eval_hook(cfg, comps, t_start)
     if not comps.extra.get("eval_specs") or cfg.eval.num_images == 0 or comps.token_ids is None:
         return None
     from coordexp_jax.evaluate import eval_setup, evaluate_records, make_sampler
@@ -47,6 +50,42 @@ def detection_eval_hook(cfg, comps, t_start: float | None = None):
         run_info = {"checkpoint": os.path.abspath(workdir), "step": int(step), "config": cfg.name}
         m = evaluate_records(sampler, records, encoder, model_config=comps.model_config, config=ecfg,
                              out_dir=out_dir, progress=False, run_info=run_info)
+        res = {k: float(v) for k, v in m.items() if isinstance(v, (int, float))}
+        res["minutes"] = (time.time() - t0) / 60
+        return res
+
+    return hook
+
+
+def hoi_eval_hook(cfg, comps, t_start: float | None = None):
+    """The evaluation of an HOI run (`evaluate_hoi`): greedy rollouts of the held-out HOI records (up to
+    `eval.num_images` of each task) with the prompt boxes' links at prefill, referring exact match / token F1 (and
+    BERTScore with `eval.bertscore_model`), grounding AR, pictures and attention heatmaps in `workdir/eval/step_N/`.
+    None when the run has no held-out HOI records."""
+    recs = comps.extra.get("hoi_eval_records") or []
+    if not recs or cfg.eval.num_images == 0 or comps.token_ids is None:
+        return None
+    from coordexp_jax.evaluate import make_sampler
+    from coordexp_jax.evaluate_hoi import evaluate_hoi_records, hoi_eval_setup, make_link_attention
+
+    records, encoder, collator, ecfg = hoi_eval_setup(cfg, comps.model_config, recs, comps.extra["prompt_config"],
+                                                      comps.tokenizer_dir)
+    box: dict = {}
+    t0 = time.time() if t_start is None else t_start
+
+    def hook(model, step, workdir):
+        graphdef, state = nnx.split(model)
+        if "sampler" not in box:  # compile once; later calls only swap the weights in
+            box["sampler"] = make_sampler((graphdef, state), comps.token_ids, cfg)
+            box["attention"] = make_link_attention(model)
+        sampler, attention = box["sampler"], box["attention"]
+        sampler.state = state
+        if attention is not None:
+            attention.set_state(state)
+        out_dir = eval_dir(workdir, step)
+        run_info = {"checkpoint": os.path.abspath(workdir), "step": int(step), "config": cfg.name}
+        m = evaluate_hoi_records(sampler, records, encoder, collator, config=ecfg, out_dir=out_dir,
+                                 link_attention=attention, progress=False, run_info=run_info)
         res = {k: float(v) for k, v in m.items() if isinstance(v, (int, float))}
         res["minutes"] = (time.time() - t0) / 60
         return res

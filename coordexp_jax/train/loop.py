@@ -82,6 +82,16 @@ def read_metrics(workdir: str, kind: str = "train") -> dict[int, dict]:
     return out
 
 
+def _flat_links(batch: dict) -> dict:
+    """An HOI batch's `links` dict {pos, boxes, image, kind} as flat `link_<name>` arrays (what the objective's
+    `links_of` reads and the batch sharding handles); other batches unchanged."""
+    if not isinstance(batch.get("links"), dict):
+        return batch
+    out = {k: v for k, v in batch.items() if k != "links"}
+    out.update({f"link_{k}": v for k, v in batch["links"].items()})
+    return out
+
+
 def _stack(batches: list[dict]) -> dict:
     """A list of micro-batches (dicts of numpy arrays of equal shapes) -> one dict with a leading [A] axis."""
     keys = batches[0].keys()
@@ -116,7 +126,7 @@ def default_eval_hook(graphdef, objective, eval_iter_fn, mesh, max_batches: int 
         it = eval_iter_fn()
         tot, n = {}, 0
         for _, b in zip(range(max_batches), it):
-            b = _stack([b])
+            b = _stack([_flat_links(b)])
             gb = shd.put_batch(b, shd.batch_shardings(b, mesh), _global_shapes(b))
             m = jax.device_get(eval_loss((params, frozen), gb))
             for k, v in m.items():
@@ -197,7 +207,7 @@ def train(cfg, workdir: str, *, components: Components | None = None, eval_hook:
     def next_batch(index: int):
         """The batch of step `index` (0-based); on Stage-2 steps its rows are rewritten from rollouts of the
         current weights."""
-        micro = [next(comps.data_iter) for _ in range(T.grad_accum)]
+        micro = [_flat_links(next(comps.data_iter)) for _ in range(T.grad_accum)]
         K = cfg.loss.coord_positions
         if K:
             over = sum(int((np.asarray(m["coord_mask"]).sum(-1) > K).sum()) for m in micro)
