@@ -238,6 +238,17 @@ def test_links_point_at_box_end_tokens_and_pixels(img_dir, tok, form):
         assert enc.token_ids.is_coord(ids[b["box_pos"][1, :2].reshape(-1) + 1]).all()
 
 
+def test_rows_over_the_limits_are_dropped_and_counted(img_dir, tok):
+    r = _parse(TOOL, img_dir)
+    enc = hoi.HOIEncoder(PCFG, hoi.HOIConfig(max_images=2, max_boxes=3), tokenizer=tok)  # 4 prompt boxes with the union
+    assert enc(r) is None and enc.counts == {"too_many_boxes": 1}
+    enc = hoi.HOIEncoder(PCFG, hoi.HOIConfig(max_images=1), tokenizer=tok)
+    assert enc(r) is None and enc.counts == {"too_many_images": 1}
+    short = PromptConfig(image=PCFG.image, max_text_len=64, text_bucket=64, min_text_len=64, patches_per_slot=64)
+    enc = hoi.HOIEncoder(short, hoi.HOIConfig(max_images=2), tokenizer=tok)
+    assert enc(r) is None and enc.counts == {"too_long": 1}
+
+
 def test_interaction_box_switches(img_dir, tok):
     rec = _parse(REFERRING, img_dir)
     on = hoi.row_turns(rec, hoi.HOIConfig(interaction_box=True))
