@@ -3,12 +3,13 @@
 
     # 1. the counting records of configs/counting_demo.py's synthetic set (task 'counting', for the point-token run)
     python benchmarks/counting_heads_vs_points.py prepare
-    # 2. train both from the detection demo's model, same steps and batch
+    # 2. train the three from the detection demo's model, same steps and batch
     python -m coordexp_jax.train --config configs/counting_demo.py --workdir runs/counting_demo
     python -m coordexp_jax.train --config configs/counting_points_demo.py --workdir runs/counting_points
-    # 3. score both on the same held-out images
+    python -m coordexp_jax.train --config configs/counting_both_demo.py --workdir runs/counting_both
+    # 3. score them on the same held-out images (the "both" model by its heads and by its point tokens)
     python benchmarks/counting_heads_vs_points.py eval --heads runs/counting_demo/final_model \\
-        --points runs/counting_points/final_model [--num_images 64]
+        --points runs/counting_points/final_model --both runs/counting_both/final_model [--num_images 64]
 
 Scoring (`metrics.sequential_counting_metrics`, pixels of the 128 px images): MAE / RMSE of the count, hit rate
 (a predicted point inside an uncounted object's box; the points of a point-token answer are taken in the order
@@ -120,6 +121,8 @@ def main(argv=None) -> int:
     e = sub.add_parser("eval")
     e.add_argument("--heads", default=None)
     e.add_argument("--points", default=None)
+    e.add_argument("--both", default=None, help="a model trained with both (configs/counting_both_demo.py): scored "
+                                               "by its heads (sequential) and by its point tokens")
     e.add_argument("--num_images", type=int, default=64)
     args = ap.parse_args(argv)
     if args.cmd == "prepare":
@@ -127,7 +130,9 @@ def main(argv=None) -> int:
         return 0
     recs, train_recs, cfg = _val_records(args.num_images)
     keys = ("mae", "rmse", "hit_rate", "mean_point_error_px", "baseline_mae", "mae_stated", "done_rate")
-    for name, path, fn in (("regression heads", args.heads, eval_heads), ("point tokens", args.points, eval_points)):
+    runs = (("regression heads", args.heads, eval_heads), ("point tokens", args.points, eval_points),
+            ("both: heads", args.both, eval_heads), ("both: points", args.both, eval_points))
+    for name, path, fn in runs:
         if path:
             m = fn(path, recs, train_recs, cfg)
             print(f"{name:17s} " + "  ".join(f"{k} {m[k]:.3f}" for k in keys if k in m), flush=True)

@@ -2,14 +2,25 @@
 tokenizer with `<x>` `<y>`, a synthetic counting set (one shape class, 1-12 circles per 128x128 image on textured
 backgrounds with clutter), generated on first use under ~/.cache/coordexp_jax (or data.path).
 
+NEEDS THE DETECTION DEMO'S FINAL MODEL FIRST: run configs/demo.py (about 10 minutes on the idle 2-core CPU), which
+writes runs/demo/final_model, then this config (1600 steps, about 8 more minutes idle; docs/training.md has the
+figures and the measured rates):
+
+    python -m coordexp_jax.train --config configs/demo.py --workdir runs/demo
     python -m coordexp_jax.train --config configs/counting_demo.py --workdir runs/counting_demo
 
-Each training row is one counting step: the first k circles (reading order) carry numbered marks, the prompt ends
-in `<x> <y>` (a short form of the recipe's, to fit 64 tokens), the heads regress the (k+1)-th centre; 10% of the rows are "all
-counted" samples (target (-1, -1)) so that the sequential loop learns to stop. The model (the detection demo's, see
-below) is trained in full; the heads at 5x the learning rate. Evaluation counts the held-out
-images one circle at a time (docs/counting.md) and reports counting MAE next to the "predict the training mean
-count" baseline (`baseline_mae`).
+Each training row is one counting step: the first k circles in left-to-right order carry numbered marks, the prompt
+ends in `<x> <y>` (a short form of the recipe's, to fit 64 tokens), the heads regress the (k+1)-th centre; 10% of
+the rows are "all counted" samples (target (-1, -1)) so that the sequential loop learns to stop. The model is
+trained in full; the heads at 5x the learning rate. Evaluation counts the held-out images one circle at a time
+(docs/counting.md) and reports counting MAE next to the "predict the training mean count" baseline
+(`baseline_mae`).
+
+Why left-to-right and qk_scale 2 (docs/training.md, "The CPU demo"): the heads learn the coordinate the order
+sorts by (the extreme of the unmarked circles) and average the other one over the candidates near that extreme. In
+left-to-right order x is that extreme and `<y>` comes after `<x>`, so the y head can read the chosen x; in reading
+order x would have to be chosen at `<x>` before the row (y) is known. qk_scale 2 doubles the language model's
+attention logits at the start (its q/k RMS norms keep them soft), for a sharper choice of one circle.
 """
 
 from coordexp_jax.train.config import base_config
@@ -36,7 +47,8 @@ def get_config():
     c.counting.head_layers = 3
     c.counting.head_width = 0
     c.counting.loss = "l1"
-    c.counting.order = "reading"
+    c.counting.order = "left_to_right"
+    c.counting.qk_scale = 2.0
     c.counting.done_prob = 0.1
     c.counting.max_count = 16
     # A short prompt: the seed's template and system turn are ~240 tokens with the small byte-level tokenizer
@@ -49,7 +61,7 @@ def get_config():
     c.optim.min_lr_ratio = 0.05
     c.optim.weight_decay = 0.01
     c.optim.clip_norm = 1.0
-    c.train.steps = 1200
+    c.train.steps = 1600
     c.train.log_every = 10
     c.train.ckpt_every = 500
     c.train.max_minutes = 20.0

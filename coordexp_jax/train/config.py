@@ -246,6 +246,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.counting.system_prompt = True  # the seed's system turn ("You are a vision assistant that locates ...")
     c.counting.grad_check = True  # first step: gradients must reach the heads and the LoRA weights (else an error)
     c.counting.point_tokens = False  # also train CoordExp's point-token answer (task 'counting') on the same images
+    c.counting.qk_scale = 1.0  # at the start: the language model's q_norm scales x this (attention logits x this)
     return c
 
 

@@ -361,6 +361,21 @@ def _grown_checkpoint_model(cfg, mc, ids):
     return model
 
 
+def scale_attention_logits(model, factor: float) -> None:
+    """Multiplies every language-model layer's `q_norm` scale by `factor` (in place). Qwen3 normalises q and k per
+    head (RMSNorm, scales near 1 in a trained model), so an attention logit q.k / sqrt(head_dim) is bounded by about
+    sqrt(head_dim) x |scale_q| x |scale_k|; this multiplies every logit by `factor`, i.e. a lower softmax temperature,
+    for the sharp selection sequential counting needs (one object among several similar ones). `counting.qk_scale`
+    applies it once to the starting weights (a resumed run restores the trained scales)."""
+    n = 0
+    for path, node in nnx.iter_graph(model):
+        if path and path[0] == "language_model" and path[-1] == "q_norm":
+            node.scale[...] = node.scale[...] * factor
+            n += 1
+    if n == 0:
+        raise ValueError("scale_attention_logits: the model has no language_model q_norm")
+
+
 def make_model_fn(cfg, mc, ids):
     """`build.make_model_fn` (Qwen3-VL, init options, LoRA) plus the regression heads (kept when the checkpoint
     already has heads); a checkpoint without the `<x>` `<y>` rows is grown (`model_config`)."""
@@ -374,8 +389,12 @@ def make_model_fn(cfg, mc, ids):
         make, materialize = build.make_model_fn(cfg, mc, ids)
     hcfg = heads_config(cfg, mc)
 
+    qk = float(cfg.counting.qk_scale)
+
     def make_model():
         model = make()
+        if qk != 1.0:
+            scale_attention_logits(model, qk)
         if heads_of(model) is None:
             attach_heads(model, RegressionHeads(hcfg, rngs=nnx.Rngs(cfg.train.seed + 2)))
         elif heads_of(model).cfg != hcfg:
@@ -702,6 +721,6 @@ def prepare(cfg, components=None, eval_hook=None) -> tuple[Any, Any]:
 __all__ = ["prepare", "build_components", "CountingEncoder", "CountingBatches", "CountingWithPointsBatches",
            "make_model_fn", "make_point_fn",
            "make_predict_next", "predict_counting", "load_counting_model", "counting_run_config", "run_class_name",
-           "evaluate_counting", "counting_eval_hook", "gradient_norms", "check_gradients", "first_step_check",
+           "evaluate_counting", "counting_eval_hook", "scale_attention_logits", "gradient_norms", "check_gradients", "first_step_check",
            "GradientFlowError", "token_ids", "tokenizer_dir", "sequential_config", "synthetic_config",
            "counting_records"]

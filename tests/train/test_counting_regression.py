@@ -205,3 +205,27 @@ def test_heads_with_point_tokens_share_one_batch_and_forward(setup):
     counts = comps.objective.counts(jb)
     assert float(counts["x"]) == B and float(counts["ce"]) == float(jb["loss_mask"].sum() - (
         jb["coord_mask"].sum()))
+
+
+def test_qk_scale_multiplies_attention_logits():
+    """`counting.qk_scale` (`scale_attention_logits`): Qwen3 RMS-normalises q and k per head, so scaling every
+    language-model q_norm scale by f multiplies each attention logit q.k / sqrt(hd) by f (k untouched: not f^2).
+    Checked on the layer's own normalised q and k against numpy logits."""
+    from coordexp_jax.model.config import tiny_config
+    from coordexp_jax.model.qwen3vl import Qwen3VL
+
+    model = Qwen3VL(tiny_config(), rngs=nnx.Rngs(0))
+    attn = model.language_model.layers[1].self_attn
+    hd = attn.q_norm.scale[...].shape[-1]
+    x = np.random.default_rng(0).normal(size=(5, hd)).astype(np.float32)
+    y = np.random.default_rng(1).normal(size=(7, hd)).astype(np.float32)
+
+    def logits():
+        return np.asarray(attn.q_norm(x)) @ np.asarray(attn.k_norm(y)).T / np.sqrt(hd)
+
+    before = logits()
+    CL.scale_attention_logits(model, 2.5)
+    # float32 RMSNorm then a 16-term dot product: relative 1e-5 of the logits' scale on any x86 CPU
+    np.testing.assert_allclose(logits(), 2.5 * before, rtol=1e-5, atol=1e-5 * np.abs(before).max())
+    for i in range(len(model.language_model.layers)):  # every layer, not only the one checked
+        assert not np.allclose(np.asarray(model.language_model.layers[i].self_attn.q_norm.scale[...]), 1.0)
