@@ -333,23 +333,14 @@ def _refer_boxes(raw, ctx: _Ctx, refer_format: str, sizes, where="refer_boxes") 
 
 
 def _image_size(path: str, ctx: _Ctx, check_images: str, given):
-    if check_images != "none":
-        if not os.path.exists(path):
-            ctx.fail("missing_image", f"image file not found: {path}")
-    if check_images in ("header", "decode"):
-        try:
-            if check_images == "decode":
-                arr = image_lib.load_image(path)
-                size = (arr.shape[1], arr.shape[0])
-            else:
-                size = image_lib.read_image_size(path)
-        except image_lib.ImageLoadError as e:
-            ctx.fail("unreadable_image", str(e))
+    size = records_lib._image_file_size(path, ctx, check_images)
+    if size is not None:
         if given is not None and tuple(given) != size:
             ctx.fail("size_mismatch", f"{path} is {size[0]}x{size[1]} but image_sizes says {given[0]}x{given[1]}")
         return size
     if given is None:
-        ctx.fail("missing_field", f"{path}: no image_sizes entry and check_images='none' (the size is needed)")
+        ctx.fail("missing_field", f"{path}: no image_sizes entry and check_images={check_images!r} (the size is "
+                                  "needed)")
     return tuple(int(v) for v in given)
 
 
@@ -807,35 +798,24 @@ class HOICollator:
         self._shared_memory = True
 
     def __call__(self, samples: Sequence[dict]) -> dict:
-        from coordexp_jax.data.prompts import bucket_len
         from coordexp_jax.model.inputs import build_model_inputs
 
-        B, M, N = len(samples), self.cfg.max_objects, self.hcfg.max_boxes
-        S = bucket_len(max(len(s["input_ids"]) for s in samples), self.cfg)
-        ids = np.full((B, S), self.ids.pad, np.int32)
-        am = np.zeros((B, S), np.int32)
-        targets = np.full((B, S), self.ids.pad, np.int32)
-        loss_mask = np.zeros((B, S), np.float32)
-        box_pos = np.zeros((B, M, 4), np.int32)
-        box_target = np.zeros((B, M, 4), np.float32)
-        box_valid = np.zeros((B, M), bool)
+        B, N = len(samples), self.hcfg.max_boxes
+        t = self.base.text_arrays(samples)
         links = empty_links(B, N)
         pvs, grids = [], []
         for b, s in enumerate(samples):
-            n = len(s["input_ids"])
-            ids[b, :n], am[b, :n], targets[b, :n], loss_mask[b, :n] = s["input_ids"], 1, s["targets"], s["loss_mask"]
-            m = len(s["box_pos"])
-            box_pos[b, :m], box_target[b, :m], box_valid[b, :m] = s["box_pos"], s["box_target"], True
             k = len(s["link_pos"])
             links["pos"][b, :k], links["boxes"][b, :k] = s["link_pos"], s["link_boxes"]
             links["image"][b, :k], links["kind"][b, :k] = s["link_image"], s["link_kind"]
             pvs += list(s["pixel_values"])
             grids += [tuple(int(x) for x in g) for g in s["grid_thw"]]
         P = self.base.patches_per_slot([int(np.prod(g)) for g in grids])
-        out = build_model_inputs(ids, am, grids, pvs, config=self.model_config, num_slots=B * self.hcfg.max_images,
-                                 patches_per_slot=P)
-        out.update(targets=targets, loss_mask=loss_mask, coord_mask=(loss_mask > 0) & self.ids.is_coord(targets),
-                   box_pos=box_pos, box_target=box_target, box_valid=box_valid,
+        out = build_model_inputs(t["input_ids"], t["attention_mask"], grids, pvs, config=self.model_config,
+                                 num_slots=B * self.hcfg.max_images, patches_per_slot=P)
+        out.update(targets=t["targets"], loss_mask=t["loss_mask"],
+                   coord_mask=(t["loss_mask"] > 0) & self.ids.is_coord(t["targets"]), box_pos=t["box_pos"],
+                   box_target=t["box_target"], box_valid=t["box_valid"],
                    num_objects=np.asarray([s["num_objects"] for s in samples], np.int32), links=links)
         if self._shared_memory:
             links = out.pop("links")

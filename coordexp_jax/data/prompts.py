@@ -344,9 +344,9 @@ class Collator:
             return self.cfg.patches_per_slot
         return _pow2(max(sizes), self.cfg.image.merge_size ** 2)
 
-    def __call__(self, samples: Sequence[dict]) -> dict:
-        from coordexp_jax.model.inputs import build_model_inputs
-
+    def text_arrays(self, samples: Sequence[dict]) -> dict:
+        """The right-padded text block of a batch: input_ids, attention_mask, targets, loss_mask [B, S] (S = the
+        bucket of the longest row) and box_pos [B, M, 4], box_target [B, M, 4], box_valid [B, M]."""
         B, M = len(samples), self.cfg.max_objects
         S = bucket_len(max(len(s["input_ids"]) for s in samples), self.cfg)
         ids = np.full((B, S), self.ids.pad, np.int32)
@@ -361,6 +361,16 @@ class Collator:
             ids[b, :n], am[b, :n], targets[b, :n], loss_mask[b, :n] = s["input_ids"], 1, s["targets"], s["loss_mask"]
             m = len(s["box_pos"])
             box_pos[b, :m], box_target[b, :m], box_valid[b, :m] = s["box_pos"], s["box_target"], True
+        return dict(input_ids=ids, attention_mask=am, targets=targets, loss_mask=loss_mask, box_pos=box_pos,
+                    box_target=box_target, box_valid=box_valid)
+
+    def __call__(self, samples: Sequence[dict]) -> dict:
+        from coordexp_jax.model.inputs import build_model_inputs
+
+        B = len(samples)
+        t = self.text_arrays(samples)
+        ids, am, targets, loss_mask = t["input_ids"], t["attention_mask"], t["targets"], t["loss_mask"]
+        box_pos, box_target, box_valid = t["box_pos"], t["box_target"], t["box_valid"]
         grids = [tuple(int(x) for x in s["grid_thw"]) for s in samples]
         P = self.patches_per_slot([int(np.prod(g)) for g in grids])
         out = build_model_inputs(ids, am, grids, [s["pixel_values"] for s in samples], config=self.model_config,

@@ -399,27 +399,34 @@ def _parse(rec, ctx: _Ctx, *, image_root, box_format, pixel_mode, check_images, 
         else:
             ctx.fail("no_objects", detail)
     path = _resolve_image(images[0], image_root)
-    if check_images != "none":
-        if not os.path.exists(path):
-            ctx.fail("missing_image", f"image file not found: {path}")
-        if check_images in ("header", "decode"):
-            try:
-                if check_images == "decode":
-                    arr = image_lib.load_image(path)
-                    size = (arr.shape[1], arr.shape[0])
-                else:
-                    size = image_lib.read_image_size(path)
-            except image_lib.ImageLoadError as e:
-                ctx.fail("unreadable_image", str(e))
-            if size != (w, h):
-                turned = " (sizes are of the image turned by its EXIF orientation)" if size == (h, w) else ""
-                ctx.fail("size_mismatch", f"{path} is {size[0]}x{size[1]} but the record says {w}x{h}{turned}")
+    size = _image_file_size(path, ctx, check_images)
+    if size is not None and size != (w, h):
+        turned = " (sizes are of the image turned by its EXIF orientation)" if size == (h, w) else ""
+        ctx.fail("size_mismatch", f"{path} is {size[0]}x{size[1]} but the record says {w}x{h}{turned}")
     problem = image_lib.processing_problem(h, w)
     if problem is not None:
         ctx.fail("unprocessable_image", f"{path}: {problem}")
     extra = {k: rec[k] for k in unknown}
     return Record(image=path, width=int(w), height=int(h), objects=tuple(objects), task=task, prompt=prompt,
                   metadata=dict(metadata), extra=extra, source=ctx.where)
+
+
+def _image_file_size(path: str, ctx: _Ctx, check_images: str) -> tuple[int, int] | None:
+    """The upright (w, h) of an image file as `check_images` checks it ("header": read from the header, "decode": a
+    full decode), or None ("none", "exists"); `missing_image` / `unreadable_image` go through the policy."""
+    if check_images == "none":
+        return None
+    if not os.path.exists(path):
+        ctx.fail("missing_image", f"image file not found: {path}")
+    if check_images not in ("header", "decode"):
+        return None
+    try:
+        if check_images == "decode":
+            arr = image_lib.load_image(path)
+            return (arr.shape[1], arr.shape[0])
+        return tuple(image_lib.read_image_size(path))
+    except image_lib.ImageLoadError as e:
+        ctx.fail("unreadable_image", str(e))
 
 
 def json_lines(path: str) -> Iterator[tuple[int, str, Any]]:
