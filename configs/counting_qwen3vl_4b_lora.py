@@ -23,6 +23,7 @@ def get_config():
     c.model.dtype = "bfloat16"  # activations; params, heads and optimizer states stay float32
     c.model.param_dtype = "float32"
     c.model.remat = True
+    c.model.overrides.scan_layers = True  # decoder layers and ViT blocks stacked under lax.scan (docs/model.md)
     c.tokenizer.path = "checkpoints/qwen3vl_4b_counting"
     c.data.kind = "jsonl"
     c.data.path = "data/fsc147/train.jsonl"

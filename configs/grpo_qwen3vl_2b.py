@@ -26,6 +26,7 @@ def get_config():
     c.model.dtype = "bfloat16"  # activations; the LoRA adapters and their optimizer state stay float32
     c.model.param_dtype = "float32"
     c.model.remat = True
+    c.model.overrides.scan_layers = True  # decoder layers and ViT blocks stacked under lax.scan (docs/model.md)
     c.lora.enabled = True
     c.lora.rank = 64
     c.lora.alpha = 128.0

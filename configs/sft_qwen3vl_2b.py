@@ -16,6 +16,7 @@ def get_config():
     c.model.dtype = "bfloat16"  # activations; params and optimizer states stay float32
     c.model.param_dtype = "float32"
     c.model.remat = True
+    c.model.overrides.scan_layers = True  # decoder layers and ViT blocks stacked under lax.scan (docs/model.md)
     c.tokenizer.path = "checkpoints/qwen3vl_2b_coord"
     c.data.kind = "fusion"
     c.data.path = "configs/fusion/coco_refcoco.py"
