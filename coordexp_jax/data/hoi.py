@@ -911,8 +911,10 @@ def synthetic_dir(cfg) -> str:
     (`$COORDEXP_CACHE` or ~/.cache/coordexp_jax)."""
     import hashlib
 
+    from coordexp_jax.data.hoi_synthetic import VERSION
+
     h = cfg.data.hoi
-    key = json.dumps({"image_size": cfg.data.image_size, "num_train": cfg.data.num_train,
+    key = json.dumps({"version": VERSION, "image_size": cfg.data.image_size, "num_train": cfg.data.num_train,
                       "num_eval": cfg.data.num_eval, "seed": cfg.data.seed, "min_pairs": h.min_pairs,
                       "max_pairs": h.max_pairs, "tool_ratio": h.tool_ratio}, sort_keys=True)
     root = os.environ.get("COORDEXP_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "coordexp_jax"))

@@ -43,6 +43,9 @@ ACTIONS = ("holding", "kicking", "riding", "looking at")
 OBJECT_ACTIONS = {"ball": ("holding", "kicking", "looking at"), "cup": ("holding", "looking at"),
                   "bike": ("riding", "looking at"), "horse": ("riding", "looking at")}
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
+# Bumped whenever the drawing changes: part of the cache key and of the set's metadata, so that a cached set drawn
+# by an older generator is never reused.
+VERSION = 2
 SHIRTS = ((200, 40, 40), (40, 90, 210), (30, 150, 60), (150, 60, 200), (230, 130, 20), (20, 160, 170))
 # saturated or dark: every colour differs from the light background (185..225 per channel) by > 60 in a channel
 OBJECT_COLOURS = {"ball": ((230, 60, 30), (240, 190, 20), (30, 150, 230)), "cup": ((30, 60, 160), (20, 140, 120),
@@ -216,11 +219,12 @@ def _pair(rng: np.random.Generator, action: str, obj: str, g: float, H: float) -
 
 
 def _background(rng: np.random.Generator, S: int, noise: float, grounds) -> np.ndarray:
-    base = rng.uniform(185, 225, 3)
-    yy, xx = np.mgrid[0:S, 0:S].astype(np.float32)
+    base = rng.uniform(185, 225, 3).astype(np.float32)
+    t = np.arange(S, dtype=np.float32) / S
     ang = rng.uniform(0, 2 * np.pi)
-    img = base + rng.uniform(-12, 12, 3) * (np.cos(ang) * xx / S + np.sin(ang) * yy / S)[..., None]
-    img = img + rng.normal(0, noise, (S, S, 3))
+    ramp = np.float32(np.cos(ang)) * t[None, :] + np.float32(np.sin(ang)) * t[:, None]  # [S, S]
+    img = base + rng.uniform(-12, 12, 3).astype(np.float32) * ramp[..., None]
+    img += rng.standard_normal((S, S, 3), dtype=np.float32) * np.float32(noise)
     for g in grounds:
         img[int(g):int(g) + 2] = base * 0.55
     return np.clip(img, 0, 255).astype(np.uint8)
@@ -404,7 +408,7 @@ def ensure_dataset(out_dir: str, num_train: int, num_val: int, seed: int = 0,
     """Generates the set once and reuses it when `out_dir/hoi_synthetic.json` matches the request; a directory
     holding a set made with other settings is an error (ValueError) naming the differing keys (never regenerated
     in place: another run may be reading it). Returns {split: {"referring": path, "grounding": path}}."""
-    meta = json.loads(json.dumps({"num_train": num_train, "num_val": num_val, "seed": seed,
+    meta = json.loads(json.dumps({"version": VERSION, "num_train": num_train, "num_val": num_val, "seed": seed,
                                   "config": dataclasses.asdict(cfg)}))
     meta_path = os.path.join(out_dir, "hoi_synthetic.json")
     paths = {s: {t: os.path.join(out_dir, f"{s}_{t}.jsonl") for t in ("referring", "grounding")}
