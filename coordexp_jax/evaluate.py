@@ -363,6 +363,10 @@ def build_evaluator(config, *, checkpoint: str, max_records: int = 0, batch_size
     if batch_size:
         cfg.eval.batch_size = batch_size
     model_config, model, info = load_model(checkpoint, cfg)
+    if cfg.data.kind == "hoi":  # human-object interaction records: evaluate_hoi
+        from coordexp_jax.evaluate_hoi import build_hoi_evaluator
+
+        return build_hoi_evaluator(cfg, model_config, model, info, max_records=max_records, config_file=config_file)
     recs, encoder, ecfg = eval_setup(cfg, model_config, max_records)
     ids = encoder.token_ids
     # an expanded checkpoint matches its tokenizer exactly; without coordinate tokens (qwen_text on a released

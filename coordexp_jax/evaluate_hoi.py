@@ -184,6 +184,42 @@ def hoi_eval_setup(cfg, model_config, records: Sequence, prompt_cfg, tokenizer_d
     return recs, encoder, collator, ecfg
 
 
+def build_hoi_evaluator(cfg, model_config, model, info: dict, *, max_records: int = 0,
+                        config_file: str | None = None):
+    """`evaluate(out_dir) -> metrics` of `python -m coordexp_jax.evaluate` for a config with data.kind 'hoi':
+    the held-out HOI records of the config (`data.eval_path`, or the synthetic set's val split), up to
+    `eval.num_images` of each task (or `max_records` in all), the loaded `model`, heatmaps when it has a
+    spatial-linking module. `info`: the checkpoint's run info (`evaluate.load_model`)."""
+    import datetime
+
+    from coordexp_jax.data import hoi
+    from coordexp_jax.evaluate import make_sampler
+    from coordexp_jax.train import build
+    from coordexp_jax.train.config import ConfigError
+
+    eval_files = hoi.data_files(cfg)[1]
+    if not eval_files:
+        raise ConfigError("the config has no evaluation data (set data.eval_path, or data.path '' for the synthetic "
+                          "HOI set)")
+    recs, _ = hoi.load_files(eval_files, refer_format=cfg.data.hoi.refer_format)
+    recs, encoder, collator, ecfg = hoi_eval_setup(cfg, model_config, recs, build.prompt_config(cfg, model_config),
+                                                   build.tokenizer_dir(cfg))
+    if max_records:
+        ecfg = dataclasses.replace(ecfg, max_records=max_records)
+    sampler = make_sampler(model, encoder.token_ids, cfg)
+    attention = make_link_attention(model)
+    run_info = {**info, "config": cfg.name + (f" ({config_file})" if config_file else ""),
+                "data": ", ".join(eval_files),
+                "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+    def evaluator(out_dir):
+        return evaluate_hoi_records(sampler, recs, encoder, collator, config=ecfg, out_dir=out_dir,
+                                    link_attention=attention, run_info=run_info)
+
+    evaluator.run_info = run_info
+    return evaluator
+
+
 # ----------------------------------------------------------------------------------------------- evaluation
 def evaluate_hoi_records(sampler, records: Sequence, encoder, collator, *, config: HOIEvalConfig = HOIEvalConfig(),
                          out_dir: str | None = None, link_attention=None, progress: bool = True,
@@ -361,5 +397,5 @@ def _write_outputs(out_dir: str, rows, metrics: dict, images: list[dict], config
         e.pop("_match", None)
     with open(os.path.join(out_dir, "per_image.json"), "w") as f:
         json.dump(images, f, indent=1)
-    report.write_report(out_dir, metrics, images, run_info, legend=V.legend_html(),
+    report.write_report(out_dir, metrics, images, run_info, legend=V.legend_html() + V.heat_legend_html(),
                         title="Evaluation report (human-object interaction)")

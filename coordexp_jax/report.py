@@ -21,7 +21,8 @@ A per-image entry (also what `evaluate` writes to per_image.json) is a dict:
     page, or None), tp, fp, fn (ints; None for counting), mean_iou (mean IoU of the matched pairs, None when
     none), parse ("ok" | "partial" | "failed"), n_pred, n_gt (objects; for counting the stated and true count),
     prompt, answer (decoded answer text), and optionally pred / gt: lists of {"desc", "bbox" (pixels),
-    ["score"], "iou" / "matched"} for the per-image view.
+    ["score"], "iou" / "matched"} for the per-image view; HOI records (`evaluate_hoi`) may add reference (the
+    referring answer) and heatmaps (relative paths of per-box attention heatmaps), shown in that view.
 """
 
 from __future__ import annotations
@@ -111,6 +112,36 @@ def _groups() -> list[tuple[str, str, list[MetricSpec]]]:
             MetricSpec("grounding/num", "grounding images", "count", "counts",
                        "grounding records with one true box evaluated"),
         ]),
+        ("Human-object interaction: referring", "hoi-referring", [
+            MetricSpec("hoi_referring/exact_match", "exact match", "score", "hoi-exact-match",
+                       "share of answers equal to the reference after SQuAD normalisation (case, punctuation, "
+                       "articles)"),
+            MetricSpec("hoi_referring/token_f1", "token F1", "score", "hoi-token-f1",
+                       "SQuAD token F1 of the answer against the reference, averaged"),
+            MetricSpec("hoi_referring/bertscore_F1", "BERTScore F1", "score", "hoi-bertscore",
+                       "BERTScore F1 with the local model of eval.bertscore_model (not rescaled)"),
+            MetricSpec("hoi_referring/bertscore_P", "BERTScore P", "score", "hoi-bertscore", "BERTScore precision"),
+            MetricSpec("hoi_referring/bertscore_R", "BERTScore R", "score", "hoi-bertscore", "BERTScore recall"),
+            MetricSpec("hoi_referring/num", "referring records", "count", "counts", "referring records evaluated"),
+        ]),
+        ("Human-object interaction: grounding", "hoi-grounding", [
+            MetricSpec("hoi_grounding/AR", "AR", "score", "hoi-ar",
+                       "recall of the true (person, object) pairs averaged over IoU 0.50:0.95; a pair counts when "
+                       "both boxes pass"),
+            MetricSpec("hoi_grounding/AR@0.5", "AR@0.5", "score", "hoi-ar50", "pair recall at IoU >= 0.5"),
+            MetricSpec("hoi_grounding/AR@0.75", "AR@0.75", "score", "hoi-ar75", "pair recall at IoU >= 0.75"),
+            MetricSpec("hoi_grounding/ARs", "ARs", "score", "hoi-ar-size", "AR of pairs with a small object box "
+                       "(< 32² px)"),
+            MetricSpec("hoi_grounding/ARm", "ARm", "score", "hoi-ar-size", "AR of pairs with a medium object box "
+                       "(32² to 96² px)"),
+            MetricSpec("hoi_grounding/ARl", "ARl", "score", "hoi-ar-size", "AR of pairs with a large object box "
+                       "(>= 96² px)"),
+            MetricSpec("hoi_grounding/parse_failure_rate", "parse failures", "rate", "parse-failure-rate",
+                       "grounding answers with no (person, object) pair"),
+            MetricSpec("hoi_grounding/num_queries", "grounding records", "count", "counts",
+                       "grounding records with true pairs evaluated"),
+            MetricSpec("hoi_grounding/num_pairs", "true pairs", "count", "counts", "true (person, object) pairs"),
+        ]),
         ("Counting", "counting", [
             MetricSpec("counting/mae", "count MAE", "error", "count-mae", "mean absolute error of the stated count"),
             MetricSpec("counting/rmse", "count RMSE", "error", "count-rmse",
@@ -145,7 +176,8 @@ def headline(metrics: Mapping[str, float]) -> list[tuple[str, str, str, str]]:
     """The figures shown first and large: [(label, formatted value, glossary anchor, explanation)].
 
     Detection: AP50, AP (default score rule), F1@0.5, parse rate (1 - parse failure rate). Without detection
-    records: grounding Acc@0.5 and/or counting MAE, each with its parse rate."""
+    records: grounding Acc@0.5, HOI referring exact match and token F1, HOI grounding AR@0.5 and AR, and/or
+    counting MAE (with their parse rates where they have one)."""
     out = []
     if "det/f1@0.5" in metrics:
         rule = default_score_rule(metrics)
@@ -161,6 +193,14 @@ def headline(metrics: Mapping[str, float]) -> list[tuple[str, str, str, str]]:
         out.append(("Acc@0.5", fmt_value(metrics["grounding/acc@0.5"], "score"), "acc05", "grounding"))
         out.append(("parse rate", fmt_value(1.0 - float(metrics.get("grounding/parse_failure_rate", 0.0)), "rate"),
                     "parse-failure-rate", "grounding answers that could be read"))
+    if "hoi_referring/exact_match" in metrics:
+        out.append(("exact match", fmt_value(metrics["hoi_referring/exact_match"], "score"), "hoi-exact-match",
+                    "HOI referring"))
+        out.append(("token F1", fmt_value(metrics["hoi_referring/token_f1"], "score"), "hoi-token-f1",
+                    "HOI referring"))
+    if "hoi_grounding/AR@0.5" in metrics:
+        out.append(("AR@0.5", fmt_value(metrics["hoi_grounding/AR@0.5"], "score"), "hoi-ar50", "HOI grounding pairs"))
+        out.append(("AR", fmt_value(metrics["hoi_grounding/AR"], "score"), "hoi-ar", "IoU 0.50:0.95"))
     if "counting/mae" in metrics:
         out.append(("count MAE", fmt_value(metrics["counting/mae"], "error"), "count-mae", "counting"))
         out.append(("parse rate", fmt_value(1.0 - float(metrics.get("counting/parse_failure_rate", 0.0)), "rate"),
@@ -513,6 +553,10 @@ _JS = r"""
     else detail.appendChild(el("p", "(no picture: over the picture limit)", "note"));
     if (d.prompt) { detail.appendChild(el("h3", "Prompt")); detail.appendChild(el("pre", d.prompt)); }
     detail.appendChild(el("h3", "Answer")); detail.appendChild(el("pre", d.answer || "(empty)"));
+    if (d.reference !== undefined) { detail.appendChild(el("h3", "Reference")); detail.appendChild(el("pre", d.reference)); }
+    (d.heatmaps || []).forEach(function (src) {  // HOI: one attention heatmap per prompt box
+      var h = el("img"); h.src = src; h.alt = src; h.className = "heatmap"; detail.appendChild(h);
+    });
     if (d.pred) detail.appendChild(objTable("Predicted", d.pred, false));
     if (d.gt) detail.appendChild(objTable("Ground truth", d.gt, true));
     detail.hidden = false;

@@ -453,3 +453,18 @@ def _heat_legend(width: int, st: Style) -> Image.Image:
         d.text((pad, y), line, fill=TEXT_COLOUR, font=font)
         y += line_h
     return strip
+
+
+def heat_legend_html() -> str:
+    """The heatmaps' legend as HTML: the colour bar (`HEAT_CMAP`, 0 to the panel's max), the box colours of the
+    kinds and `HEAT_EXPLANATION`."""
+    from matplotlib import colormaps
+
+    stops = ",".join(_hex((np.asarray(colormaps[HEAT_CMAP](t)[:3]) * 255).round().astype(int)) for t in
+                     np.linspace(0, 1, 6))
+    kinds = " &nbsp; ".join(f"<span style='display:inline-block;width:2em;height:0.8em;border:3px solid "
+                            f"{_hex(c)};outline:1px solid #000;margin:0 4px'></span>{html.escape(n)}"
+                            for n, c in zip(KIND_NAMES[:3], KIND_COLOURS[:3]))
+    return (f"<p class='legend'>attention heatmaps: 0 <span style='display:inline-block;width:10em;height:0.8em;"
+            f"background:linear-gradient(to right,{stops})'></span> max &nbsp; {kinds}</p>"
+            f"<p class='legend-score'>{html.escape(HEAT_EXPLANATION)}</p>")

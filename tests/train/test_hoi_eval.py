@@ -182,3 +182,15 @@ def test_bucket_inputs_shifts_links():
     np.testing.assert_array_equal(out["links"]["pos"], [[9, 13, -1], [15, -1, -1], [-1, -1, -1], [-1, -1, -1]])
     np.testing.assert_array_equal(out["links"]["kind"][3], [3, 3, 3])
     assert out["links"]["boxes"].shape == (4, 3, 4) and not out["links"]["boxes"][3].any()
+
+
+def test_report_headline_and_groups_for_hoi():
+    from coordexp_jax import report as R
+
+    m = {"hoi_referring/exact_match": 0.5, "hoi_referring/token_f1": 0.625, "hoi_grounding/AR@0.5": 0.25,
+         "hoi_grounding/AR": 0.1234, "hoi_grounding/ARm": 0.2, "num_records": 8}
+    assert [(label, value) for label, value, _, _ in R.headline(m)] == [
+        ("exact match", "0.500"), ("token F1", "0.625"), ("AR@0.5", "0.250"), ("AR", "0.123")]
+    groups = {title: [s.key for s, _ in items] for title, _, items in R.metric_groups(m)}
+    assert groups["Human-object interaction: referring"] == ["hoi_referring/exact_match", "hoi_referring/token_f1"]
+    assert "Other" not in groups  # every HOI key has its glossary entry
