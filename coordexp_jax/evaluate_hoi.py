@@ -170,7 +170,8 @@ def make_link_attention(model):
 
 def hoi_eval_setup(cfg, model_config, records: Sequence, prompt_cfg, tokenizer_dir: str):
     """(records, HOIEncoder, HOICollator, HOIEvalConfig) of a training config's HOI evaluation: up to
-    `eval.num_images` records of each task (0 = all), the run's prompt, image and box settings."""
+    `eval.num_images` records of each task (0 = all), the run's prompt, image and box settings. Raises
+    `metrics_hoi.BertScoreModelError` when `eval.bertscore_model` is set but not a usable model directory."""
     from coordexp_jax.data import hoi
 
     hcfg = hoi.hoi_config_from(cfg)
@@ -181,6 +182,8 @@ def hoi_eval_setup(cfg, model_config, records: Sequence, prompt_cfg, tokenizer_d
     recs = [r for k in sorted(by) for r in (by[k][:n] if n else by[k])]
     ecfg = HOIEvalConfig(batch_size=int(cfg.eval.batch_size), num_pictures=int(cfg.eval.num_pictures),
                          bertscore_model=str(cfg.eval.get("bertscore_model", "") or ""))
+    if ecfg.bertscore_model:  # a bad directory is one error line now, not at the first evaluation
+        MH.check_bertscore_model(ecfg.bertscore_model)
     return recs, encoder, collator, ecfg
 
 

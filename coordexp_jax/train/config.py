@@ -189,6 +189,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.max_new_tokens = 128
     c.eval.num_pictures = 0  # pictures in the evaluation report (worst images first); 0 = one for every image
     c.eval.use_ema = True
+    # HOI referring (data.kind 'hoi'): BERTScore with this local transformers model directory ('' = off;
+    # metrics_hoi.bertscore, nothing is downloaded)
+    c.eval.bertscore_model = ""
 
     # Loggers beside metrics.jsonl and TensorBoard (train/metrics_log.py).
     c.log = ml_collections.ConfigDict()
