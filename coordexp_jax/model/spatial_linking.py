@@ -144,12 +144,6 @@ def masked_softmax(scores, mask):
     return jnp.where(mask, p, 0.0)
 
 
-def union_box(a, b):
-    """The interaction box: the union (enclosing box) of boxes a and b `[..., 4]` (x1, y1, x2, y2), any units."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.concatenate([np.minimum(a[..., :2], b[..., :2]), np.maximum(a[..., 2:], b[..., 2:])], axis=-1)
-
-
 # ------------------------------------------------------------------------------------------------- module
 class SpatialLinking(nnx.Module):
     """The spatial-linking module (module docstring). `__call__(h [B, S, H], token_image [B, S], token_rect
@@ -326,5 +320,5 @@ def heatmap(weights, token_image, token_rect, image: int, height: int, width: in
 
 
 __all__ = ["ATTR", "KINDS", "LinkingConfig", "SpatialLinking", "token_geometry", "valid_links", "link_mask",
-           "masked_softmax", "union_box", "attach_linking", "linking_of", "config_from_train", "maybe_attach",
+           "masked_softmax", "attach_linking", "linking_of", "config_from_train", "maybe_attach",
            "linking_to_numpy", "linking_from_numpy", "heatmap"]

@@ -118,27 +118,36 @@ def load_heads(path: str):
     `regression_heads.json`. Raises WeightsError naming the file on a bad JSON, a missing safetensors file, a
     missing or mis-shaped tensor."""
     from ..model.regression import HeadsConfig, heads_from_numpy
+
+    return _load_addon(path, HEADS_CONFIG, HEADS_WEIGHTS, HEADS_FORMAT, "regression-heads", lambda meta: HeadsConfig(
+        hidden_size=int(meta["hidden_size"]), layers=int(meta["layers"]), width=int(meta.get("width", 0)),
+        activation=str(meta.get("activation", "gelu"))), lambda cfg, t, where: heads_from_numpy(cfg, t, where=where))
+
+
+def _load_addon(path: str, config_name: str, weights_name: str, fmt: str, what: str, make_cfg, build):
+    """An add-on module stored beside a model: `config_name` (JSON with "format": `fmt`) -> `make_cfg(meta)`, then
+    `build(cfg, tensors, where)` from `weights_name` (safetensors). None when `config_name` is absent. Raises
+    WeightsError naming the file on a bad JSON, a missing safetensors file, a missing or mis-shaped tensor."""
     from .safetensors_io import read_header, read_tensor
 
-    cpath = os.path.join(path, HEADS_CONFIG)
+    cpath = os.path.join(path, config_name)
     if not os.path.isfile(cpath):
         return None
     try:
         with open(cpath) as f:
             meta = json.load(f)
-        if meta.get("format") != HEADS_FORMAT:
-            raise ValueError(f"format is {meta.get('format')!r}, not {HEADS_FORMAT!r}")
-        cfg = HeadsConfig(hidden_size=int(meta["hidden_size"]), layers=int(meta["layers"]),
-                          width=int(meta.get("width", 0)), activation=str(meta.get("activation", "gelu")))
+        if meta.get("format") != fmt:
+            raise ValueError(f"format is {meta.get('format')!r}, not {fmt!r}")
+        cfg = make_cfg(meta)
     except (ValueError, KeyError, TypeError) as e:
-        raise WeightsError(f"{cpath}: not a regression-heads description ({e})") from None
-    wpath = os.path.join(path, HEADS_WEIGHTS)
+        raise WeightsError(f"{cpath}: not a {what} description ({e})") from None
+    wpath = os.path.join(path, weights_name)
     if not os.path.isfile(wpath):
-        raise WeightsError(f"{wpath}: missing (described by {HEADS_CONFIG})")
+        raise WeightsError(f"{wpath}: missing (described by {config_name})")
     header, start = read_header(wpath)
     tensors = {n: read_tensor(wpath, info, start, n) for n, info in header.items() if n != "__metadata__"}
     try:
-        return heads_from_numpy(cfg, tensors, where=wpath)
+        return build(cfg, tensors, wpath)
     except ValueError as e:
         raise WeightsError(str(e)) from None
 
@@ -146,7 +155,7 @@ def load_heads(path: str):
 def split_heads(model_or_state):
     """(Qwen3-VL part, heads) of a model or a parameter state: a Module keeps its heads module; a state gives the
     pure-dict heads subtree (or None). The spatial-linking module (if any) is left out of the Qwen3-VL part of a
-    Module (`split_linking` returns it)."""
+    Module (`model.spatial_linking.linking_of` returns it)."""
     from ..model.regression import ATTR, heads_of
     from ..model.spatial_linking import ATTR as LINKING
 
@@ -191,31 +200,15 @@ def load_linking(path: str, *, dtype=jnp.float32, param_dtype=jnp.float32):
     `spatial_linking.json`; compute `dtype`, parameters cast to `param_dtype`. Raises WeightsError naming the file on
     a bad JSON, a missing safetensors file, a missing or mis-shaped tensor."""
     from ..model.spatial_linking import LinkingConfig, linking_from_numpy
-    from .safetensors_io import read_header, read_tensor
 
-    cpath = os.path.join(path, LINKING_CONFIG)
-    if not os.path.isfile(cpath):
-        return None
-    try:
-        with open(cpath) as f:
-            meta = json.load(f)
-        if meta.get("format") != LINKING_FORMAT:
-            raise ValueError(f"format is {meta.get('format')!r}, not {LINKING_FORMAT!r}")
-        cfg = LinkingConfig(hidden_size=int(meta["hidden_size"]), heads=int(meta["heads"]), dim=int(meta["dim"]),
-                            dropout=float(meta["dropout"]), refine_mlp=bool(meta["refine_mlp"]),
-                            zero_init=bool(meta.get("zero_init", True)), eps=float(meta.get("eps", 1e-6)))
-    except (ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
-        raise WeightsError(f"{cpath}: not a spatial-linking description ({e})") from None
-    wpath = os.path.join(path, LINKING_WEIGHTS)
-    if not os.path.isfile(wpath):
-        raise WeightsError(f"{wpath}: missing (described by {LINKING_CONFIG})")
-    header, start = read_header(wpath)
-    tensors = {n: read_tensor(wpath, info, start, n) for n, info in header.items() if n != "__metadata__"}
-    try:
-        return linking_from_numpy(cfg, tensors, where=wpath, dtype=dtype, param_dtype=param_dtype)
-    except ValueError as e:
-        raise WeightsError(str(e)) from None
+    def make_cfg(meta):
+        return LinkingConfig(hidden_size=int(meta["hidden_size"]), heads=int(meta["heads"]), dim=int(meta["dim"]),
+                             dropout=float(meta["dropout"]), refine_mlp=bool(meta["refine_mlp"]),
+                             zero_init=bool(meta.get("zero_init", True)), eps=float(meta.get("eps", 1e-6)))
 
+    return _load_addon(path, LINKING_CONFIG, LINKING_WEIGHTS, LINKING_FORMAT, "spatial-linking", make_cfg,
+                       lambda cfg, t, where: linking_from_numpy(cfg, t, where=where, dtype=dtype,
+                                                                param_dtype=param_dtype))
 
 def _attach_loaded_linking(path: str, model):
     from ..model.spatial_linking import attach_linking

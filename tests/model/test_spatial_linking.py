@@ -12,7 +12,7 @@ from flax import nnx
 from coordexp_jax.model.config import tiny_config
 from coordexp_jax.model.inputs import build_model_inputs, merged_token_rects
 from coordexp_jax.model.spatial_linking import (LinkingConfig, SpatialLinking, heatmap, link_mask, linking_from_numpy,
-                                                linking_to_numpy, token_geometry, union_box)
+                                                linking_to_numpy, token_geometry)
 
 H = 16
 _erf = np.vectorize(math.erf)
@@ -200,10 +200,6 @@ def test_zero_output_projection_adds_exactly_zero_and_dropout_only_with_rng():
     d2 = np.asarray(_apply(m2, *args, dict(links, rng=jax.random.key(1))))
     np.testing.assert_array_equal(d1, d2)  # a given key: reproducible
     assert np.abs(d1 - det).max() > 1e-3  # and a different forward (half the weights dropped)
-
-
-def test_union_box():
-    np.testing.assert_array_equal(union_box([100, 100, 300, 400], [250, 200, 450, 350]), [100, 100, 450, 400])
 
 
 def test_token_geometry_matches_brute_force_several_images_and_padding():

@@ -302,3 +302,33 @@ def test_training_run_saves_and_reloads_the_module(tmp_path, capsys):
         assert got.keys() == want.keys()
         for k in want:
             np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def test_linking_files_errors_name_the_file(tmp_path):
+    from coordexp_jax.weights.checkpoint import load_linking, save_linking
+    from coordexp_jax.weights.names import WeightsError
+    from coordexp_jax.weights.safetensors_io import write_file
+
+    m = SpatialLinking(LinkingConfig(hidden_size=8, heads=2, dim=4), rngs=nnx.Rngs(0))
+    assert load_linking(str(tmp_path)) is None  # no spatial_linking.json: no module
+    save_linking(str(tmp_path), m)
+    back = load_linking(str(tmp_path))
+    assert back.cfg == m.cfg
+    from coordexp_jax.model.spatial_linking import linking_to_numpy
+
+    t = linking_to_numpy(m)
+    for k, v in linking_to_numpy(back).items():
+        np.testing.assert_array_equal(v, t[k])
+    meta = json.loads((tmp_path / "spatial_linking.json").read_text())
+    (tmp_path / "spatial_linking.json").write_text(json.dumps(dict(meta, heads=3)))  # 3 does not divide 4
+    with pytest.raises(WeightsError, match=r"spatial_linking\.json: not a spatial-linking description"):
+        load_linking(str(tmp_path))
+    (tmp_path / "spatial_linking.json").write_text(json.dumps(meta))
+    t["query.weight"] = t["query.weight"][:, :5]
+    write_file(str(tmp_path / "spatial_linking.safetensors"), [(k, v.shape, v.dtype) for k, v in t.items()],
+               lambda k: t[k])
+    with pytest.raises(WeightsError, match=r"spatial_linking\.safetensors: tensor query\.weight has shape \(4, 5\)"):
+        load_linking(str(tmp_path))
+    os.remove(tmp_path / "spatial_linking.safetensors")
+    with pytest.raises(WeightsError, match=r"spatial_linking\.safetensors: missing"):
+        load_linking(str(tmp_path))
