@@ -47,7 +47,8 @@ _SPECIAL = re.compile(r"<\|[a-z_]+\|>")
 
 @dataclasses.dataclass(frozen=True)
 class HOIEvalConfig:
-    """batch_size: prompts per rollout; num_pictures: pictures (and heatmaps), worst records first, 0 = all;
+    """batch_size: prompts per rollout; num_pictures: pictures (and heatmaps) of each task, worst records first,
+    0 = all;
     max_records: 0 = all; bertscore_model: a local transformers model directory for BERTScore ('' = off)."""
 
     batch_size: int = 16
@@ -191,7 +192,7 @@ def build_hoi_evaluator(cfg, model_config, model, info: dict, *, max_records: in
                         config_file: str | None = None):
     """`evaluate(out_dir) -> metrics` of `python -m coordexp_jax.evaluate` for a config with data.kind 'hoi':
     the held-out HOI records of the config (`data.eval_path`, or the synthetic set's val split), up to
-    `eval.num_images` of each task (or `max_records` in all), the loaded `model`, heatmaps when it has a
+    `eval.num_images` (or `max_records`) of each task, the loaded `model`, heatmaps when it has a
     spatial-linking module. `info`: the checkpoint's run info (`evaluate.load_model`)."""
     import datetime
 
@@ -205,10 +206,11 @@ def build_hoi_evaluator(cfg, model_config, model, info: dict, *, max_records: in
         raise ConfigError("the config has no evaluation data (set data.eval_path, or data.path '' for the synthetic "
                           "HOI set)")
     recs, _ = hoi.load_files(eval_files, refer_format=cfg.data.hoi.refer_format)
+    if max_records:  # per task, as eval.num_images
+        cfg = cfg.copy_and_resolve_references()
+        cfg.eval.num_images = int(max_records)
     recs, encoder, collator, ecfg = hoi_eval_setup(cfg, model_config, recs, build.prompt_config(cfg, model_config),
                                                    build.tokenizer_dir(cfg))
-    if max_records:
-        ecfg = dataclasses.replace(ecfg, max_records=max_records)
     sampler = make_sampler(model, encoder.token_ids, cfg)
     attention = make_link_attention(model)
     run_info = {**info, "config": cfg.name + (f" ({config_file})" if config_file else ""),
@@ -373,7 +375,10 @@ def _write_outputs(out_dir: str, rows, metrics: dict, images: list[dict], config
                 line.update(prediction=x["pred_text"], reference=x["ref_text"])
             f.write(json.dumps(line) + "\n")
     order = report.worst_first(images)
-    for i in order[: config.num_pictures] if config.num_pictures else order:
+    if config.num_pictures:  # the worst `num_pictures` of EACH task (else grounding misses take them all)
+        order = [i for t in sorted({e["task"] for e in images}) for i in
+                 [j for j in order if images[j]["task"] == t][: config.num_pictures]]
+    for i in order:
         e, x = images[i], rows[i]
         img = Image.fromarray(load_image(e["image"]))
         if x["task"] == "grounding":

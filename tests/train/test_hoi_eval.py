@@ -92,15 +92,19 @@ def test_replayed_answers_score_one_and_wrong_ones_zero(setup, tmp_path):
     wrong = lambda i: i % 2 == 1  # noqa: E731
     out = str(tmp_path / "report")
     m = EH.evaluate_hoi_records(_Replay(recs, encoder, wrong), recs, encoder, collator,
-                                config=dataclasses.replace(ecfg, batch_size=8), out_dir=out, progress=False)
+                                config=dataclasses.replace(ecfg, batch_size=8, num_pictures=2), out_dir=out,
+                                progress=False)
     right_ref = [not wrong(i) for i, r in enumerate(recs) if r.task_type == "referring"]
     right_grd = [not wrong(i) for i, r in enumerate(recs) if r.task_type == "grounding"]
     assert m["hoi_referring/exact_match"] == pytest.approx(np.mean(right_ref), abs=1e-12)
     assert m["hoi_grounding/AR@0.5"] == pytest.approx(np.mean(right_grd), abs=1e-12)
-    # the report folder: metrics, one picture per record (no module: boxes only), per-image entries
+    # the report folder: metrics, per-image entries, the 2 worst pictures of each task (no module: boxes only)
     assert json.load(open(os.path.join(out, "metrics.json")))["num_records"] == len(recs)
     per = json.load(open(os.path.join(out, "per_image.json")))
-    assert len(per) == len(recs) and all(os.path.isfile(os.path.join(out, e["picture"])) for e in per)
+    drawn = [e for e in per if e["picture"]]
+    assert len(per) == len(recs) and all(os.path.isfile(os.path.join(out, e["picture"])) for e in drawn)
+    assert sorted(e["task"] for e in drawn) == ["grounding"] * 2 + ["referring"] * 2
+    assert all(e["fn"] == 1 for e in drawn)  # the wrong answers come first
     assert sum(e["fn"] for e in per) == sum(wrong(i) for i in range(len(recs)))
     page = open(os.path.join(out, "index.html")).read()
     assert "hoi_referring/exact_match" in page and "AR@0.5" in page
