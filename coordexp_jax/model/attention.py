@@ -186,7 +186,9 @@ def attention(q, k, v, mask, dtype):
 # backward pass, P = exp(S - m) / l, dS = P * (dP - rowsum(dO * O)) (the FlashAttention-2 backward, Dao 2023,
 # arXiv:2307.08691, Algorithm 2). Same float32 softmax as the dense reference, including its masked rows: a masked
 # score is NEG_INF, so a fully masked row (a left-pad query) averages every key, as `gqa_attention` does, and
-# masked scores get no gradient. Keys past T (block padding) are -inf and take no part at all.
+# masked scores get no gradient. Keys past T (block padding) are -inf and take no part at all. With a causal mask,
+# tiles wholly above the diagonal are skipped (lax.cond; about half the tiles at long S), except in query blocks
+# that hold a fully masked row, which keep every tile so that such rows still average every key.
 
 BLOCK_Q = 512
 BLOCK_K = 512
@@ -243,13 +245,29 @@ def _vec_blocks(x, block, fill):
 
 
 def _block_info(kv_valid, seg, S, bq, bk):
-    """Per query block: positions [nq,bq], segments [nq,B,bq]; per key block: positions, real (not padding) [nk,bk],
-    kv_valid and segments [nk,B,bk]."""
+    """Per query block: positions [nq,bq], segments [nq,B,bq], `full` [nq] (the block holds a fully masked row);
+    per key block: positions, real (not padding) [nk,bk], kv_valid and segments [nk,B,bk]."""
     nq, nk = -(-S // bq), -(-S // bk)
-    qi = dict(pos=jnp.arange(nq * bq, dtype=jnp.int32).reshape(nq, bq), seg=_vec_blocks(seg, bq, -2))
+    if kv_valid is None:  # causal rows see themselves: none is fully masked
+        full = jnp.zeros((nq,), bool)
+    else:  # (causal) row i is fully masked when no key j <= i is valid: a left-pad query
+        empty = jnp.cumsum(kv_valid.astype(jnp.int32), axis=1) == 0
+        full = _vec_blocks(empty, bq, False).any(axis=(1, 2))
+    qi = dict(pos=jnp.arange(nq * bq, dtype=jnp.int32).reshape(nq, bq), seg=_vec_blocks(seg, bq, -2), full=full)
     kpos = jnp.arange(nk * bk, dtype=jnp.int32).reshape(nk, bk)
     ki = dict(pos=kpos, real=kpos < S, valid=_vec_blocks(kv_valid, bk, False), seg=_vec_blocks(seg, bk, -2))
     return qi, ki
+
+
+def _tile_needed(qi, ki, causal):
+    """False for a tile that only holds scores above the causal diagonal, in a query block without a fully masked
+    row (those average every key, as dense does, so their blocks keep every tile). Skipping it changes nothing."""
+    return (ki["pos"][0] <= qi["pos"][-1]) | qi["full"] if causal else None
+
+
+def _maybe(needed, compute, skip, operand):
+    """lax.cond(needed, compute, skip, operand), or compute(operand) when needed is None (no skipping)."""
+    return compute(operand) if needed is None else jax.lax.cond(needed, compute, skip, operand)
 
 
 def _tile(qt, kt, qi, ki, causal, scale):
@@ -281,15 +299,19 @@ def _blockwise_fwd(q, k, v, kv_valid, seg, causal, bq, bk, dtype):
         shape = qt.shape[:-1]  # [B,K,G,bq]
 
         def step(carry, x):
-            m, l, acc = carry
             kt, vt, kit = x
-            s, _ = _tile(qt, kt, qit, kit, causal, scale)
-            m_new = jnp.maximum(m, s.max(-1))
-            p = jnp.exp(s - m_new[..., None])
-            c = jnp.exp(m - m_new)
-            acc = acc * c[..., None] + jnp.einsum("bkgqt,bktd->bkgqd", p.astype(dtype), vt.astype(dtype),
-                                                  preferred_element_type=jnp.float32)
-            return (m_new, l * c + p.sum(-1), acc), None
+
+            def compute(carry):
+                m, l, acc = carry
+                s, _ = _tile(qt, kt, qit, kit, causal, scale)
+                m_new = jnp.maximum(m, s.max(-1))
+                p = jnp.exp(s - m_new[..., None])
+                c = jnp.exp(m - m_new)
+                acc = acc * c[..., None] + jnp.einsum("bkgqt,bktd->bkgqd", p.astype(dtype), vt.astype(dtype),
+                                                      preferred_element_type=jnp.float32)
+                return m_new, l * c + p.sum(-1), acc
+
+            return _maybe(_tile_needed(qit, kit, causal), compute, lambda c: c, carry), None
 
         init = (jnp.full(shape, NEG_INF, jnp.float32), jnp.zeros(shape, jnp.float32),
                 jnp.zeros(shape + (hd,), jnp.float32))
@@ -324,14 +346,21 @@ def _blockwise_bwd(causal, bq, bk, dtype, res, d_out):
 
         def step(dq, y):
             kt, vt, kit = y
-            s, keep = _tile(qt, kt, qit, kit, causal, scale)
-            p = jnp.exp(s - mt[..., None]) / lt[..., None]                      # the forward's probabilities
-            dv = jnp.einsum("bkgqt,bkgqd->bktd", p.astype(dtype), dot.astype(dtype), preferred_element_type=jnp.float32)
-            dp = jnp.einsum("bkgqd,bktd->bkgqt", dot.astype(dtype), vt.astype(dtype), preferred_element_type=jnp.float32)
-            ds = jnp.where(keep, p * (dp - dt[..., None]), 0.0) * scale         # masked scores: no gradient
-            dq = dq + jnp.einsum("bkgqt,bktd->bkgqd", ds, kt.astype(jnp.float32))
-            dk = jnp.einsum("bkgqt,bkgqd->bktd", ds, qt.astype(jnp.float32))
-            return dq, (dk, dv)
+
+            def compute(dq):
+                s, keep = _tile(qt, kt, qit, kit, causal, scale)
+                p = jnp.exp(s - mt[..., None]) / lt[..., None]                  # the forward's probabilities
+                dv = jnp.einsum("bkgqt,bkgqd->bktd", p.astype(dtype), dot.astype(dtype),
+                                preferred_element_type=jnp.float32)
+                dp = jnp.einsum("bkgqd,bktd->bkgqt", dot.astype(dtype), vt.astype(dtype),
+                                preferred_element_type=jnp.float32)
+                ds = jnp.where(keep, p * (dp - dt[..., None]), 0.0) * scale     # masked scores: no gradient
+                dq = dq + jnp.einsum("bkgqt,bktd->bkgqd", ds, kt.astype(jnp.float32))
+                dk = jnp.einsum("bkgqt,bkgqd->bktd", ds, qt.astype(jnp.float32))
+                return dq, (dk, dv)
+
+            zero = jnp.zeros(kt.shape, jnp.float32)
+            return _maybe(_tile_needed(qit, kit, causal), compute, lambda dq: (dq, (zero, zero)), dq)
 
         dq, (dk, dv) = jax.lax.scan(step, jnp.zeros(qt.shape, jnp.float32), (kb, vb, ki))
         return (dk_acc + dk, dv_acc + dv), dq

@@ -28,12 +28,12 @@ def _qkv(B, nh, nkv, hd=8, dtype=jnp.float32, seed=0, S=S):
     return q, k, v, jax.random.normal(ks[3], (B, S, nh * hd))
 
 
-def _text_mask(impl, S=S):
+def _text_mask(impl, S=S, rows=3):
     """Row 0 unpadded, row 1 left-padded by 3 (its first 3 queries are fully masked), row 2 right-padded by 2."""
     am = np.ones((3, S), np.int32)
     am[1, :3] = 0
     am[2, -2:] = 0
-    return AttentionMask.causal_padding(jnp.asarray(am), impl)
+    return AttentionMask.causal_padding(jnp.asarray(am[:rows]), impl)
 
 
 def _vit_mask(impl):
@@ -43,9 +43,11 @@ def _vit_mask(impl):
 
 
 def _value_and_grads(fn, q, k, v, g):
-    """Output and d(sum(out * g))/d(q, k, v), the output cast to float32 for the product (bf16 runs too)."""
-    out, vjp = jax.vjp(fn, q, k, v)
-    return out, vjp(g.astype(out.dtype))
+    """Output and d(sum(out * g))/d(q, k, v) (g cast to the output dtype), one jit."""
+    def run(q, k, v, g):
+        out, vjp = jax.vjp(fn, q, k, v)
+        return out, vjp(g.astype(out.dtype))
+    return jax.jit(run)(q, k, v, g)
 
 
 def _close(got, want, ulps, rows=None, what=""):
@@ -110,9 +112,9 @@ def test_cudnn_plumbing_equals_dense_through_xla(case):
 
 
 def test_splash_kernel_interpreted_equals_dense():
-    """The Pallas kernel in interpret mode, 2 x 2 blocks of 128 (S = 200 padded to 256): text GQA + padding."""
-    q, k, v, g = _qkv(3, nh=2, nkv=1, hd=8, seed=3, S=200)
-    mask = _text_mask("splash", S=200)
+    """The Pallas kernel in interpret mode, 2 x 2 blocks of 128 (S = 200 padded to 256): text GQA + left padding."""
+    q, k, v, g = _qkv(2, nh=2, nkv=1, hd=8, seed=3, S=200)
+    mask = _text_mask("splash", S=200, rows=2)
     real = np.asarray(mask.kv_valid)
     g = g * real[:, :, None]
     want, dwant = _value_and_grads(lambda q, k, v: gqa_attention(q, k, v, mask.dense(), jnp.float32), q, k, v, g)
@@ -127,8 +129,8 @@ def test_decode_mask_is_dense_for_every_implementation():
     """A dense [B,S,L] mask (the KV-cache decode step) bypasses the configured implementation."""
     q, k, v, _ = _qkv(2, nh=4, nkv=2, seed=4)
     mask = jnp.asarray(np.arange(S)[None, None, :] < np.array([5, S])[:, None, None])[:, :1].repeat(1, 1)
-    want = gqa_attention(q[:, :1], k, v, mask, jnp.float32)
-    got = attention(q[:, :1], k, v, mask, jnp.float32)
+    want = jax.jit(gqa_attention, static_argnums=4)(q[:, :1], k, v, mask, jnp.float32)
+    got = jax.jit(attention, static_argnums=4)(q[:, :1], k, v, mask, jnp.float32)
     np.testing.assert_array_equal(got, want)
 
 
