@@ -482,11 +482,13 @@ def predict_counting_images(args, t_start: float | None = None) -> dict:
     max_count = args.max_count if args.max_count is not None else (int(run.counting.max_count) if run else 16)
     if max_count < 1:
         raise PredictError(f"--max_count must be >= 1, got {max_count}")
+    paths = collect_inputs(args.image, args.images)
+    if not os.path.isdir(args.checkpoint):
+        raise PredictError(f"--checkpoint {args.checkpoint}: no such model directory")
     cls = args.class_name if args.class_name is not None else CL.run_class_name(run)
     if cls is None or not str(cls).strip():
         raise PredictError(f"--class_name is needed: checkpoint {args.checkpoint} has no training config naming the "
                            f"class it counts")
-    paths = collect_inputs(args.image, args.images)
     import jax.numpy as jnp
 
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32

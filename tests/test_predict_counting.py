@@ -105,7 +105,7 @@ def test_counting_done_signal_and_auto_mode_glob(setup, capsys):
     assert res["prompt"].startswith("Count the eggs") and "0 objects are already marked" in res["prompt"]
 
 
-@pytest.mark.parametrize("case", ["no_heads", "no_class", "all_too_small", "bad_max_count"])
+@pytest.mark.parametrize("case", ["no_heads", "no_class", "all_too_small", "bad_max_count", "no_checkpoint"])
 def test_counting_bad_input_is_one_error_line(setup, capsys, case):
     paths, imgs, root = setup
     out = str(root / f"bad_{case}")
@@ -115,10 +115,12 @@ def test_counting_bad_input_is_one_error_line(setup, capsys, case):
             "all_too_small": ["--checkpoint", paths["fixed"], "--image", str(imgs / "tiny.png"),
                               "--class_name", "circle"],
             "bad_max_count": ["--checkpoint", paths["fixed"], "--image", str(imgs / "a.png"),
-                              "--class_name", "circle", "--max_count", "0"]}[case]
+                              "--class_name", "circle", "--max_count", "0"],
+            "no_checkpoint": ["--checkpoint", str(root / "missing"), "--mode", "counting", "--image",
+                              str(imgs / "a.png")]}[case]
     assert predict.main(args + ["--out", out]) == predict.EXIT_BAD_INPUT
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err
     want = {"no_heads": "no regression heads", "no_class": "--class_name", "all_too_small": "too small",
-            "bad_max_count": "--max_count"}[case]
+            "bad_max_count": "--max_count", "no_checkpoint": "no such model directory"}[case]
     assert want in err[0]
