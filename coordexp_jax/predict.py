@@ -551,7 +551,10 @@ def summary_line(s: dict) -> str:
     t = s["totals"]
     skipped = f", {t['skipped']} skipped" if t["skipped"] else ""
     if s.get("mode") == "counting":
-        return (f"{t['predicted']}/{t['inputs']} images counted{skipped}: {t['objects']} {s['class_name']} in all; "
+        from coordexp_jax.data.counting import plural
+
+        name = s["class_name"] if t["objects"] == 1 else plural(s["class_name"])
+        return (f"{t['predicted']}/{t['inputs']} images counted{skipped}: {t['objects']} {name} in all; "
                 f"{t['seconds_per_image']:.2f} s/image ({t['total_seconds']:.1f} s in all, model load "
                 f"{t['load_seconds']:.1f} s) -> {_shown_path(os.path.join(s['out'], SUMMARY))}")
     failed = t["parse"]["failed"]
