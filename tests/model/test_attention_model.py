@@ -15,6 +15,7 @@ from coordexp_jax.model.config import tiny_config
 from coordexp_jax.model.inputs import build_model_inputs
 from coordexp_jax.model.qwen3vl import Qwen3VL
 from coordexp_jax.train import build, config as C
+from coordexp_jax.train.checkpoint import fingerprint
 
 VISION_KEYS = ("pixel_values", "vision_segment_ids", "vision_pos_taps", "vision_pos_weights", "vision_rope_rc",
                "visual_index")
@@ -106,3 +107,8 @@ def test_train_config_model_attention_reaches_the_model():
     bad.model.attention = "flash"
     with pytest.raises(C.ConfigError, match="model.attention"):
         C.validate(bad)
+    # the implementation does not change the parameters: a run may resume with another one (but not another dtype)
+    dense = C.validate(C.base_config())
+    other = C.base_config()
+    other.model.param_dtype = "bfloat16"
+    assert fingerprint(cfg, 1000, []) == fingerprint(dense, 1000, []) != fingerprint(C.validate(other), 1000, [])
