@@ -368,13 +368,15 @@ def _kind_of(kind) -> tuple[str, tuple]:
     return KIND_NAMES[k], KIND_COLOURS[k]
 
 
-def _outlined_box(draw, box, colour, st: Style, label: str | None, font, W, H):
-    """A solid box outline with a black halo (the prediction style of `draw_prediction`) and a label above."""
+def _outlined_box(draw, box, colour, st: Style, label: str | None, font, W, H, below: bool = False):
+    """A solid box outline with a black halo (the prediction style of `draw_prediction`) and a label above it
+    (`below`: under it)."""
     w, h = st.line, st.halo
     _rect(draw, box, HALO_COLOUR, w + 2 * h, grow=h)
     _rect(draw, box, colour, w)
     if label:
-        _label(draw, label, box[0] - h, box[1] - h - 1, colour, st, font, W, H, below=False)
+        top = box[3] + h + 1 if below else box[1] - h - 1
+        _label(draw, label, box[0] - h, top, colour, st, font, W, H, below=below)
 
 
 def draw_attention(image: Image.Image, weights, grid_hw: tuple[int, int], box, *, kind: int | None = None,
@@ -413,8 +415,8 @@ def draw_attention_panels(image: Image.Image, panels: Sequence[dict], grid_hw: t
     for p in panels:
         b = _box({"bbox": p["box"]}, scale)
         name, colour = _kind_of(p.get("kind"))
-        if b is not None:
-            _outlined_box(d, b, colour, st, p.get("label") or name, font, W, H)
+        if b is not None:  # the interaction box (the union) shares its top-left corner with a member: label below
+            _outlined_box(d, b, colour, st, p.get("label") or name, font, W, H, below=p.get("kind") == 2)
     tiles = [first] + [draw_attention(image, p["weights"], grid_hw, p["box"], kind=p.get("kind"),
                                       label=p.get("label"), min_side=min_side) for p in panels]
     gap = max(4, st.line * 2)
