@@ -200,7 +200,7 @@ def train(cfg, workdir: str, *, components: Components | None = None, eval_hook:
     if cfg.stage2.ratio > 0:
         from coordexp_jax.train.stage2 import Stage2Runner
 
-        stage2_runner = Stage2Runner(cfg, comps, graphdef)
+        stage2_runner = Stage2Runner(cfg, comps, graphdef, mesh=mesh)
     stage2_metrics: dict[int, dict] = {}
     coord_overflow = [0]
 
@@ -218,6 +218,11 @@ def train(cfg, workdir: str, *, components: Components | None = None, eval_hook:
         if stage2_runner is not None and stage2_runner.is_rollout_step(index):
             micro, stage2_metrics[index + 1] = stage2_runner.rewrite(micro, state.params, state.frozen)
         b = _stack(micro)
+        if jax.process_count() > 1:  # the processes' image slots side by side in one global array
+            from coordexp_jax.rollout.multihost import offset_visual_index
+
+            vis = getattr(comps.model_config, "vision", None)
+            b = offset_visual_index(b, mesh, int(getattr(vis, "spatial_merge_size", 2)), accum_axis=True)
         return shd.put_batch(b, shd.batch_shardings(b, mesh), _global_shapes(b))
 
     def run_eval(step):

@@ -275,7 +275,7 @@ def rollout_batch(batch: dict, rollout, tokenizer, token_ids, cfg: Stage2Config,
     rows = max(totals["rows"], 1)
     metrics = {"stage2/parse_rate": totals["parsed"] / rows,
                "stage2/matched": totals["matched"] / rows, "stage2/fp": totals["fp"] / rows,
-               "stage2/fn": totals["fn"] / rows,
+               "stage2/fn": totals["fn"] / rows, "stage2/pred": totals["pred"] / rows,
                "stage2/duplicate_rate": totals["dup"] / max(totals["pred"], 1),
                "stage2/mean_iou": totals["iou_sum"] / max(totals["matched"], 1),
                "stage2/fallback_malformed": fallback["malformed"], "stage2/fallback_too_long": fallback["too_long"],
@@ -299,11 +299,12 @@ class Stage2Runner:
 
     The rollout uses the current (not EMA) weights: the loop calls `rewrite` after dispatching the previous step,
     so the sampler sees the freshly updated parameters (on-policy). The sampler is compiled once; later calls only
-    swap the weights in. Single-process: every process would roll out its own rows, which needs the global-array
-    plumbing of multi-host input (not done).
+    swap the weights in. Several processes (`jax.distributed`): each process passes its own rows; the rollout runs on
+    the global batch-sharded prompts with the global parameters (`rollout/multihost.py:generate_global`, `mesh`
+    required), each process matches and rewrites its own rows, and the metrics are averaged over the processes.
     """
 
-    def __init__(self, cfg, comps, graphdef):
+    def __init__(self, cfg, comps, graphdef, mesh=None):
         from coordexp_jax.data.tokenizer import load_tokenizer
 
         check_protocol(cfg)
@@ -319,6 +320,9 @@ class Stage2Runner:
         self.protocol = cfg.data.protocol
         self.mode = pcfg.pixel_mode if pcfg is not None else "continuous"
         self.sampler = None
+        self.mesh = mesh
+        vis = getattr(comps.model_config, "vision", None)
+        self.merge = int(getattr(vis, "spatial_merge_size", 2))
 
     def is_rollout_step(self, step: int) -> bool:
         return is_rollout_step(step, self.cfg.ratio)
@@ -337,7 +341,13 @@ class Stage2Runner:
         out, tot = [], collections.Counter()
         for b in micro_batches:
             t0 = time.perf_counter()
-            ro = self.sampler.generate(left_padded_prompts(b, self.token_ids.pad))
+            if jax.process_count() > 1:  # one SPMD rollout of the global batch, this process's rows back
+                from coordexp_jax.rollout.multihost import generate_global
+
+                ro = generate_global(self.sampler, left_padded_prompts(b, self.token_ids.pad), self.mesh,
+                                     merge=self.merge)
+            else:
+                ro = self.sampler.generate(left_padded_prompts(b, self.token_ids.pad))
             t1 = time.perf_counter()
             nb, m = rollout_batch(b, ro, self.tokenizer, self.token_ids, self.cfg, protocol=self.protocol,
                                   mode=self.mode)
@@ -348,4 +358,32 @@ class Stage2Runner:
         n = len(micro_batches)
         summed = ("stage2/fallback", "stage2/fp_dropped")  # counts over the step; the rest are per-row means
         metrics = {k: (v if k.startswith(summed) or k.endswith("_s") else v / n) for k, v in tot.items()}
+        if jax.process_count() > 1:
+            metrics = _across_processes(metrics, summed)
         return out, metrics
+
+
+# ratios of sums: averaged over the processes with these per-row means as weights (every process has as many rows)
+_RATIO_WEIGHTS = {"stage2/mean_iou": "stage2/matched", "stage2/duplicate_rate": "stage2/pred"}
+
+
+def _across_processes(metrics: dict, summed: tuple) -> dict:
+    """One process's Stage-2 metrics -> those of all processes' rows (every process gets the same dict): counts
+    summed, per-row means averaged, ratios of sums weighted (`_RATIO_WEIGHTS`), seconds the slowest process's."""
+    from coordexp_jax.rollout.multihost import allgather_floats
+
+    keys = sorted(metrics)
+    allv = allgather_floats([metrics[k] for k in keys])
+    col = {k: allv[:, i] for i, k in enumerate(keys)}
+    out = {}
+    for k, v in col.items():
+        if k.startswith(summed):
+            out[k] = float(v.sum())
+        elif k.endswith("_s"):
+            out[k] = float(v.max())
+        elif k in _RATIO_WEIGHTS and _RATIO_WEIGHTS[k] in col:
+            w = col[_RATIO_WEIGHTS[k]]
+            out[k] = float((v * w).sum() / w.sum()) if w.sum() > 0 else 0.0
+        else:
+            out[k] = float(v.mean())
+    return out
