@@ -234,14 +234,14 @@ def tiny_config(*, tie_word_embeddings: bool = False, vocab_size: int = 1000) ->
 
 # The released sizes run scanned (scan_layers=True); "tiny" keeps the per-layer loop.
 _PRESETS = {
-    "2b": lambda: ModelConfig(text=_release_text(2048, 28, 16, 8, 6144), vision=_small_vision(2048), tie_word_embeddings=True,
-                              scan_layers=True),
-    "4b": lambda: ModelConfig(text=_release_text(2560, 36, 32, 8, 9728), vision=_small_vision(2560), tie_word_embeddings=True,
-                              scan_layers=True),
-    "8b": lambda: ModelConfig(text=_release_text(4096, 36, 32, 8, 12288), vision=_big_vision(4096), tie_word_embeddings=False,
-                              scan_layers=True),
-    "32b": lambda: ModelConfig(text=_release_text(5120, 64, 64, 8, 25600), vision=_big_vision(5120), tie_word_embeddings=False,
-                               scan_layers=True),
+    "2b": lambda: ModelConfig(text=_release_text(2048, 28, 16, 8, 6144), vision=_small_vision(2048),
+                              tie_word_embeddings=True, scan_layers=True),
+    "4b": lambda: ModelConfig(text=_release_text(2560, 36, 32, 8, 9728), vision=_small_vision(2560),
+                              tie_word_embeddings=True, scan_layers=True),
+    "8b": lambda: ModelConfig(text=_release_text(4096, 36, 32, 8, 12288), vision=_big_vision(4096),
+                              tie_word_embeddings=False, scan_layers=True),
+    "32b": lambda: ModelConfig(text=_release_text(5120, 64, 64, 8, 25600), vision=_big_vision(5120),
+                               tie_word_embeddings=False, scan_layers=True),
     "tiny": tiny_config,
 }
 

@@ -37,7 +37,8 @@ class TextModel(nnx.Module):
                                   rngs=rngs, std=cfg.initializer_range)
         if padded_vocab > cfg.vocab_size:  # padded rows start at zero
             self.embed_tokens.embedding.set_value(self.embed_tokens.embedding.get_value().at[cfg.vocab_size:].set(0))
-        layers = [DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(cfg.num_hidden_layers)]
+        layers = [DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                  for _ in range(cfg.num_hidden_layers)]
         # scan: one DecoderLayer whose parameters are stacked [n_layers, ...] (same values as the list)
         self.layers = stack_modules(layers) if scan else nnx.List(layers)
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)

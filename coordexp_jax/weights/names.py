@@ -58,9 +58,11 @@ def name_table(config: ModelConfig) -> list[Entry]:
     e.append(Entry("model.visual.patch_embed.proj.bias", ("visual", "patch_embed", "bias"), "copy"))
     e.append(Entry("model.visual.pos_embed.weight", ("visual", "pos_embed"), "copy"))
     for i in range(v.depth):
-        hp, p, li = f"model.visual.blocks.{i}", ("visual", "blocks") if scan else ("visual", "blocks", i), i if scan else None
+        hp = f"model.visual.blocks.{i}"
+        p, li = (("visual", "blocks"), i) if scan else (("visual", "blocks", i), None)
         e += _ln(f"{hp}.norm1", p + ("norm1",), li) + _ln(f"{hp}.norm2", p + ("norm2",), li)
-        e += _linear(f"{hp}.attn.qkv", p + ("attn", "qkv"), layer=li) + _linear(f"{hp}.attn.proj", p + ("attn", "proj"), layer=li)
+        e += (_linear(f"{hp}.attn.qkv", p + ("attn", "qkv"), layer=li)
+              + _linear(f"{hp}.attn.proj", p + ("attn", "proj"), layer=li))
         e += (_linear(f"{hp}.mlp.linear_fc1", p + ("mlp", "linear_fc1"), layer=li)
               + _linear(f"{hp}.mlp.linear_fc2", p + ("mlp", "linear_fc2"), layer=li))
     mergers = [("model.visual.merger", ("visual", "merger"))] + [

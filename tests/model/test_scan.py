@@ -58,7 +58,8 @@ def setup():
                 "init")
     _perturb(loop, 7)
     nnx.update(scan, stack_pure(nnx.to_pure_dict(nnx.state(loop, nnx.Param))))
-    ids, mask, items = make_batch(cfg, np.random.default_rng(0), [[5, ("img", (1, 4, 4)), 7], [3, ("img", (1, 4, 8)), 2]])
+    rows = [[5, ("img", (1, 4, 4)), 7], [3, ("img", (1, 4, 8)), 2]]
+    ids, mask, items = make_batch(cfg, np.random.default_rng(0), rows)
     inp = build_model_inputs(ids, mask, config=cfg, **items)
     batch = {k: jnp.asarray(v) for k, v in inp.items() if k != "rope_deltas"}
     return cfg, loop, scan, batch
