@@ -99,3 +99,18 @@ def test_helpers_on_one_process_are_the_identity():
     g = multihost.put_global({"input_ids": np.arange(6).reshape(2, 3), "positions": np.zeros((3, 2, 3))}, mesh)
     assert g["input_ids"].shape == (2, 3) and g["positions"].shape == (3, 2, 3)
     assert np.array_equal(multihost.local_rows(g["input_ids"], mesh), np.arange(6).reshape(2, 3))
+
+
+def test_grpo_refuses_several_processes(monkeypatch, tmp_path):
+    """GRPO's rollouts are not yet sharded across hosts: started under several processes it stops with one error line
+    before building anything (never a silently per-process, wrong result)."""
+    import jax
+
+    from coordexp_jax.train import config as C, grpo_loop
+
+    cfg = C.base_config()
+    cfg.train.kind = "grpo"
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(grpo_loop.GRPOError, match="runs in one process"):
+        grpo_loop.train_grpo(cfg, str(tmp_path / "w"))
+    assert not os.path.exists(tmp_path / "w")
