@@ -122,5 +122,5 @@ def test_counting_bad_input_is_one_error_line(setup, capsys, case):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err
     want = {"no_heads": "no regression heads", "no_class": "--class_name", "all_too_small": "too small",
-            "bad_max_count": "--max_count", "no_checkpoint": "no such model directory"}[case]
+            "bad_max_count": "--max_count must be >= 1", "no_checkpoint": "no such model directory"}[case]
     assert want in err[0]
