@@ -16,8 +16,8 @@ Settings:
   box tokens see 1-6 visual tokens; dropping one of them is most of the signal), at most 8 boxes per row;
 - boxes written as coordinate tokens (`data.hoi.box_text = 'tokens'`: 4 tokens a box instead of ~13 for the
   0..1000 text), so the grounding answers (two labelled boxes) fit the 128-token bucket and get soft CE / W1;
-- 160 px images (5 x 5 merged visual tokens of 32 px); evaluation on up to 64 held-out records of each task with
-  their pictures and attention heatmaps.
+- 160 px images (5 x 5 merged visual tokens of 32 px); evaluation on 32 held-out records of each task with the
+  16 worst pictures of each and the attention heatmaps of the referring ones.
 """
 
 import ml_collections
@@ -72,7 +72,7 @@ def get_config():
     c.train.max_minutes = 10.0
     c.eval.every = 0
     c.eval.at_end = True
-    c.eval.num_images = 64  # per task
+    c.eval.num_images = 32  # per task: every held-out record the run keeps (data.num_eval = 32 of each task)
     c.eval.batch_size = 32
     c.eval.max_new_tokens = 32
     c.eval.num_pictures = 16
