@@ -115,8 +115,26 @@ def _global_shapes(batch: dict) -> dict:
     return out
 
 
-def default_eval_hook(graphdef, objective, eval_iter_fn, mesh, max_batches: int = 4) -> EvalHook | None:
-    """Teacher-forced validation loss of the objective on up to `max_batches` eval batches."""
+def _merge_size(comps) -> int:
+    """The vision tower's spatial merge size (2 when the model config has no vision part)."""
+    return int(getattr(getattr(comps.model_config, "vision", None), "spatial_merge_size", 2))
+
+
+def _put_global(b: dict, mesh, merge: int) -> dict:
+    """A stacked per-process batch ([A, ...] arrays) -> global arrays on the mesh. With several processes the image
+    slots of all processes sit side by side in one global array, so this process's `visual_index` is shifted past
+    the slots in front of its own first (`rollout.multihost.offset_visual_index`)."""
+    if jax.process_count() > 1:
+        from coordexp_jax.rollout.multihost import offset_visual_index
+
+        b = offset_visual_index(b, mesh, merge, accum_axis=True)
+    return shd.put_batch(b, shd.batch_shardings(b, mesh), _global_shapes(b))
+
+
+def default_eval_hook(graphdef, objective, eval_iter_fn, mesh, max_batches: int = 4,
+                      merge: int = 2) -> EvalHook | None:
+    """Teacher-forced validation loss of the objective on up to `max_batches` eval batches. `merge`: the vision
+    tower's spatial merge size (for the multi-process `visual_index` shift)."""
     if eval_iter_fn is None:
         return None
     eval_loss = jax.jit(lambda params, batch: step_lib.make_eval_loss(graphdef, objective)(*params, batch))
@@ -126,8 +144,7 @@ def default_eval_hook(graphdef, objective, eval_iter_fn, mesh, max_batches: int 
         it = eval_iter_fn()
         tot, n = {}, 0
         for _, b in zip(range(max_batches), it):
-            b = _stack([_flat_links(b)])
-            gb = shd.put_batch(b, shd.batch_shardings(b, mesh), _global_shapes(b))
+            gb = _put_global(_stack([_flat_links(b)]), mesh, merge)
             m = jax.device_get(eval_loss((params, frozen), gb))
             for k, v in m.items():
                 tot[k] = tot.get(k, 0.0) + float(v)
@@ -194,7 +211,7 @@ def train(cfg, workdir: str, *, components: Components | None = None, eval_hook:
 
         hook = detection_eval_hook(cfg, comps)
     if hook is None:
-        hook = default_eval_hook(graphdef, comps.objective, comps.eval_iter_fn, mesh)
+        hook = default_eval_hook(graphdef, comps.objective, comps.eval_iter_fn, mesh, merge=_merge_size(comps))
 
     stage2_runner = None
     if cfg.stage2.ratio > 0:
@@ -217,13 +234,7 @@ def train(cfg, workdir: str, *, components: Components | None = None, eval_hook:
                             "ones get no coord_ce/soft_ce/w1 (%d rows so far)", index + 1, over, K, coord_overflow[0])
         if stage2_runner is not None and stage2_runner.is_rollout_step(index):
             micro, stage2_metrics[index + 1] = stage2_runner.rewrite(micro, state.params, state.frozen)
-        b = _stack(micro)
-        if jax.process_count() > 1:  # the processes' image slots side by side in one global array
-            from coordexp_jax.rollout.multihost import offset_visual_index
-
-            vis = getattr(comps.model_config, "vision", None)
-            b = offset_visual_index(b, mesh, int(getattr(vis, "spatial_merge_size", 2)), accum_axis=True)
-        return shd.put_batch(b, shd.batch_shardings(b, mesh), _global_shapes(b))
+        return _put_global(_stack(micro), mesh, _merge_size(comps))
 
     def run_eval(step):
         if hook is None:
