@@ -21,6 +21,9 @@ class _Mesh:
         self.shape = {"data": 1, "fsdp": 1, "tensor": 1, **shape}
         self.size = math.prod(self.shape.values())
 
+    def __repr__(self):  # the test id: the same in every xdist worker (the default repr holds an address)
+        return "x".join(f"{k}{v}" for k, v in self.shape.items() if v > 1) or "one_device"
+
 
 @pytest.fixture(scope="module")
 def preset_params():
