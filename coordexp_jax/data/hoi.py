@@ -546,13 +546,7 @@ def iter_hoi_file(path: str, *, image_root: str | None = None, policy=None, repo
         items = ((f"{path}:[{i}]", d) for i, d in enumerate(data))
     else:
         items = ((where, d) for _, where, d in records_lib.json_lines(path))
-    for where, d in items:
-        if isinstance(d, json.JSONDecodeError):
-            report.records_read += 1
-            if pol["bad_json"] == "error":
-                raise RecordError(where, "bad_json", f"not valid JSON ({d.msg} at column {d.colno})") from None
-            report.add("bad_json", where, d.msg)
-            continue
+    for where, d in records_lib.checked_json(items, pol, report):
         r = parse_hoi_record(d, where=where, image_root=root, policy=pol, report=report, **kw)
         if r is not None:
             yield r

@@ -447,16 +447,24 @@ def iter_jsonl(path: str, *, image_root: str | None = None, policy: Mapping[str,
     pol = _check_policy(policy)
     report = report if report is not None else ValidationReport()
     root = image_root if image_root is not None else os.path.dirname(os.path.abspath(path))
-    for _, where, rec in json_lines(path):
-        if isinstance(rec, json.JSONDecodeError):
-            report.records_read += 1
-            if pol["bad_json"] == "error":
-                raise RecordError(where, "bad_json", f"not valid JSON ({rec.msg} at column {rec.colno})") from None
-            report.add("bad_json", where, rec.msg)
-            continue
+    for where, rec in checked_json(((w, r) for _, w, r in json_lines(path)), pol, report):
         r = parse_record(rec, where=where, image_root=root, policy=pol, report=report, **kw)
         if r is not None:
             yield r
+
+
+def checked_json(items: Iterable[tuple[str, Any]], policy: dict, report: ValidationReport) -> Iterator[tuple[str, Any]]:
+    """(where, parsed value or json.JSONDecodeError) pairs, as `json_lines` gives them -> the parsed ones. A line
+    that is not valid JSON raises RecordError(where, 'bad_json') when `policy['bad_json']` is 'error', else it is
+    counted in `report` as a skip."""
+    for where, d in items:
+        if isinstance(d, json.JSONDecodeError):
+            report.records_read += 1
+            if policy["bad_json"] == "error":
+                raise RecordError(where, "bad_json", f"not valid JSON ({d.msg} at column {d.colno})") from None
+            report.add("bad_json", where, d.msg)
+            continue
+        yield where, d
 
 
 def read_jsonl(path: str, **kw) -> tuple[list[Record], ValidationReport]:
