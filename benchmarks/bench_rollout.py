@@ -34,6 +34,17 @@ from coordexp_jax.weights.hf import load_hf_checkpoint  # noqa: E402
 from coordexp_jax.cli import ArgumentParser  # noqa: E402
 
 
+def best_time(f, *a, repeats: int = 3) -> float:
+    """Seconds of the fastest of `repeats` calls of f(*a) (after one warm-up call), results awaited."""
+    jax.block_until_ready(f(*a))
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(*a))
+        ts.append(time.perf_counter() - t0)
+    return min(ts)
+
+
 def read_bandwidth(n_bytes: int = 1 << 30, repeats: int = 5) -> dict:
     """Memory read rates in GB/s, best of `repeats`: a jitted full reduction over a 1 GiB float32 array, a jitted
     matrix-vector product over a 1 GiB [N, 512] matrix (the access pattern of a decode step; Eigen uses every
@@ -41,13 +52,7 @@ def read_bandwidth(n_bytes: int = 1 << 30, repeats: int = 5) -> dict:
     the decode step's own pattern (matvec) is printed as a second reference."""
 
     def best(f, *a):
-        jax.block_until_ready(f(*a))
-        ts = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            jax.block_until_ready(f(*a))
-            ts.append(time.perf_counter() - t0)
-        return min(ts)
+        return best_time(f, *a, repeats=repeats)
 
     x = jnp.ones((n_bytes // 4,), jnp.float32)
     r_sum = n_bytes / best(jax.jit(jnp.sum), x) / 1e9
