@@ -287,6 +287,12 @@ def predict(args) -> dict:
 
     t_start = time.perf_counter()
     args.checkpoint = _model_dir(args.checkpoint)
+    from coordexp_jax.weights.checkpoint import LINKING_CONFIG
+
+    if os.path.isfile(os.path.join(args.checkpoint, LINKING_CONFIG)):
+        raise PredictError(f"--checkpoint {args.checkpoint}: a human-object-interaction model (it has "
+                           f"{LINKING_CONFIG}); its prompts need the boxes' links, which predict does not build: "
+                           "score it with python -m coordexp_jax.evaluate --config CONFIG --checkpoint DIR")
     if resolve_mode(args.checkpoint, getattr(args, "mode", "auto")) == "counting":
         return predict_counting_images(args, t_start)
     _apply_preprocessing_defaults(args)

@@ -266,3 +266,18 @@ def test_predict_hint_of_a_grounding_run_asks_the_records_phrase(run):
     argv = shlex.split(hint[0].split(": ", 1)[1])
     prompt = argv[argv.index("--prompt") + 1]
     assert prompt.endswith(": " + phrase), prompt
+
+
+def test_hoi_run_gets_no_predict_hint(run, tmp_path):
+    """An HOI run on a JSONL file: the end of training names the report but prints no predict command (predict does
+    not build the boxes' links), and never reads the JSONL file as a fusion config (a traceback after training)."""
+    d, cfg_path, wd, _ = run
+    from coordexp_jax.train.__main__ import end_hints
+    from coordexp_jax.train.config import load_config_file
+
+    cfg = load_config_file(os.path.join(os.path.dirname(__file__), "..", "configs", "hoi_demo.py"))
+    recs = tmp_path / "hoi.jsonl"
+    recs.write_text('{"a": 1}\n{"b": 2}\n')  # two JSON lines: json.load of the whole file fails
+    cfg.data.path = str(recs)
+    lines = end_hints(cfg, wd, os.path.join(wd, "final_model"))
+    assert not [ln for ln in lines if "coordexp_jax.predict" in ln], lines

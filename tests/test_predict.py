@@ -134,6 +134,15 @@ def test_bad_inputs(setup, capsys, tmp_path):
                          "--max_new_tokens", "8"]) == 2
     err = _err(capsys)
     assert len(err) == 1 and "cache" in err[0] and "tokens" in err[0], err
+    # a human-object-interaction model (spatial-linking files beside it): its prompts need links predict cannot build
+    hoi = str(tmp_path / "hoi")
+    os.makedirs(hoi)
+    for f in os.listdir(hf_dir):
+        os.symlink(os.path.join(hf_dir, f), os.path.join(hoi, f))
+    json.dump({"heads": 2}, open(os.path.join(hoi, "spatial_linking.json"), "w"))
+    assert predict.main(["--checkpoint", hoi, "--image", img, "--out", out]) == 2
+    err = _err(capsys)
+    assert len(err) == 1 and "human-object-interaction" in err[0] and "coordexp_jax.evaluate" in err[0], err
     assert not os.path.exists(out)
 
 

@@ -148,8 +148,10 @@ def end_hints(cfg, workdir: str, final_model: str | None) -> list[str]:
     page = latest_report(workdir)
     if page:
         lines.append(f"report: {_short(page)} (the last evaluation; open it in a browser)")
-    # predict answers with boxes: not for the regression heads' point-by-point counting (docs/counting.md)
-    image = held_out_image(cfg) if final_model and cfg.train.kind != "counting_regression" else None
+    # predict answers with boxes: not for the regression heads' point-by-point counting (docs/counting.md), nor
+    # for human-object interaction (its prompts carry the boxes' links; evaluate scores those runs)
+    hint = final_model and cfg.train.kind != "counting_regression" and cfg.data.kind != "hoi"
+    image = held_out_image(cfg) if hint else None
     if image:
         path, held_out, prompt = image
         lines.append(f"predict on a {'held-out' if held_out else 'training'} image: python -m coordexp_jax.predict "
