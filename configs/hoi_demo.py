@@ -20,19 +20,15 @@ Settings:
   16 worst pictures of each and the attention heatmaps of the referring ones.
 """
 
-import ml_collections
+import os
 
-from coordexp_jax.train.config import base_config
+from coordexp_jax.train.config import base_config, load_config_file
 
 
 def get_config():
     c = base_config()
     c.name = "hoi_demo"
-    c.model.preset = "tiny"
-    c.model.coord_init = "sinusoidal"
-    c.model.overrides = ml_collections.ConfigDict({
-        "text": {"head_dim": 32, "mrope_section": (4, 6, 6), "initializer_range": 0.1},
-        "vision": {"initializer_range": 0.1}})
+    c.model = load_config_file(os.path.join(os.path.dirname(__file__), "demo.py")).model  # the demo's tiny model
     c.model.spatial_linking.enabled = True
     c.model.spatial_linking.heads = 4
     c.model.spatial_linking.dropout = 0.0
