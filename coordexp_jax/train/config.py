@@ -471,6 +471,10 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if sl.dim and sl.dim % sl.heads:
         raise ConfigError(f"config key 'model.spatial_linking.heads' = {sl.heads} must divide "
                           f"model.spatial_linking.dim = {sl.dim}")
+    if full.data.eval_path and (full.data.kind == "synthetic" or (full.data.kind == "hoi" and not full.data.path)):
+        raise ConfigError(f"config key 'data.eval_path' = {full.data.eval_path!r} is set, but the data is a generated "
+                          "synthetic set (data.kind 'synthetic', or 'hoi' with data.path '') that uses its own held-out "
+                          "split; set data.path too, or leave data.eval_path ''")
     if full.data.min_objects > full.data.max_objects:
         raise ConfigError("config key 'data.min_objects' must be <= data.max_objects")
     if full.data.hoi.min_pairs > full.data.hoi.max_pairs:

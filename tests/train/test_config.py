@@ -64,6 +64,20 @@ def test_bad_mesh_rule_axis_named():
         C.validate(cfg)
 
 
+@pytest.mark.parametrize("kind, path", [("synthetic", ""), ("hoi", "")])
+def test_eval_path_with_a_synthetic_set_is_refused(kind, path):
+    """A held-out file given for a generated set (which uses its own val split) would be ignored: refused, named."""
+    cfg = C.base_config()
+    cfg.data.kind, cfg.data.path, cfg.data.eval_path = kind, path, "my_val.jsonl"
+    with pytest.raises(C.ConfigError, match=r"'data\.eval_path' = 'my_val\.jsonl'.*synthetic"):
+        C.validate(cfg)
+    cfg.data.eval_path = ""
+    C.validate(cfg)  # without it the same config is fine
+    if kind == "hoi":  # an HOI records file of one's own takes its eval file
+        cfg.data.path, cfg.data.eval_path = "train.jsonl", "my_val.jsonl"
+        C.validate(cfg)
+
+
 def test_resolved_config_written(tmp_path):
     cfg = C.validate(C.base_config())
     path = C.write_resolved(cfg, str(tmp_path))
