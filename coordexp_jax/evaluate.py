@@ -422,7 +422,8 @@ def main(argv=None) -> int:
     metrics = evaluator(args.out)
     info = evaluator.run_info
     step = f" step {info['step']}" if info.get("step") is not None else ""
-    print(f"{flags.config.name}{step}, {metrics['num_records']} images: {summary_line(metrics)}")
+    unit = "records" if flags.config.data.kind == "hoi" else "images"  # an HOI image holds several records
+    print(f"{flags.config.name}{step}, {metrics['num_records']} {unit}: {summary_line(metrics)}")
     print(f"report: {os.path.join(args.out, 'index.html')} (every metric: {os.path.join(args.out, 'metrics.json')})")
     return 0
 
