@@ -373,11 +373,7 @@ def _parse(rec, ctx: _Ctx, image_root, check_images, refer_format, tolerance_px)
     for k in ("messages", "images"):
         if k not in rec:
             ctx.fail("missing_field", f"missing required key {k!r}")
-    unknown = sorted(k for k in rec if k not in KNOWN_FIELDS)
-    if unknown:
-        if ctx.policy["unknown_field"] == "error":
-            raise RecordError(ctx.where, "unknown_field", f"unknown keys {unknown}")
-        ctx.report.add("unknown_field", ctx.where, f"{unknown} (kept in .extra)")
+    unknown = ctx.unknown_fields(rec, KNOWN_FIELDS)
     images = rec["images"]
     if isinstance(images, list):  # the seed's parquet form: [{"image": path}]
         images = [im.get("image") if isinstance(im, Mapping) else im for im in images]

@@ -221,6 +221,16 @@ class _Ctx:
         log.debug("%s: %s: %s (skipped)", self.where, reason, detail)
         raise _Skip(reason)
 
+    def unknown_fields(self, rec: Mapping, known) -> list[str]:
+        """The sorted keys of `rec` not in `known`. Any: a RecordError ('unknown_field') under the 'error' policy,
+        else counted in the report (the record keeps them in .extra)."""
+        unknown = sorted(k for k in rec if k not in known)
+        if unknown:
+            if self.policy["unknown_field"] == "error":
+                raise RecordError(self.where, "unknown_field", f"unknown keys {unknown}")
+            self.report.add("unknown_field", self.where, f"{unknown} (kept in .extra)")
+        return unknown
+
 
 def _parse_coords(raw, n: int, box_format: str, ctx: _Ctx, key: str):
     """-> (values float64 [n], kind) with kind 'bins' (coord tokens / norm1000), 'qwen1000' or 'pixel'."""
@@ -361,11 +371,7 @@ def _parse(rec, ctx: _Ctx, *, image_root, box_format, pixel_mode, check_images, 
     for k in ("images", "width", "height", "objects"):
         if k not in rec:
             ctx.fail("missing_field", f"missing required key {k!r}")
-    unknown = sorted(k for k in rec if k not in KNOWN_FIELDS)
-    if unknown:
-        if ctx.policy["unknown_field"] == "error":
-            raise RecordError(ctx.where, "unknown_field", f"unknown keys {unknown}")
-        ctx.report.add("unknown_field", ctx.where, f"{unknown} (kept in .extra)")
+    unknown = ctx.unknown_fields(rec, KNOWN_FIELDS)
     images = rec["images"]
     if not isinstance(images, list) or len(images) != 1 or not isinstance(images[0], str) or not images[0]:
         ctx.fail("bad_value", f"'images' must be a list of exactly one non-empty path, got {images!r}"[:300])
