@@ -32,8 +32,11 @@ Pieces:
   (`COUNTING_POLICY`) for a record without points or boxes, several classes, or zero instances of the class.
 - `order_objects(points, strategy)`: the counting order (`ORDERS`): `reading` (rows top to bottom, each left to
   right; a point joins a row when its y is within `row_tol` of the row's first point), `left_to_right` (by x, then
-  y) and `nearest_neighbour` (from the point nearest the image's top-left corner, then always the nearest
-  unvisited one).
+  y), `nearest_neighbour` (from the point nearest the image's top-left corner, then always the nearest
+  unvisited one) and `random` (a permutation drawn per sample; only with the `set` target).
+- Targets (`TARGETS`): `ordered` (the seed's: the (k+1)-th centre in the order) or `set` (every unmarked centre
+  is a right answer: `CountingSample.candidates`, and the objective takes the loss against the nearest one,
+  `train/counting_objective.py`).
 - `draw_marks(image, points)`: numbered marks (a filled white disc with a black ring and the number in black,
   without anti-aliasing, so every mark pixel is one of `MARK_FILL`, `MARK_RING`); sizes scale with the image
   (`mark_style`); `MarkError` when the image is too small for readable marks.
@@ -64,7 +67,8 @@ log = logging.getLogger(__name__)
 
 X_TOKEN = "<x>"
 Y_TOKEN = "<y>"
-ORDERS = ("reading", "left_to_right", "nearest_neighbour")
+ORDERS = ("reading", "left_to_right", "nearest_neighbour", "random")
+TARGETS = ("ordered", "set")
 NORMALISATIONS = ("continuous", "pixel_centres")
 DONE_TARGET = (-1.0, -1.0)
 
@@ -90,6 +94,7 @@ ORDER_RULES = {
     "reading": "from top-to-bottom, left-to-right",
     "left_to_right": "from left to right",
     "nearest_neighbour": "starting at the top-left, always moving to the nearest unmarked one",
+    "random": "in any order",
 }
 SEED_SYSTEM = "You are a vision assistant that locates {plural} in images systematically."
 SEED_TEMPLATE = ("Count the {plural} in this image. {marked} already marked with numbered labels.\n\n"
@@ -114,7 +119,8 @@ class CountingConfigError(CoordExpError, ValueError):
 class SequentialCountingConfig:
     """How sequential counting samples are made (and read back at inference).
 
-    - `order`: one of `ORDERS`. `row_tol`: the reading order's row tolerance in pixels (None: half the median
+    - `order`: one of `ORDERS` (`random` needs `target` 'set'). `target`: one of `TARGETS` (module docstring).
+      `row_tol`: the reading order's row tolerance in pixels (None: half the median
       box height when every object has a box, else half the median nearest-neighbour distance of the centres).
     - `include_done`: draw "all counted" samples (k = n, target (-1, -1)); off by default, as in the seed recipe.
       `done_prob`: with `include_done`, the probability that a draw is the done sample (records with n = 0
@@ -129,6 +135,7 @@ class SequentialCountingConfig:
     """
 
     order: str = "reading"
+    target: str = "ordered"
     row_tol: float | None = None
     include_done: bool = False
     done_prob: float = 0.1
@@ -143,6 +150,12 @@ class SequentialCountingConfig:
     def __post_init__(self):
         if self.order not in ORDERS:
             raise CountingConfigError(f"SequentialCountingConfig.order must be one of {ORDERS}, got {self.order!r}")
+        if self.target not in TARGETS:
+            raise CountingConfigError(f"SequentialCountingConfig.target must be one of {TARGETS}, "
+                                      f"got {self.target!r}")
+        if self.order == "random" and self.target != "set":
+            raise CountingConfigError("SequentialCountingConfig.order 'random' needs target 'set' (a random next "
+                                      "object cannot be predicted)")
         if self.normalisation not in NORMALISATIONS:
             raise CountingConfigError(f"SequentialCountingConfig.normalisation must be one of {NORMALISATIONS}, "
                                       f"got {self.normalisation!r}")
@@ -280,7 +293,8 @@ def default_row_tol(points: np.ndarray, boxes: np.ndarray | None = None) -> floa
     return 0.5 * float(np.median(d.min(1)))
 
 
-def order_objects(points, strategy: str, row_tol: float | None = None) -> np.ndarray:
+def order_objects(points, strategy: str, row_tol: float | None = None,
+                  rng: np.random.Generator | None = None) -> np.ndarray:
     """The counting order of `points` `[N, 2]` (pixels, x, y): a permutation `[N]` int64 (`points[perm]` is the
     order). Ties are broken by the index, so the order is deterministic.
 
@@ -290,12 +304,17 @@ def order_objects(points, strategy: str, row_tol: float | None = None) -> np.nda
     - `left_to_right`: by x, then y.
     - `nearest_neighbour`: from the point nearest (Euclidean) to the top-left corner (0, 0), then always the
       nearest unvisited point (greedy; the travelling-salesman heuristic).
+    - `random`: `rng.permutation(N)` (ValueError without `rng`).
     """
     p = np.asarray(points, np.float64).reshape(-1, 2)
     n = len(p)
     idx = np.arange(n)
     if strategy not in ORDERS:
         raise CountingConfigError(f"order must be one of {ORDERS}, got {strategy!r}")
+    if strategy == "random":
+        if rng is None:
+            raise ValueError("order 'random' needs a random generator (rng=)")
+        return rng.permutation(n).astype(np.int64)
     if n == 0:
         return idx.astype(np.int64)
     if strategy == "left_to_right":
@@ -510,6 +529,8 @@ class CountingSample:
     image: uint8 `[H, W, 3]`, the record's image with the first k objects (in the order) marked 1..k.
     prompt: the user text, ending with `<x> <y>`; system: the system text (or None).
     target: float32 `[2]` (x_n, y_n) in [-1, 1], the (k+1)-th centre; (-1, -1) when done.
+    candidates: float32 `[m, 2]`, the right answers in the same units: with target 'set' the n - k unmarked
+    centres (in the order), else `target` alone; `[[-1, -1]]` when done.
     done: k == n. k: objects marked; n: objects of the class. class_name: the counted class.
     marked_points: `[k, 2]` pixels of the marked centres; ordered_points `[n, 2]` all centres in the order;
     ordered_boxes `[n, 4]` their boxes in pixels (NaN rows for point-only objects). source: the record's file:line.
@@ -527,19 +548,26 @@ class CountingSample:
     ordered_points: np.ndarray
     ordered_boxes: np.ndarray
     source: str = "<memory>"
+    candidates: np.ndarray | None = None
 
 
-def ordered_geometry(points: np.ndarray, boxes: np.ndarray, cfg: SequentialCountingConfig):
-    """`(points [n, 2], boxes [n, 4])` in the counting order of `cfg` (row tolerance per `default_row_tol`)."""
+def ordered_geometry(points: np.ndarray, boxes: np.ndarray, cfg: SequentialCountingConfig,
+                     rng: np.random.Generator | None = None):
+    """`(points [n, 2], boxes [n, 4])` in the counting order of `cfg` (row tolerance per `default_row_tol`;
+    `rng` draws the `random` order; without it that order is the record's, as for the ground truth of an evaluation,
+    whose metrics do not depend on the order)."""
+    if cfg.order == "random" and rng is None:
+        return points, boxes
     tol = cfg.row_tol if cfg.row_tol is not None else default_row_tol(points, boxes)
-    perm = order_objects(points, cfg.order, tol)
+    perm = order_objects(points, cfg.order, tol, rng)
     return points[perm], boxes[perm]
 
 
 def build_counting_sample(record: Record, image: np.ndarray, k: int, cfg: SequentialCountingConfig,
-                          *, desc: str | None = None, style: MarkStyle | None = None) -> CountingSample:
-    """The sample with the first `k` objects (in `cfg.order`) marked and the (k+1)-th centre as target
-    (k == n: the done sample, target (-1, -1)). `image`: the record's image, uint8 `[H, W, 3]` of the record's
+                          *, desc: str | None = None, style: MarkStyle | None = None,
+                          rng: np.random.Generator | None = None) -> CountingSample:
+    """The sample with the first `k` objects (in `cfg.order`; `rng` draws the `random` order) marked and the
+    (k+1)-th centre as target (k == n: the done sample, target (-1, -1)); `candidates` per `cfg.target`. `image`: the record's image, uint8 `[H, W, 3]` of the record's
     size (else RecordError `size_mismatch`). `k` must be in 0..n (ValueError).
 
     Raises RecordError (naming file:line) for a record without points or boxes or with several classes; zero
@@ -556,17 +584,22 @@ def build_counting_sample(record: Record, image: np.ndarray, k: int, cfg: Sequen
     if not 0 <= int(k) <= n:
         raise ValueError(f"{record.source}: k must be in 0..{n}, got {k}")
     k = int(k)
-    op, ob = ordered_geometry(pts, boxes, cfg)
+    op, ob = ordered_geometry(pts, boxes, cfg, rng)
     st = style or mark_style(record.height, record.width, scale=cfg.mark_scale)
     marked = draw_marks(img.astype(np.uint8, copy=False), op[:k], style=st)
     if k < n:
         target = normalise_points(op[k], record.width, record.height, cfg.normalisation)
     else:
         target = np.asarray(DONE_TARGET)
+    target = np.clip(target, -1.0, 1.0).astype(np.float32)
+    if cfg.target == "set" and k < n:
+        cands = np.clip(normalise_points(op[k:], record.width, record.height, cfg.normalisation), -1.0, 1.0)
+    else:
+        cands = target[None]
     return CountingSample(image=marked, prompt=counting_prompt(cls, k, cfg), system=counting_system_prompt(cls, cfg),
-                          target=np.clip(target, -1.0, 1.0).astype(np.float32), done=k == n, k=k, n=n,
+                          target=target, done=k == n, k=k, n=n,
                           class_name=cls, marked_points=op[:k].copy(), ordered_points=op, ordered_boxes=ob,
-                          source=record.source)
+                          source=record.source, candidates=np.asarray(cands, np.float32).reshape(-1, 2))
 
 
 def draw_k(n: int, cfg: SequentialCountingConfig, rng: np.random.Generator) -> int | None:
@@ -602,6 +635,7 @@ class CountingSampler:
         self.report = report if report is not None else ValidationReport()
         pol = _check_policy(policy)
         self.items: list[tuple[Record, MarkStyle]] = []
+        self.counts: list[int] = []  # n (objects of the class) of each kept record
         for r in records:
             self.report.records_read += 1
             geo = object_geometry(r, desc, policy=pol, report=self.report)
@@ -619,10 +653,16 @@ class CountingSampler:
                 except _Skip:
                     continue
             self.items.append((r, st))
+            self.counts.append(n)
             self.report.records_kept += 1
 
     def __len__(self) -> int:
         return len(self.items)
+
+    @property
+    def max_objects(self) -> int:
+        """The largest n of the kept records (0 when none): the padded width of the `set` target's candidates."""
+        return max(self.counts, default=0)
 
     def sample(self, index: int, epoch: int = 0) -> CountingSample:
         """Sample `index` (0..len-1) of `epoch`; deterministic in (seed, epoch, index)."""
@@ -630,7 +670,7 @@ class CountingSampler:
         rng = counting_rng(self.seed, epoch, index)
         n = sum(1 for o in r.objects if o.desc == counting_class(r, self.desc))
         k = draw_k(n, self.cfg, rng)
-        return build_counting_sample(r, self.load_image(r.image), k, self.cfg, desc=self.desc, style=st)
+        return build_counting_sample(r, self.load_image(r.image), k, self.cfg, desc=self.desc, style=st, rng=rng)
 
     def __iter__(self):
         for i in range(len(self)):

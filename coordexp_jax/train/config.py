@@ -242,7 +242,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.counting.head_width = 0  # hidden width of the heads; 0 = the model's hidden size
     c.counting.loss = "l1"  # 'l1' | 'mse' | 'smooth_l1' on x and y (normalised [-1, 1] units)
     c.counting.smooth_l1_beta = 0.1  # transition point of smooth L1 (normalised units)
-    c.counting.order = "reading"  # counting order of the objects (data/counting.py orderings)
+    c.counting.order = "reading"  # counting order of the objects (data/counting.py orderings; 'random': set target)
+    c.counting.target = "ordered"  # 'ordered' (the (k+1)-th object) | 'set' (loss vs the nearest unmarked object)
     c.counting.done_prob = 0.0  # fraction of "all counted" samples (target (-1, -1)); 0 as in the seed recipe
     c.counting.max_count = 16  # sequential inference stops after this many points
     c.counting.template = ""  # user prompt template ending in "<x> <y>" (data/counting.py fields); '' = the seed's
@@ -371,8 +372,9 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "counting.head_width": (_non_negative, ">= 0"),
     "counting.loss": (_one_of("l1", "mse", "smooth_l1"), "'l1', 'mse' or 'smooth_l1'"),
     "counting.smooth_l1_beta": (_positive, "> 0"),
-    "counting.order": (_one_of("reading", "left_to_right", "nearest_neighbour"),
-                       "'reading', 'left_to_right' or 'nearest_neighbour'"),
+    "counting.order": (_one_of("reading", "left_to_right", "nearest_neighbour", "random"),
+                       "'reading', 'left_to_right', 'nearest_neighbour' or 'random'"),
+    "counting.target": (_one_of("ordered", "set"), "'ordered' or 'set'"),
     "counting.done_prob": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
     "counting.max_count": (_positive, "> 0"),
     "grpo.num_generations": (lambda v: v >= 2, ">= 2 (advantages compare samples of one prompt)"),

@@ -93,11 +93,13 @@ def sequential_config(cfg):
     if not cfg.counting.system_prompt:
         kw["system_template"] = None
     try:
-        return C.SequentialCountingConfig(order=cfg.counting.order, include_done=p > 0, done_prob=p, **kw)
+        return C.SequentialCountingConfig(order=cfg.counting.order, target=cfg.counting.get("target", "ordered"),
+                                          include_done=p > 0, done_prob=p, **kw)
     except C.CountingConfigError as e:
         from coordexp_jax.train.config import ConfigError
 
-        raise ConfigError(f"config key 'counting.template': {e}") from None
+        key = "counting.order" if "order 'random'" in str(e) else "counting.template"
+        raise ConfigError(f"config key '{key}': {e}") from None
 
 
 def synthetic_config(cfg):
@@ -144,10 +146,14 @@ class CountingEncoder:
     """Counting samples (marked image, system, prompt, target) -> the batch of `counting_objective`.
 
     `tokenizer`, `ids` (with `<x>` `<y>`), `pcfg` (`data.prompts.PromptConfig`: image settings, text bucket,
-    patches per image slot), `model_config` (vision table size, image token id)."""
+    patches per image slot), `model_config` (vision table size, image token id). `num_candidates` > 0 (the
+    `set` target, `counting.target`): training batches also hold `candidates [B, M, 2]` float32 (each row's
+    right answers, `CountingSample.candidates`, zero-padded to M = `num_candidates`) and `candidate_mask [B, M]`
+    float32 (1 on the real ones); ValueError when a sample has more than M."""
 
-    def __init__(self, tokenizer, ids: TokenIds, pcfg, model_config):
+    def __init__(self, tokenizer, ids: TokenIds, pcfg, model_config, num_candidates: int = 0):
         self.tok, self.ids, self.pcfg, self.mc = tokenizer, ids, pcfg, model_config
+        self.num_candidates = int(num_candidates)
         self._cache: dict[str, list[int]] = {}
 
     def _enc(self, text: str) -> list[int]:
@@ -199,10 +205,25 @@ class CountingEncoder:
         out["valid"] = (np.arange(B) < n).astype(np.float32)
         return out
 
+    def add_candidates(self, out: dict, samples: Sequence) -> dict:
+        """Adds `candidates` / `candidate_mask` (class docstring) for the first len(samples) rows of `out`."""
+        if self.num_candidates <= 0:
+            return out
+        B, M = len(out["valid"]), self.num_candidates
+        cands, mask = np.zeros((B, M, 2), np.float32), np.zeros((B, M), np.float32)
+        for b, s in enumerate(samples):
+            c = np.asarray(s.candidates if s.candidates is not None else s.target[None], np.float32).reshape(-1, 2)
+            if len(c) > M:
+                raise ValueError(f"{s.source}: {len(c)} candidate points, more than the batch's {M}")
+            cands[b, :len(c)], mask[b, :len(c)] = c, 1.0
+        out["candidates"], out["candidate_mask"] = cands, mask
+        return out
+
     def encode_samples(self, samples: Sequence, batch_size: int | None = None) -> dict:
         """A batch of `data.counting.CountingSample`s."""
-        return self([s.image for s in samples], [s.system for s in samples], [s.prompt for s in samples],
-                    np.stack([s.target for s in samples]), batch_size)
+        out = self([s.image for s in samples], [s.system for s in samples], [s.prompt for s in samples],
+                   np.stack([s.target for s in samples]), batch_size)
+        return self.add_candidates(out, samples)
 
     def encode_with_points(self, samples: Sequence, point_rows: Sequence[dict], collator) -> dict:
         """One batch of `len(samples)` counting rows followed by the point-token rows (`counting.point_tokens`):
@@ -231,7 +252,7 @@ class CountingEncoder:
         out["target"] = np.zeros((B, 2), np.float32)
         out["target"][:n] = np.stack([s.target for s in samples]).astype(np.float32)
         out["valid"] = (np.arange(B) < n).astype(np.float32)
-        return out
+        return self.add_candidates(out, samples)
 
 
 class CountingBatches:
@@ -417,10 +438,11 @@ def build_components(cfg):
     make_model, materialize = make_model_fn(cfg, mc, ids)
     pcfg = build.prompt_config(cfg, mc)
     tdir = tokenizer_dir(cfg)
-    encoder = CountingEncoder(load_tokenizer(tdir), ids, pcfg, mc)
     train_recs, val_recs = counting_records(cfg)
     scfg = sequential_config(cfg)
     sampler = C.CountingSampler(train_recs, scfg, seed=cfg.data.seed)
+    encoder = CountingEncoder(load_tokenizer(tdir), ids, pcfg, mc,
+                              num_candidates=max(sampler.max_objects, 1) if scfg.target == "set" else 0)
     if sampler.report.counts:
         log.warning("counting records: %s", sampler.report.one_line())
     B = build.per_process_batch(cfg.data.batch_size)

@@ -8,6 +8,15 @@ float32 (0 for padding rows). The x head reads the final hidden state at `x_pos`
 over their count, as two terms `x` and `y` (logged `loss/x`, `loss/y`; `loss` = their sum, the recipe's
 loss_x + loss_y of `../shared/seeds/001_*.txt`).
 
+Targets (`counting.target`, `data/counting.py` `TARGETS`):
+- `ordered` (the recipe's): the loss against `target`, the (k+1)-th centre in the counting order;
+- `set`: every unmarked object is a right answer. The batch adds `candidates [B, M, 2]` (the unmarked centres,
+  or (-1, -1) for a done row) and `candidate_mask [B, M]`; the row's loss is that of the candidate nearest the
+  prediction under the loss itself (argmin over m of loss_x + loss_y, the choice not differentiated), i.e. the
+  one-prediction case of the order-invariant matching CoordExp uses for object sets
+  (`../shared/reference/coordexp_method.md`, Hungarian matching: with one prediction the optimal assignment is the
+  cheapest candidate). `loss/x` and `loss/y` are the chosen candidate's.
+
 Per-element losses of the error e = pred - target (normalised units):
 - `l1`: |e| (the recipe's default);
 - `mse`: e^2;
@@ -18,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 
 LOSSES = ("l1", "mse", "smooth_l1")
@@ -38,16 +48,31 @@ def regression_loss(pred, target, kind: str = "l1", beta: float = 0.1):
     raise ValueError(f"regression loss must be one of {LOSSES}, got {kind!r}")
 
 
+def set_loss(pred, candidates, mask, kind: str = "l1", beta: float = 0.1):
+    """Per-axis loss `[B, 2]` of `pred [B, 2]` against the cheapest of each row's `candidates [B, M, 2]` (where
+    `mask [B, M]` > 0; module docstring, `set` target). The argmin over m of the summed axis losses is taken
+    without gradient; a row with no candidate gets loss 0. Units: normalised [-1, 1]."""
+    per = regression_loss(pred[:, None, :], candidates, kind, beta)  # [B, M, 2]
+    total = jnp.where(mask > 0, jnp.sum(per, -1), jnp.inf)  # [B, M]
+    j = jnp.argmin(jax.lax.stop_gradient(total), axis=-1)  # [B]
+    chosen = jnp.take_along_axis(per, j[:, None, None], axis=1)[:, 0]  # [B, 2]
+    return chosen * (jnp.sum(mask, -1) > 0).astype(chosen.dtype)[:, None]
+
+
 @dataclasses.dataclass(frozen=True)
 class CountingObjective:
-    """The step's Objective (`train/step.py`): terms 'x' and 'y' (weight 1 each), counted over the valid rows."""
+    """The step's Objective (`train/step.py`): terms 'x' and 'y' (weight 1 each), counted over the valid rows.
+    `target`: 'ordered' or 'set' (module docstring); ValueError for an unknown loss or target."""
 
     loss: str = "l1"
     beta: float = 0.1
+    target: str = "ordered"
 
     def __post_init__(self):
         if self.loss not in LOSSES:
             raise ValueError(f"CountingObjective.loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.target not in ("ordered", "set"):
+            raise ValueError(f"CountingObjective.target must be 'ordered' or 'set', got {self.target!r}")
 
     @property
     def weights(self) -> dict:
@@ -55,7 +80,8 @@ class CountingObjective:
 
     @classmethod
     def from_config(cls, cfg) -> "CountingObjective":
-        return cls(loss=str(cfg.counting.loss), beta=float(cfg.counting.smooth_l1_beta))
+        return cls(loss=str(cfg.counting.loss), beta=float(cfg.counting.smooth_l1_beta),
+                   target=str(cfg.counting.get("target", "ordered")))
 
     def counts(self, batch: dict) -> dict:
         n = jnp.sum(batch["valid"].astype(jnp.float32))
@@ -66,7 +92,10 @@ class CountingObjective:
         from coordexp_jax.model.regression import predict_points
 
         pred = predict_points(model, batch)
-        loss = regression_loss(pred, batch["target"], self.loss, self.beta)
+        if self.target == "set":
+            loss = set_loss(pred, batch["candidates"], batch["candidate_mask"], self.loss, self.beta)
+        else:
+            loss = regression_loss(pred, batch["target"], self.loss, self.beta)
         return pred, loss * batch["valid"].astype(jnp.float32)[:, None]
 
     def sums(self, model, batch: dict, rng=None) -> dict:
@@ -116,4 +145,4 @@ class CountingWithPointsObjective:
         return {**self.stage1.sums(shared, batch, rng), **self.counting.sums(shared, batch)}
 
 
-__all__ = ["CountingObjective", "CountingWithPointsObjective", "regression_loss", "LOSSES", "TERMS"]
+__all__ = ["CountingObjective", "CountingWithPointsObjective", "regression_loss", "set_loss", "LOSSES", "TERMS"]

@@ -116,8 +116,23 @@ def test_nearest_neighbour_hand_layout():
 @pytest.mark.parametrize("order", C.ORDERS)
 def test_orders_are_permutations(order):
     p = np.random.default_rng(1).uniform(0, 50, (9, 2))
-    assert sorted(C.order_objects(p, order).tolist()) == list(range(9))
-    assert C.order_objects(np.zeros((0, 2)), order).tolist() == []
+    rng = np.random.default_rng(2)
+    assert sorted(C.order_objects(p, order, rng=rng).tolist()) == list(range(9))
+    assert C.order_objects(np.zeros((0, 2)), order, rng=rng).tolist() == []
+
+
+def test_random_order_needs_rng_and_set_target():
+    p = np.random.default_rng(1).uniform(0, 50, (9, 2))
+    with pytest.raises(ValueError, match="random generator"):
+        C.order_objects(p, "random")
+    # the same generator state gives the same permutation; another seed another one
+    a = C.order_objects(p, "random", rng=np.random.default_rng(5))
+    assert a.tolist() == C.order_objects(p, "random", rng=np.random.default_rng(5)).tolist()
+    assert a.tolist() != C.order_objects(p, "random", rng=np.random.default_rng(6)).tolist()
+    with pytest.raises(C.CountingConfigError, match="needs target 'set'"):
+        C.SequentialCountingConfig(order="random")
+    with pytest.raises(C.CountingConfigError, match="target must be one of"):
+        C.SequentialCountingConfig(target="nearest")
 
 
 def test_unknown_order_refused():
@@ -242,6 +257,30 @@ def test_build_sample_target_marks_and_prompt():
     assert done.done and done.target.tolist() == [-1.0, -1.0]
     with pytest.raises(ValueError, match="k must be in 0..4"):
         C.build_counting_sample(r, img, 5, cfg)
+
+
+def test_set_target_candidates_are_the_unmarked_centres():
+    r = _layout()
+    img = np.full((120, 200, 3), 90, np.uint8)
+    norm = lambda q: np.array([[2 * x / 200 - 1, 2 * y / 120 - 1] for x, y in q]).reshape(-1, 2)  # noqa: E731
+    order = [[20, 32], [150, 30], [50, 90], [110, 88]]  # reading order
+    s = C.build_counting_sample(r, img, 1, C.SequentialCountingConfig(row_tol=10, target="set"))
+    # float32 of 2x/W-1: 1e-6 bounds the rounding (as above)
+    np.testing.assert_allclose(s.candidates, norm(order[1:]), atol=1e-6)
+    np.testing.assert_allclose(s.target, norm(order[1:2])[0], atol=1e-6)
+    assert C.build_counting_sample(r, img, 1, C.SequentialCountingConfig(row_tol=10)).candidates.shape == (1, 2)
+    done = C.build_counting_sample(r, img, 4, C.SequentialCountingConfig(target="set"))
+    assert done.candidates.tolist() == [[-1.0, -1.0]]
+    # random order: the marked objects are a random subset, the candidates exactly the rest
+    cfg = C.SequentialCountingConfig(order="random", target="set")
+    seen = set()
+    for seed in range(12):
+        s = C.build_counting_sample(r, img, 2, cfg, rng=np.random.default_rng(seed))
+        marked = {tuple(p) for p in np.round(s.marked_points).astype(int).tolist()}
+        rest = {tuple(p) for p in np.round((s.candidates + 1) / 2 * [200, 120]).astype(int).tolist()}
+        assert len(marked) == 2 and marked | rest == {tuple(p) for p in order} and not marked & rest
+        seen.add(frozenset(marked))
+    assert len(seen) > 2  # not always the same pair
 
 
 def test_build_sample_checks_the_image_size():

@@ -142,3 +142,47 @@ def test_objective_sums_and_counts_against_numpy(heads, kind):
     np.testing.assert_allclose([float(sums["x"]), float(sums["y"])], per.sum(0), atol=1e-4, rtol=0)
     total = float(_combine(obj.weights, sums, counts))
     np.testing.assert_allclose(total, per.sum() / 3.0, atol=1e-4, rtol=0)  # loss = mean loss_x + mean loss_y
+
+
+def test_set_target_takes_the_cheapest_candidate_brute_force(heads):
+    """`counting.target = 'set'`: per row, the loss of the unmarked candidate nearest the prediction (brute force
+    over the candidates in float64), gradients only through the chosen one, a row without candidates adds 0."""
+    from coordexp_jax.train.counting_objective import set_loss
+
+    model = attach_heads(_Stub(), heads)
+    rng = np.random.default_rng(6)
+    B, S, M = 6, 7, 4
+    ids = rng.integers(0, 20, (B, S)).astype(np.int32)
+    cands = rng.uniform(-1, 1, (B, M, 2)).astype(np.float32)
+    mask = np.array([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0]],
+                    np.float32)
+    cands[mask == 0] = 5.0  # padding far away: must never be chosen
+    batch = {"input_ids": ids, "positions": np.zeros((3, B, S), np.int32), "attention_mask": np.ones((B, S), np.int32),
+             "x_pos": rng.integers(0, S, B).astype(np.int32), "y_pos": rng.integers(0, S, B).astype(np.int32),
+             "target": cands[:, 0].copy(), "valid": np.array([1, 1, 1, 1, 1, 0], np.float32),
+             "candidates": cands, "candidate_mask": mask}
+    jb = {k: jnp.asarray(v) for k, v in batch.items()}
+    obj = CountingObjective(loss="l1", target="set")
+    sums = obj.sums(model, jb)
+    emb = np.asarray(model.emb.embedding[...], np.float64)
+    t = heads_to_numpy(heads)
+    hid = emb[ids]
+    pred = np.stack([_np_head(t, "x", hid[np.arange(B), batch["x_pos"]]),
+                     _np_head(t, "y", hid[np.arange(B), batch["y_pos"]])], -1)
+    ref = np.zeros((B, 2))
+    for b in range(B):
+        if mask[b].sum() and batch["valid"][b]:
+            costs = [np.abs(pred[b] - cands[b, m]).sum() if mask[b, m] else np.inf for m in range(M)]
+            ref[b] = np.abs(pred[b] - cands[b, int(np.argmin(costs))])
+    # sums of <= 6 float32 L1 terms of size < 8 vs float64: a few float32 ulps
+    np.testing.assert_allclose([float(sums["x"]), float(sums["y"])], ref.sum(0), atol=1e-4, rtol=0)
+    # with one candidate per row it is the ordered target's loss
+    one = {**jb, "candidate_mask": jnp.asarray(np.eye(M, dtype=np.float32)[np.zeros(B, int)])}
+    s1, s0 = obj.sums(model, one), CountingObjective(loss="l1").sums(model, one)
+    np.testing.assert_allclose([float(s1["x"]), float(s1["y"])], [float(s0["x"]), float(s0["y"])], atol=1e-6)
+    # the gradient w.r.t. the candidates is non-zero only at the chosen one (the argmin is not differentiated)
+    p = jnp.asarray(pred, jnp.float32)
+    g = np.asarray(jax.grad(lambda c: set_loss(p, c, jnp.asarray(mask)).sum())(jnp.asarray(cands)))
+    for b in range(B):
+        nz = np.flatnonzero(np.abs(g[b]).sum(-1))
+        assert len(nz) == (1 if mask[b].sum() else 0)

@@ -134,12 +134,39 @@ def test_heads_get_their_own_lr():
     assert optax.global_norm(upd) > 0
 
 
+def test_set_target_batch_holds_the_unmarked_centres(setup):
+    from coordexp_jax.data import counting as C
+
+    cfg = _cfg(setup[0].data.path, **{"counting.target": "set", "counting.order": "random"})
+    comps = CL.build_components(cfg)
+    it = comps.data_iter
+    M = it.encoder.num_candidates
+    assert M == it.sampler.max_objects == 3  # data.max_objects
+    for _ in range(3):
+        _, samples = it._draw()
+        batch = it.encoder.encode_samples(samples)
+        assert batch["candidates"].shape == (len(samples), M, 2)
+        for b, s in enumerate(samples):
+            m = int(batch["candidate_mask"][b].sum())
+            assert m == (1 if s.done else s.n - s.k)
+            if s.done:
+                assert batch["candidates"][b, 0].tolist() == [-1.0, -1.0]
+                continue
+            pts = C.denormalise_points(batch["candidates"][b, :m].astype(np.float64), 64, 64)
+            srt = lambda q: q[np.lexsort((q[:, 1], q[:, 0]))]  # noqa: E731
+            # the unmarked centres as pixels; float32 normalised coordinates of a 64 px image: 1e-3 px is loose
+            np.testing.assert_allclose(srt(pts), srt(s.ordered_points[s.k:]), atol=1e-3)
+    # the ordered target adds no candidate keys (its batch is unchanged)
+    assert "candidates" not in setup[4]
+
+
 def test_loop_runs_counting(setup, tmp_path):
     from coordexp_jax.train import loop
     from coordexp_jax.weights.checkpoint import load_checkpoint
     from coordexp_jax.model.regression import heads_of
 
-    cfg = _cfg(setup[0].data.path)
+    # the set target with a random order: the path the demo takes (the ordered target is the fixture's)
+    cfg = _cfg(setup[0].data.path, **{"counting.target": "set", "counting.order": "random"})
     res = loop.train(cfg, str(tmp_path / "run"))
     assert res["step"] == 2 and res["stop_reason"] == "steps"
     recs = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
