@@ -132,6 +132,10 @@ class SequentialCountingConfig:
     - inference (`coordexp_jax.counting.count_sequentially`): `done_tol` (a prediction with |x+1| and |y+1| both
       <= done_tol is "all counted"), `stop_on_repeat` (stop when a prediction falls on an already marked object:
       within its mark radius), `mark_scale` (multiplies the mark radius; 1.0 = `mark_style`'s).
+    - `mark_jitter` (training samples; 0 = off): each mark is drawn at a random point of the object instead of its
+      centre, uniform in the box shrunk about the centre by this factor (1: anywhere in the box; point-only
+      objects: within this fraction of the mark radius). At inference a mark goes where the model pointed, which
+      is rarely the exact centre; jittered training marks show that an off-centre mark still counts the object.
     """
 
     order: str = "reading"
@@ -146,6 +150,7 @@ class SequentialCountingConfig:
     done_tol: float = 0.05
     stop_on_repeat: bool = True
     mark_scale: float = 1.0
+    mark_jitter: float = 0.0
 
     def __post_init__(self):
         if self.order not in ORDERS:
@@ -168,6 +173,8 @@ class SequentialCountingConfig:
                                       f"(the heads read those two tokens), got ...{self.template[-40:]!r}")
         if not 0.0 <= self.done_tol < 1.0:
             raise CountingConfigError(f"SequentialCountingConfig.done_tol must be in [0, 1), got {self.done_tol}")
+        if not 0.0 <= self.mark_jitter <= 1.0:
+            raise CountingConfigError(f"SequentialCountingConfig.mark_jitter must be in [0, 1], got {self.mark_jitter}")
         if not self.mark_scale > 0:
             raise CountingConfigError(f"SequentialCountingConfig.mark_scale must be > 0, got {self.mark_scale}")
 
@@ -532,7 +539,8 @@ class CountingSample:
     candidates: float32 `[m, 2]`, the right answers in the same units: with target 'set' the n - k unmarked
     centres (in the order), else `target` alone; `[[-1, -1]]` when done.
     done: k == n. k: objects marked; n: objects of the class. class_name: the counted class.
-    marked_points: `[k, 2]` pixels of the marked centres; ordered_points `[n, 2]` all centres in the order;
+    marked_points: `[k, 2]` pixels where the marks are drawn (the centres unless `mark_jitter`); ordered_points
+    `[n, 2]` all centres in the order;
     ordered_boxes `[n, 4]` their boxes in pixels (NaN rows for point-only objects). source: the record's file:line.
     """
 
@@ -586,7 +594,10 @@ def build_counting_sample(record: Record, image: np.ndarray, k: int, cfg: Sequen
     k = int(k)
     op, ob = ordered_geometry(pts, boxes, cfg, rng)
     st = style or mark_style(record.height, record.width, scale=cfg.mark_scale)
-    marked = draw_marks(img.astype(np.uint8, copy=False), op[:k], style=st)
+    at = op[:k]
+    if cfg.mark_jitter > 0 and k:
+        at = jitter_marks(at, ob[:k], cfg.mark_jitter, st.radius, rng)
+    marked = draw_marks(img.astype(np.uint8, copy=False), at, style=st)
     if k < n:
         target = normalise_points(op[k], record.width, record.height, cfg.normalisation)
     else:
@@ -598,8 +609,23 @@ def build_counting_sample(record: Record, image: np.ndarray, k: int, cfg: Sequen
         cands = target[None]
     return CountingSample(image=marked, prompt=counting_prompt(cls, k, cfg), system=counting_system_prompt(cls, cfg),
                           target=target, done=k == n, k=k, n=n,
-                          class_name=cls, marked_points=op[:k].copy(), ordered_points=op, ordered_boxes=ob,
+                          class_name=cls, marked_points=np.array(at, np.float64).reshape(-1, 2),
+                          ordered_points=op, ordered_boxes=ob,
                           source=record.source, candidates=np.asarray(cands, np.float32).reshape(-1, 2))
+
+
+def jitter_marks(points, boxes, jitter: float, radius: float, rng: np.random.Generator | None) -> np.ndarray:
+    """Mark positions `[k, 2]` (pixels): each of `points [k, 2]` moved to a uniform random point of its box
+    `boxes [k, 4]` (x1, y1, x2, y2 pixels) shrunk about the point by `jitter` (0..1), or, for a NaN box (a
+    point-only object), within `jitter * radius` pixels on each axis. ValueError without `rng`."""
+    if rng is None:
+        raise ValueError("mark_jitter needs a random generator (rng=)")
+    p = np.asarray(points, np.float64).reshape(-1, 2)
+    b = np.asarray(boxes, np.float64).reshape(-1, 4)
+    lo = np.where(np.isnan(b[:, :2]), p - radius, b[:, :2])
+    hi = np.where(np.isnan(b[:, 2:]), p + radius, b[:, 2:])
+    u = rng.uniform(0.0, 1.0, p.shape)
+    return p + jitter * (lo + u * (hi - lo) - p)
 
 
 def draw_k(n: int, cfg: SequentialCountingConfig, rng: np.random.Generator) -> int | None:

@@ -94,6 +94,7 @@ def sequential_config(cfg):
         kw["system_template"] = None
     try:
         return C.SequentialCountingConfig(order=cfg.counting.order, target=cfg.counting.get("target", "ordered"),
+                                          mark_jitter=float(cfg.counting.get("mark_jitter", 0.0)),
                                           include_done=p > 0, done_prob=p, **kw)
     except C.CountingConfigError as e:
         from coordexp_jax.train.config import ConfigError

@@ -283,6 +283,34 @@ def test_set_target_candidates_are_the_unmarked_centres():
     assert len(seen) > 2  # not always the same pair
 
 
+def test_mark_jitter_stays_inside_the_shrunk_box():
+    rng = np.random.default_rng(3)
+    pts = np.array([[20.0, 30.0], [50.0, 60.0], [80.0, 10.0]])
+    boxes = np.array([[10, 20, 40, 36], [44, 50, 56, 70], [np.nan] * 4])
+    for j in (0.0, 0.5, 1.0):
+        at = np.stack([C.jitter_marks(pts, boxes, j, 7.0, rng) for _ in range(400)])  # [400, 3, 2]
+        lo = pts + j * (np.where(np.isnan(boxes[:, :2]), pts - 7, boxes[:, :2]) - pts)
+        hi = pts + j * (np.where(np.isnan(boxes[:, 2:]), pts + 7, boxes[:, 2:]) - pts)
+        assert np.all(at >= lo - 1e-9) and np.all(at <= hi + 1e-9)
+        if j:  # uniform: the draws spread over most of the shrunk box (400 draws: the extremes within 5%)
+            span = at.max(0) - at.min(0)
+            assert np.all(span >= 0.9 * (hi - lo))
+    with pytest.raises(ValueError, match="random generator"):
+        C.jitter_marks(pts, boxes, 0.5, 7.0, None)
+    # a sample: the marks are drawn where marked_points says (off the centres), the target is unchanged
+    r = _layout()
+    img = np.full((120, 200, 3), 90, np.uint8)
+    cfg = C.SequentialCountingConfig(row_tol=10, mark_jitter=1.0)
+    s = C.build_counting_sample(r, img, 2, cfg, rng=np.random.default_rng(0))
+    centres = np.array([[20, 32], [150, 30]], np.float64)
+    rad = C.mark_style(120, 200).radius  # point-only objects: within the mark radius
+    assert 0 < np.abs(s.marked_points - centres).max() <= rad
+    np.testing.assert_array_equal(s.image, C.draw_marks(img, s.marked_points, style=C.mark_style(120, 200)))
+    np.testing.assert_allclose(s.target, [2 * 50 / 200 - 1, 2 * 90 / 120 - 1], atol=1e-6)
+    with pytest.raises(C.CountingConfigError, match="mark_jitter"):
+        C.SequentialCountingConfig(mark_jitter=1.5)
+
+
 def test_build_sample_checks_the_image_size():
     with pytest.raises(RecordError, match=r"f\.jsonl:7: size_mismatch"):
         C.build_counting_sample(_layout(), np.zeros((100, 200, 3), np.uint8), 0, C.SequentialCountingConfig())
