@@ -395,14 +395,14 @@ def _fit_label(label: str, radius: int, limit: int) -> MarkStyle:
 
 def mark_style(height: int, width: int, max_number: int = 99, scale: float = 1.0) -> MarkStyle:
     """Mark sizes for an image of `height` x `width`: radius = max(MIN_RADIUS, RADIUS_FRAC x shorter side) x
-    `scale`, grown until the widest label (at least two digits, or `max_number`'s) in a font of at least
+    `scale` (rounded), grown until the widest label (at least two digits, or `max_number`'s) in a font of at least
     MIN_FONT px fits inside the disc. Samples and the inference loop use the default (two digits), so marks 1..99
     never depend on how many objects the image holds (`draw_marks` gives a longer number a disc of its own size).
     MarkError when the mark's diameter would exceed MAX_MARK_FRAC of the shorter side (the image is too small
     for readable marks)."""
     side = min(int(height), int(width))
     digits = max(2, len(str(max(int(max_number), 0))))
-    radius0 = max(MIN_RADIUS, round(RADIUS_FRAC * side * scale))
+    radius0 = max(1, round(max(MIN_RADIUS, RADIUS_FRAC * side) * scale))
     st = _fit_label("8" * digits, radius0, max(side, radius0))
     if 2 * st.radius > MAX_MARK_FRAC * side:
         need = math.ceil(2 * st.radius / MAX_MARK_FRAC)

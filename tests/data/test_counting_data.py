@@ -465,3 +465,12 @@ def test_mark_size_does_not_depend_on_the_count():
     assert not disc(c)[np.hypot(xx - 64.5, yy - 64.5) > big.radius + 0.5].any()
     # on a large image three digits fit the usual disc with a smaller font
     assert C.label_style("123", C.mark_style(800, 800)).radius == C.mark_style(800, 800).radius
+
+
+def test_mark_scale_multiplies_the_radius_at_the_minimum_too():
+    # at 128 px the base radius is MIN_RADIUS (7 px > 0.035 x 128); the scale must still apply there
+    base = C.mark_style(128, 128)
+    for s in (1.4, 1.8):
+        st = C.mark_style(128, 128, scale=s)
+        assert st.radius >= round(C.MIN_RADIUS * s) > base.radius
+    assert C.mark_style(1000, 1000, scale=0.5).radius == round(0.035 * 1000 * 0.5)
