@@ -59,6 +59,22 @@ def test_greedy_is_argmax_and_zero_sample_logprob():
     assert np.all(np.asarray(lp) == 0)
 
 
+@pytest.mark.parametrize("V", [1000, 152064, 151937])  # 1000: the plain path; 151937: padded to the block grid
+def test_blocked_argmax_equals_numpy_argmax_with_ties_and_inf(V):
+    # integer-valued logits give many exact ties; numpy's argmax returns the first maximum (and the first NaN)
+    rng = np.random.default_rng(V)
+    x = rng.integers(-50, 50, (6, V)).astype(np.float32)
+    x[1, :] = -np.inf                       # all -inf: index 0
+    x[2, [7, V // 2, V - 1]] = 1e4          # tie across blocks: the first one
+    x[3, [V - 3, V - 1]] = 1e4              # maxima in the last (possibly padded) block
+    x[4, V // 3] = np.inf                   # one +inf
+    x[5, [V // 5, V // 5 + 1]] = np.inf
+    got = np.asarray(jax.jit(sampling.argmax)(jnp.asarray(x)))
+    np.testing.assert_array_equal(got, np.argmax(x, -1))
+    tok, _ = sampling.sample(None, jnp.asarray(x), temperature=0.0)
+    np.testing.assert_array_equal(np.asarray(tok), np.argmax(x, -1))
+
+
 def test_top_p_with_masked_entries_and_candidates():
     # -inf entries (constraint masks) must carry no mass; the candidate-limited sort must agree with the full one
     x = np.array(jax.random.normal(jax.random.key(3), (5, 300))) * 2
