@@ -120,6 +120,9 @@ class SequentialCountingConfig:
     """How sequential counting samples are made (and read back at inference).
 
     - `order`: one of `ORDERS` (`random` needs `target` 'set'). `target`: one of `TARGETS` (module docstring).
+      `set_band` (normalised units; `set` target with order `left_to_right` only): the candidates are the unmarked
+      objects whose x_n is within `set_band` of the next object's (near-ties along the order's axis); 0 = every
+      unmarked object.
       `row_tol`: the reading order's row tolerance in pixels (None: half the median
       box height when every object has a box, else half the median nearest-neighbour distance of the centres).
     - `include_done`: draw "all counted" samples (k = n, target (-1, -1)); off by default, as in the seed recipe.
@@ -140,6 +143,7 @@ class SequentialCountingConfig:
 
     order: str = "reading"
     target: str = "ordered"
+    set_band: float = 0.0
     row_tol: float | None = None
     include_done: bool = False
     done_prob: float = 0.1
@@ -158,6 +162,10 @@ class SequentialCountingConfig:
         if self.target not in TARGETS:
             raise CountingConfigError(f"SequentialCountingConfig.target must be one of {TARGETS}, "
                                       f"got {self.target!r}")
+        if not self.set_band >= 0:
+            raise CountingConfigError(f"SequentialCountingConfig.set_band must be >= 0, got {self.set_band}")
+        if self.set_band > 0 and (self.target != "set" or self.order != "left_to_right"):
+            raise CountingConfigError("SequentialCountingConfig.set_band needs target 'set' and order 'left_to_right'")
         if self.order == "random" and self.target != "set":
             raise CountingConfigError("SequentialCountingConfig.order 'random' needs target 'set' (a random next "
                                       "object cannot be predicted)")
@@ -605,6 +613,8 @@ def build_counting_sample(record: Record, image: np.ndarray, k: int, cfg: Sequen
     target = np.clip(target, -1.0, 1.0).astype(np.float32)
     if cfg.target == "set" and k < n:
         cands = np.clip(normalise_points(op[k:], record.width, record.height, cfg.normalisation), -1.0, 1.0)
+        if cfg.set_band > 0:  # left to right: the next object and its near-ties in x (the next one is first)
+            cands = cands[cands[:, 0] <= cands[0, 0] + cfg.set_band]
     else:
         cands = target[None]
     return CountingSample(image=marked, prompt=counting_prompt(cls, k, cfg), system=counting_system_prompt(cls, cfg),

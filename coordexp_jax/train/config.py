@@ -244,6 +244,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.counting.smooth_l1_beta = 0.1  # transition point of smooth L1 (normalised units)
     c.counting.order = "reading"  # counting order of the objects (data/counting.py orderings; 'random': set target)
     c.counting.target = "ordered"  # 'ordered' (the (k+1)-th object) | 'set' (loss vs the nearest unmarked object)
+    c.counting.set_band = 0.0  # set target, left to right: candidates within this of the next x (0: all unmarked)
     c.counting.mark_jitter = 0.0  # training marks at a random point of the object's box shrunk by this (0: centre)
     c.counting.done_prob = 0.0  # fraction of "all counted" samples (target (-1, -1)); 0 as in the seed recipe
     c.counting.max_count = 16  # sequential inference stops after this many points
@@ -377,6 +378,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
                        "'reading', 'left_to_right', 'nearest_neighbour' or 'random'"),
     "counting.target": (_one_of("ordered", "set"), "'ordered' or 'set'"),
     "counting.mark_jitter": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+    "counting.set_band": (_non_negative, ">= 0"),
     "counting.done_prob": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
     "counting.max_count": (_positive, "> 0"),
     "grpo.num_generations": (lambda v: v >= 2, ">= 2 (advantages compare samples of one prompt)"),

@@ -95,11 +95,13 @@ def sequential_config(cfg):
     try:
         return C.SequentialCountingConfig(order=cfg.counting.order, target=cfg.counting.get("target", "ordered"),
                                           mark_jitter=float(cfg.counting.get("mark_jitter", 0.0)),
+                                          set_band=float(cfg.counting.get("set_band", 0.0)),
                                           include_done=p > 0, done_prob=p, **kw)
     except C.CountingConfigError as e:
         from coordexp_jax.train.config import ConfigError
 
-        key = "counting.order" if "order 'random'" in str(e) else "counting.template"
+        key = ("counting.order" if "order 'random'" in str(e) else
+               "counting.set_band" if "set_band" in str(e) else "counting.template")
         raise ConfigError(f"config key '{key}': {e}") from None
 
 

@@ -283,6 +283,24 @@ def test_set_target_candidates_are_the_unmarked_centres():
     assert len(seen) > 2  # not always the same pair
 
 
+def test_set_band_keeps_the_next_object_and_its_near_ties_in_x():
+    # left to right: x = 20, 22, 50, 110, 150 (normalised by W = 200: a band of 0.05 is 5 px)
+    pts = [[150, 30], [20, 32], [50, 90], [110, 88], [22, 100]]
+    r = _rec([{"desc": "egg", "point_2d": p} for p in pts])
+    img = np.full((120, 200, 3), 90, np.uint8)
+    xs = lambda s: sorted(np.round((s.candidates[:, 0] + 1) * 100).astype(int).tolist())  # noqa: E731
+    band = C.SequentialCountingConfig(order="left_to_right", target="set", set_band=0.05)
+    assert xs(C.build_counting_sample(r, img, 0, band)) == [20, 22]  # the next (20) and its near-tie (22)
+    assert xs(C.build_counting_sample(r, img, 2, band)) == [50]  # 110 is 30 px right of 50: not a near-tie
+    wide = C.SequentialCountingConfig(order="left_to_right", target="set", set_band=1.0)
+    assert xs(C.build_counting_sample(r, img, 2, wide)) == [50, 110, 150]
+    assert xs(C.build_counting_sample(r, img, 0, C.SequentialCountingConfig(order="left_to_right",
+                                                                           target="set"))) == [20, 22, 50, 110, 150]
+    for bad in (dict(target="ordered", order="left_to_right"), dict(target="set", order="reading")):
+        with pytest.raises(C.CountingConfigError, match="set_band needs"):
+            C.SequentialCountingConfig(set_band=0.1, **bad)
+
+
 def test_mark_jitter_stays_inside_the_shrunk_box():
     rng = np.random.default_rng(3)
     pts = np.array([[20.0, 30.0], [50.0, 60.0], [80.0, 10.0]])
