@@ -63,6 +63,24 @@ def _linear_cpu_bwd(preferred_element_type, res, dy):
 _linear_cpu.defvjp(_linear_cpu_fwd, _linear_cpu_bwd)
 
 
+def row_logits(h, table, *, groups: int = 2, preferred_element_type=None):
+    """One row h [..., H] (the leading dims multiply to 1) against a row-major table [V, H] -> [..., V] = h @ table.T.
+
+    For decoding at batch 1 on CPU (the tied LM head). XLA:CPU runs the plain [1, H] x [H, V] product as an Eigen
+    matrix-vector product on one thread; this runs it as the matrix product [V/g, g*H] x [g*H, g] with the block
+    diagonal kron(I_g, h) on the right, which XLA:CPU hands to YNNPACK and splits over the threads. The reshape of
+    the table is free (same row-major bytes) and the table is still read once; g times the flops (the zero blocks)
+    cost nothing next to reading it. Same products as h @ table.T, summed in another order (float rounding only).
+    Falls back to the plain product when V is not a multiple of `groups`. BENCHMARKS.md has the measurement.
+    """
+    V, H = table.shape
+    if V % groups or h.size != H:
+        return jnp.einsum("...h,vh->...v", h, table, preferred_element_type=preferred_element_type)
+    x = jnp.kron(jnp.eye(groups, dtype=h.dtype), h.reshape(H, 1))                  # [g*H, g]
+    y = jnp.dot(table.reshape(V // groups, groups * H), x, preferred_element_type=preferred_element_type)
+    return y.reshape(h.shape[:-1] + (V,))                                        # row-major [V/g, g] = [V]
+
+
 class Dense(nnx.Module):
     """y = x @ kernel (+ bias); kernel [in, out] (the transpose of a torch Linear weight)."""
 

@@ -21,7 +21,7 @@ from flax import nnx
 
 from .attention import AttentionMask
 from .config import ModelConfig, TextConfig
-from .layers import Dense, Embed, RMSNorm, linear
+from .layers import Dense, Embed, RMSNorm, linear, row_logits
 from .rope import mrope_cos_sin
 from .scan import remat_policy, scan_apply, stack_modules
 from .spatial_linking import ATTR as LINKING_ATTR, token_geometry
@@ -162,8 +162,11 @@ class Qwen3VL(nnx.Module):
         """hidden [..., H] -> float32 logits [..., padded_vocab]; padded ids get PAD_LOGIT."""
         if self.lm_head is None:
             w = self.language_model.embed_tokens.embedding[...]
-            logits = jnp.einsum("...h,vh->...v", hidden.astype(self.dtype), w.astype(self.dtype),
-                                preferred_element_type=jnp.float32)
+            if jax.default_backend() == "cpu" and hidden.size == hidden.shape[-1]:  # decoding one row: row_logits
+                logits = row_logits(hidden.astype(self.dtype), w.astype(self.dtype), preferred_element_type=jnp.float32)
+            else:
+                logits = jnp.einsum("...h,vh->...v", hidden.astype(self.dtype), w.astype(self.dtype),
+                                    preferred_element_type=jnp.float32)
         else:
             logits = linear(hidden.astype(self.dtype), self.lm_head.kernel[...].astype(self.dtype),
                             preferred_element_type=jnp.float32)
