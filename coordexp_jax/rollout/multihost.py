@@ -60,6 +60,21 @@ def allgather_floats(values) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(v), np.float64).reshape(jax.process_count(), -1)
 
 
+def allgather_columns(columns: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Per-row host values of this process, `{name: [n_name]}` -> `{name: [processes * n_name]}` float64, process 0's
+    rows first (one collective). Every process must pass the same names with the same lengths (equal per-process
+    batches). Single process: the columns as float64, values unchanged. Values travel as float32
+    (`allgather_floats`)."""
+    cols = {k: np.asarray(v, np.float64).reshape(-1) for k, v in columns.items()}
+    if jax.process_count() == 1:
+        return cols
+    names = sorted(cols)
+    sizes = [len(cols[k]) for k in names]
+    allv = allgather_floats(np.concatenate([cols[k] for k in names]) if names else np.zeros(0))
+    ends = np.cumsum(sizes)
+    return {k: allv[:, e - n:e].reshape(-1) for k, n, e in zip(names, sizes, ends)}
+
+
 def _batch_dim(name: str) -> int:
     return 1 if name == "positions" else 0
 

@@ -24,7 +24,11 @@ loop of `train/loop.py` hands a GRPO config over). One step consumes one rollout
 
 `train.steps` counts rollout batches; the learning-rate schedule runs over `train.steps * grpo.mu` updates and the
 TrainState's `step` counts updates. Checkpoints (orbax, with the data iterator) are written at rollout-batch
-boundaries and a restarted run resumes there. Single process (the rollouts run on the host's devices).
+boundaries and a restarted run resumes there. Several processes (`jax.distributed`): each holds its share of the
+prompts (whole groups of G rows, so rewards and advantages stay on the process that holds the prompt); the rollout
+is one SPMD program over the global batch (`rollout/multihost.py:generate_global`), the update batch global arrays
+(`loop._put_global`), the logged metrics those of all processes' rows; only process 0 writes them. The built-in
+reward evaluation still runs in one process only (`_check_processes`).
 
 Logged per step (progress bar, TensorBoard, `metrics.jsonl` kind 'train'): `reward`, `reward_std`,
 `rewards/<name>/mean|std`, `frac_reward_zero_std`, `kl`, `clip_fraction` (low/high), `ratio_mean`, `pg_loss`,
@@ -50,7 +54,7 @@ from flax import nnx
 
 from coordexp_jax.coord import protocols
 from coordexp_jax.errors import CoordExpError
-from coordexp_jax.rollout.sampler import VISION_KEYS, bucket_inputs, next_pow2
+from coordexp_jax.rollout.sampler import VISION_KEYS, Rollout, bucket_inputs, next_pow2
 from coordexp_jax.train import metrics_log, optim
 from coordexp_jax.train.objective import output_embedding, vision_inputs
 
@@ -61,7 +65,8 @@ MIN_PROMPT_BUCKET = 16  # the smallest prompt bucket L (the sampler's default)
 
 
 class GRPOError(CoordExpError, ValueError):
-    """A GRPO run that cannot start as configured (several processes, no reward to optimise)."""
+    """A GRPO run that cannot start as configured: no reward to optimise, or on several processes a global batch
+    the data-parallel size does not divide or the built-in reward evaluation switched on (it runs in one process)."""
 
 
 # ------------------------------------------------------------------------------------------ host-side batches
@@ -302,7 +307,7 @@ def make_logp_fn(graphdef, temperature: float, chunk: int, reference: Reference 
 class GRPORunner:
     """Rollouts, parsing, rewards and advantages of a step (host side, around the jitted sampler)."""
 
-    def __init__(self, cfg, comps, graphdef):
+    def __init__(self, cfg, comps, graphdef, mesh=None):
         from coordexp_jax.data.tokenizer import load_tokenizer
 
         g = cfg.grpo
@@ -319,6 +324,9 @@ class GRPORunner:
         self.tokenizer = load_tokenizer(comps.tokenizer_dir)
         self.seed = int(cfg.train.seed)
         self.sampler = None
+        self.mesh = mesh  # several processes: the mesh of the global rollout (`rollout/multihost.py`)
+        vis = getattr(comps.model_config, "vision", None)
+        self.merge = int(getattr(vis, "spatial_merge_size", 2))
 
     def _sampler(self, params, frozen):
         from coordexp_jax.rollout.sampler import Sampler, SamplerConfig
@@ -331,28 +339,47 @@ class GRPORunner:
         self.sampler.state = state
         return self.sampler
 
+    def generate(self, prompts: Mapping[str, np.ndarray], key) -> Rollout:
+        """Samples the left-padded, repeated prompt rows `[N, L]` of this process with `key` (the same on every
+        process). One process: `Sampler.generate`. Several processes: one SPMD rollout of the global batch (every
+        process's rows, in process order) with the global parameters, this process's rows back
+        (`rollout/multihost.py:generate_global`)."""
+        if jax.process_count() > 1:
+            from coordexp_jax.rollout.multihost import generate_global
+
+            return generate_global(self.sampler, prompts, self.mesh, merge=self.merge, key=key)
+        return self.sampler.generate(prompts, key=key)
+
     def rollout(self, micro_batches: Sequence[Mapping[str, np.ndarray]], params, frozen, step: int):
         """Rolls out every micro-batch (G samples per prompt) and builds the update's micro-batches.
 
-        Returns (list of numpy micro-batches of equal shapes `[B*G, ...]`, host metrics of the step).
+        Several processes: each passes its own prompts (whole groups: the G samples of a prompt stay on the process
+        that holds it, so rewards and advantages are computed where the rows live); the prompt bucket L and the
+        completion bucket T are the largest over the processes (one all-gather each), so the micro-batches of all
+        processes form one global batch; the metrics are those of all processes' rows (one all-gather of the per-row
+        values; seconds: the slowest process's).
+
+        Returns (list of this process's numpy micro-batches of equal shapes `[B*G, ...]`, host metrics of the step).
         """
         from coordexp_jax.rl.advantages import group_advantages
         from coordexp_jax.rl.rewards import as_answer, compute_rewards
+        from coordexp_jax.rollout.multihost import allgather_columns, allgather_ints
         from coordexp_jax.train import stage2
 
         ids, G = self.token_ids, self.G
         t0 = time.perf_counter()
-        sampler = self._sampler(params, frozen)
+        self._sampler(params, frozen)
         prompts = [stage2.left_padded_prompts(b, ids.pad) for b in micro_batches]
         Lb = max(MIN_PROMPT_BUCKET, next_pow2(max(p["input_ids"].shape[1] for p in prompts)))
+        Lb = int(allgather_ints([Lb]).max())  # the bucket of every process (one process: unchanged)
         reps, rollouts = [], []
         for a, p in enumerate(prompts):
             rep, _ = bucket_inputs(repeat_prompts(p, G), pad_id=ids.pad, min_prompt_len=Lb, bucket_batch=False)
             key = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.seed), step), a)
             reps.append(rep)
-            rollouts.append(sampler.generate(rep, key=key))
+            rollouts.append(self.generate(rep, key))
         t1 = time.perf_counter()
-        longest = max(int(r.lengths.max()) for r in rollouts)
+        longest = int(allgather_ints([max(int(r.lengths.max()) for r in rollouts)]).max())
         T = min(self.max_new_tokens, max(MIN_COMPLETION_BUCKET, next_pow2(longest)))
         out, rewards, per_fn, zero_std, parsed_ok, lengths, finished = [], [], {}, [], [], [], []
         for b, rep, ro in zip(micro_batches, reps, rollouts):
@@ -371,15 +398,21 @@ class GRPORunner:
             parsed_ok += [as_answer(p).ok for p in parsed]
             lengths.append(ro.lengths)
             finished.append(ro.finished)
-        r = np.concatenate(rewards)
-        m = {"reward": float(r.mean()), "reward_std": float(r.std()), "frac_reward_zero_std": float(np.mean(zero_std)),
-             "parse_rate": float(np.mean(parsed_ok)), "completion_length": float(np.concatenate(lengths).mean()),
-             "truncated_rate": float(1.0 - np.concatenate(finished).mean()), "completion_bucket": float(T)}
-        for k, v in per_fn.items():
-            v = np.concatenate(v)
+        cols = {"reward": np.concatenate(rewards), "parsed": np.asarray(parsed_ok, np.float64),
+                "length": np.concatenate(lengths), "finished": np.concatenate(finished), "zero_std": zero_std,
+                **{f"rewards/{k}": np.concatenate(v) for k, v in per_fn.items()},
+                "rollout_s": [t1 - t0], "reward_s": [time.perf_counter() - t1]}
+        if jax.process_count() > 1:  # every process's rows (equal counts: the means are those of the global batch)
+            cols = allgather_columns(cols)
+        r = np.asarray(cols["reward"])
+        m = {"reward": float(r.mean()), "reward_std": float(r.std()),
+             "frac_reward_zero_std": float(np.mean(cols["zero_std"])), "parse_rate": float(np.mean(cols["parsed"])),
+             "completion_length": float(np.mean(cols["length"])),
+             "truncated_rate": float(1.0 - np.mean(cols["finished"])), "completion_bucket": float(T)}
+        for k in per_fn:
+            v = np.asarray(cols[f"rewards/{k}"])
             m[f"rewards/{k}/mean"], m[f"rewards/{k}/std"] = float(v.mean()), float(v.std())
-        m["rollout_s"] = t1 - t0
-        m["reward_s"] = time.perf_counter() - t1
+        m["rollout_s"], m["reward_s"] = float(np.max(cols["rollout_s"])), float(np.max(cols["reward_s"]))
         return out, m
 
 
@@ -464,11 +497,12 @@ class GRPOParts:
     trainable_names: list
 
     def to_device(self, micro_batches: Sequence[Mapping[str, np.ndarray]]) -> dict:
-        """Numpy micro-batches of equal shapes -> one `[A, ...]` batch of global arrays in the batch shardings."""
-        from coordexp_jax.train import loop as loop_lib, sharding as shd
+        """This process's numpy micro-batches of equal shapes -> one `[A, ...]` batch of global arrays in the batch
+        shardings (several processes: every process's rows side by side, `visual_index` shifted past the image slots
+        of the processes in front, as the SFT loop's batches: `loop._put_global`)."""
+        from coordexp_jax.train import loop as loop_lib
 
-        b = loop_lib._stack(list(micro_batches))
-        return shd.put_batch(b, shd.batch_shardings(b, self.mesh), None)
+        return loop_lib._put_global(loop_lib._stack(list(micro_batches)), self.mesh, self.runner.merge)
 
     def update(self, state, batch: dict) -> tuple[Any, list[dict]]:
         """`mu` optimizer updates on one rollout batch. The old log-probs (mu > 1) and the reference log-probs
@@ -510,27 +544,34 @@ def build_parts(cfg, comps) -> GRPOParts:
     old_fn = make_logp_fn(graphdef, objective.temperature, objective.chunk) if mu > 1 else None
     ref_fn = make_logp_fn(graphdef, objective.temperature, objective.chunk, reference) if reference else None
     return GRPOParts(graphdef, state, shardings, objective, step_fn, old_fn, ref_fn, reference,
-                     GRPORunner(cfg, comps, graphdef), mesh, mu, trainable_names)
+                     GRPORunner(cfg, comps, graphdef, mesh), mesh, mu, trainable_names)
 
 
 def train_grpo(cfg, workdir: str, *, components=None, eval_hook=None, stop_after: int | None = None) -> dict[str, Any]:
     """Runs (or resumes) GRPO training in `workdir`; the counterpart of `loop.train` for `train.kind = 'grpo'`.
 
+    Several processes (`jax.distributed`): every process runs this with its own share of the prompts (its data
+    iterator; `data.batch_size` is global); the rollout, the log-prob forwards and the updates run on global arrays
+    (`GRPORunner.rollout`, `GRPOParts.to_device`), only process 0 writes metrics (checkpoints: every process its
+    part, as the SFT loop).
+
     Returns the summary dict of `loop.train` (step = rollout batches done, last metrics, eval, state, ...) plus
-    `sampler_compiles`. Raises `GRPOError` (several processes), `loop.NonFiniteLossError` (non-finite loss with
-    train.nan_policy 'stop'), `checkpoint.IncompatibleCheckpointError` (the workdir holds another run).
+    `sampler_compiles`. Raises `GRPOError` (no reward; several processes with a rollout batch the data-parallel
+    size does not divide, or with the built-in reward evaluation on), `loop.NonFiniteLossError` (non-finite loss
+    with train.nan_policy 'stop'), `checkpoint.IncompatibleCheckpointError` (the workdir holds another run).
     """
     from coordexp_jax.train import checkpoint as ckpt_lib, config as config_lib, loop as loop_lib
     from coordexp_jax.train import state as state_lib
     from coordexp_jax.train.build import build_components, num_params
 
     cfg = config_lib.validate(cfg)
-    if jax.process_count() > 1:
-        raise GRPOError("train.kind='grpo' runs in one process (the rollouts are not sharded across hosts)")
     os.makedirs(workdir, exist_ok=True)
-    config_lib.write_resolved(cfg, workdir)
+    if jax.process_index() == 0:
+        config_lib.write_resolved(cfg, workdir)
     comps = components or build_components(cfg)
     T = cfg.train
+    hook = eval_hook if eval_hook is not None else reward_eval_hook(cfg, comps)
+    _check_processes(cfg, builtin_eval=eval_hook is None and hook is not None)
     parts = build_parts(cfg, comps)
     state, mu = parts.state, parts.mu
     n_train, n_frozen = num_params(state.params), num_params(state.frozen)
@@ -549,7 +590,6 @@ def train_grpo(cfg, workdir: str, *, components=None, eval_hook=None, stop_after
         log.info("resumed from rollout step %d", start)
 
     writer = loop_lib.MetricsWriter(workdir, T.tensorboard, cfg=cfg)
-    hook = eval_hook if eval_hook is not None else reward_eval_hook(cfg, comps)
 
     def run_eval(step):
         if hook is None:
@@ -625,7 +665,12 @@ def train_grpo(cfg, workdir: str, *, components=None, eval_hook=None, stop_after
         if reason == "complete":  # a re-run of a finished run: evaluate only if the earlier call did not
             eval_res = {k: v for k, v in loop_lib.read_metrics(workdir, "eval").get(step, {}).items()
                         if k not in ("step", "kind")}
-            if cfg.eval.at_end and not eval_res:
+            missing = not eval_res
+            if jax.process_count() > 1:  # only process 0 writes metrics.jsonl; every process takes its branch
+                from jax.experimental import multihost_utils
+
+                missing = bool(multihost_utils.broadcast_one_to_all(np.asarray(missing)))
+            if cfg.eval.at_end and missing:
                 eval_res = run_eval(step)
         elif cfg.eval.at_end and reason in ("steps", "max_minutes"):
             eval_res = run_eval(step)
@@ -644,6 +689,32 @@ def train_grpo(cfg, workdir: str, *, components=None, eval_hook=None, stop_after
             "trainable_params": n_train, "frozen_params": n_frozen, "graphdef": parts.graphdef, "state": state,
             "model_config": comps.model_config, "stop_reason": reason, "steps_run": done_here,
             "sampler_compiles": sampler.compile_count() if sampler else 0}
+
+
+def _check_processes(cfg, builtin_eval: bool) -> None:
+    """Several processes: raises GRPOError (one line) for what does not run across processes yet, before the model
+    is built: a global rollout or update batch (`data.batch_size` x `grpo.num_generations` rows) that the
+    data-parallel size (mesh data x fsdp) does not divide, and the built-in reward evaluation (`builtin_eval`:
+    `reward_eval_hook` with held-out records, run when `eval.every` or `eval.at_end`; its greedy rollouts are not
+    global). One process: nothing to check."""
+    from coordexp_jax.train import sharding as shd
+    from coordexp_jax.train.build import per_process_batch
+
+    n = jax.process_count()
+    if n == 1:
+        return
+    G = int(cfg.grpo.num_generations)
+    local = per_process_batch(int(cfg.data.batch_size)) * G  # rows of this process's update batch
+    dp = int(np.prod([shd.make_mesh(cfg.mesh).shape[a] for a in shd.BATCH_AXES]))
+    for what, rows in (("update", n * local), ("rollout", n * next_pow2(local))):  # the sampler pads rows to 2^k
+        if rows % dp:
+            raise GRPOError(f"train.kind='grpo' on {n} processes: the global {what} batch of {rows} rows "
+                            f"(data.batch_size={cfg.data.batch_size} x grpo.num_generations={G}) is not divisible by "
+                            f"the data-parallel size {dp} (mesh data x fsdp); change data.batch_size")
+    if builtin_eval and (cfg.eval.every or cfg.eval.at_end):
+        raise GRPOError(f"train.kind='grpo' on {n} processes: the reward evaluation (eval.every={cfg.eval.every}, "
+                        f"eval.at_end={cfg.eval.at_end}) runs in one process only; set eval.every=0 and "
+                        "eval.at_end=False and score the exported model with one process")
 
 
 def _rename(m: dict, metric_names: Sequence[str]) -> dict:
