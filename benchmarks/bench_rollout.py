@@ -7,19 +7,27 @@ Two regimes:
   step is bound by memory bandwidth: every step reads all text weights (the tied 152k x 512 embedding as lm_head
   plus the layers). The bound is measured here: tok/s limit at batch 1 = read bandwidth / weight bytes per step.
 
-Run: python benchmarks/bench_rollout.py [--regimes tiny,100m] [--new_tokens 64] [--repeats 3]
+Run: python benchmarks/bench_rollout.py [--regimes tiny,100m] [--new_tokens 64] [--repeats 3] [--profile]
 Prints a table and the ratios; end-to-end times include prefill (vision tower + prompt) for both sides.
+--profile: one more batch-1 decode call under `jax.profiler`, then the ops that took the most time per decode step
+(XLA:CPU thunk names, e.g. `dot.N` = an Eigen matmul, `ynn_fusion.N` = a YNNPACK one) and how busy each XLA
+thread was (a single-threaded op keeps one thread busy).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
+import glob
 import os
+import sys
 import tempfile
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "--profile" in sys.argv:  # per-thunk trace events of XLA:CPU (read when the backend starts)
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true"
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -138,10 +146,45 @@ def bench_ours(model, tid, inp, new_tokens, repeats):
         t2 = time.perf_counter()
         tp.append(t1 - t0)
         td.append(t2 - t1)
-    return float(np.median(ts)), float(np.median(tp)), float(np.median(td)), out
+    return float(np.median(ts)), float(np.median(tp)), float(np.median(td)), out, (s, dev)
 
 
-def run_regime(name, cfg, batches, new_tokens, repeats, bw, bw_gemv):
+def profile_decode(s, dev, new_tokens, top: int = 8):
+    """Traces one decode call of Sampler `s` on device batch `dev`; prints the `top` ops by time per step and the
+    busy time per step of each XLA thread (union of its op intervals)."""
+    import jax.profiler as jp
+
+    d = tempfile.mkdtemp()
+    carry = jax.block_until_ready(s._prefill(s.state, dev, jax.random.key(0)))
+    jp.start_trace(d)
+    t0 = time.perf_counter()
+    jax.block_until_ready(s._decode(s.state, carry)["tokens"])
+    wall = time.perf_counter() - t0
+    jp.stop_trace()
+    pd = jp.ProfileData.from_file(glob.glob(d + "/**/*.xplane.pb", recursive=True)[0])
+    steps = new_tokens - 1
+    skip = ("ThunkExecutor", "Threadpool", "Slinky", "while", "end: ")
+    ops, busy = collections.Counter(), []
+    for plane in pd.planes:
+        for line in plane.lines:
+            if "XLA" not in line.name:
+                continue
+            iv = sorted((e.start_ns, e.start_ns + e.duration_ns, e.name) for e in line.events
+                        if not e.name.startswith(skip))
+            tot, end = 0, 0
+            for a, b, n in iv:
+                ops[n] += (b - a) / 1e6 / steps
+                if b > end:
+                    tot, end = tot + b - max(a, end), b
+            if tot:
+                busy.append(tot / 1e6 / steps)
+    print(f"  profile: {wall / steps * 1e3:.2f} ms per decode step; XLA threads busy "
+          f"{', '.join(f'{b:.2f}' for b in sorted(busy, reverse=True))} ms per step", flush=True)
+    for n, ms in ops.most_common(top):
+        print(f"    {n:28s} {ms:7.3f} ms per step", flush=True)
+
+
+def run_regime(name, cfg, batches, new_tokens, repeats, bw, bw_gemv, profile=False):
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -160,7 +203,7 @@ def run_regime(name, cfg, batches, new_tokens, repeats, bw, bw_gemv):
         ids, mask, grids, pvs = make_prompts(cfg, B)
         inp = build_model_inputs(ids, mask, grids, pvs, config=cfg)
         t_hf, hf_tok = bench_hf(hf, ids, mask, grids, pvs, new_tokens, repeats)
-        t_ours, t_pre, t_dec, out = bench_ours(model, tid, inp, new_tokens, repeats)
+        t_ours, t_pre, t_dec, out, (sampler, dev) = bench_ours(model, tid, inp, new_tokens, repeats)
         same = float(np.mean(out.tokens == hf_tok))
         n = B * new_tokens
         dec_tps = B * (new_tokens - 1) / t_dec
@@ -168,6 +211,8 @@ def run_regime(name, cfg, batches, new_tokens, repeats, bw, bw_gemv):
         print(f"[{name}] B={B}: transformers {n / t_hf:8.1f} tok/s | ours {n / t_ours:8.1f} tok/s end-to-end "
               f"(x{t_hf / t_ours:.1f}); ours prefill {t_pre * 1e3:.0f} ms, decode-only {dec_tps:.1f} tok/s; "
               f"greedy tokens equal to transformers: {same:.3f}", flush=True)
+        if profile and B == 1:
+            profile_decode(sampler, dev, new_tokens)
     gl = bw_gemv * 1e9 / wbytes
     print(f"[{name}] against the matvec read rate ({bw_gemv:.1f} GB/s): limit {gl:.1f} tok/s, ours decode-only "
           f"at B=1 = {100 * rows[0][4] / gl:.0f}%", flush=True)
@@ -183,6 +228,7 @@ def main():
     p.add_argument("--batches", default="1,8")
     p.add_argument("--new_tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--profile", action="store_true", help="trace one batch-1 decode call, print the top ops")
     a = p.parse_args()
     jax.config.update("jax_default_matmul_precision", "highest")
     bw = read_bandwidth()
@@ -192,7 +238,7 @@ def main():
     batches = [int(x) for x in a.batches.split(",")]
     for r in a.regimes.split(","):
         cfg = {"tiny": tiny_config, "100m": config_100m}[r]()
-        run_regime(r, cfg, batches, a.new_tokens, a.repeats, bw["read_GBps"], bw["gemv_GBps"])
+        run_regime(r, cfg, batches, a.new_tokens, a.repeats, bw["read_GBps"], bw["gemv_GBps"], a.profile)
 
 
 if __name__ == "__main__":
