@@ -40,13 +40,15 @@ def runs(tmp_path_factory):
                           timeout=300)
     assert prep.returncode == 0, prep.stderr[-3000:]
     port = _free_port()
-    # the reference compiles its model init once (GRPO's is Stage-2's program) through a persistent compilation cache
+    # each run compiles its model init once (GRPO's is Stage-2's program) through a persistent compilation cache (in
+    # the pair process 0 writes it, both read it)
     one_env = dict(_env(), JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache_one"))
     procs = [subprocess.Popen([sys.executable, SCRIPT, data, str(root / "one")], env=one_env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)]
     for pid in range(2):
         env = _env()
-        env.update(COORDEXP_COORDINATOR=f"127.0.0.1:{port}", COORDEXP_NUM_PROCESSES="2", COORDEXP_PROCESS_ID=str(pid))
+        env.update(COORDEXP_COORDINATOR=f"127.0.0.1:{port}", COORDEXP_NUM_PROCESSES="2", COORDEXP_PROCESS_ID=str(pid),
+                   JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache_two"))
         procs.append(subprocess.Popen([sys.executable, SCRIPT, data, str(root / "two")], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=600) for p in procs]
