@@ -3,10 +3,10 @@ tokenizer with `<x>` `<y>`, a synthetic counting set (one shape class, 1-12 circ
 backgrounds with clutter), generated on first use under ~/.cache/coordexp_jax (or data.path).
 
 NEEDS THE DETECTION DEMO'S FINAL MODEL FIRST: run configs/demo.py (about 10 minutes on the idle 2-core CPU), which
-writes runs/demo/final_model, then this config (5000 steps: 29 minutes at 2.9 steps/s on the shared 2-core CPU at
-load 7-12, about 15 minutes at the 6.6 steps/s of a run at load 3-5; counting MAE 1.77 on 64 held-out images against
-the mean-count baseline's 2.92, hit rate 0.82, docs/training.md "The CPU demo"; train.max_minutes 60 stops it on a
-slower machine):
+writes runs/demo/final_model, then this config (5000 steps: 9 min 45 s at 8.9 steps/s on the 2-core CPU, 29
+minutes when other jobs loaded it to 7-12; counting MAE 1.77 on 64 held-out images against the mean-count
+baseline's 2.92, hit rate 0.82, docs/training.md "The CPU demo"; train.max_minutes 60 stops it on a slower
+machine):
 
     python -m coordexp_jax.train --config configs/demo.py --workdir runs/demo
     python -m coordexp_jax.train --config configs/counting_demo.py --workdir runs/counting_demo
