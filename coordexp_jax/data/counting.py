@@ -583,8 +583,9 @@ def build_counting_sample(record: Record, image: np.ndarray, k: int, cfg: Sequen
                           *, desc: str | None = None, style: MarkStyle | None = None,
                           rng: np.random.Generator | None = None) -> CountingSample:
     """The sample with the first `k` objects (in `cfg.order`; `rng` draws the `random` order) marked and the
-    (k+1)-th centre as target (k == n: the done sample, target (-1, -1)); `candidates` per `cfg.target`. `image`: the record's image, uint8 `[H, W, 3]` of the record's
-    size (else RecordError `size_mismatch`). `k` must be in 0..n (ValueError).
+    (k+1)-th centre as target (k == n: the done sample, target (-1, -1)); `candidates` per `cfg.target`.
+    `image`: the record's image, uint8 `[H, W, 3]` of the record's size (else RecordError `size_mismatch`). `k` must
+    be in 0..n (ValueError).
 
     Raises RecordError (naming file:line) for a record without points or boxes or with several classes; zero
     instances give n = 0 (only k = 0, the done sample); MarkError when the image is too small for the marks.

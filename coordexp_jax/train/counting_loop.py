@@ -85,7 +85,8 @@ def token_ids(cfg) -> TokenIds:
 
 def sequential_config(cfg):
     """The `data.counting.SequentialCountingConfig` of `cfg.counting` (done samples iff `counting.done_prob > 0`;
-    `counting.template` / `counting.system_prompt` replace the seed's prompts). ConfigError on a bad template."""
+    `counting.template` / `counting.system_prompt` replace the seed's prompts). ConfigError naming the counting key
+    of a bad value."""
     from coordexp_jax.data import counting as C
 
     p = float(cfg.counting.done_prob)
@@ -100,8 +101,10 @@ def sequential_config(cfg):
     except C.CountingConfigError as e:
         from coordexp_jax.train.config import ConfigError
 
-        key = ("counting.order" if "order 'random'" in str(e) else
-               "counting.set_band" if "set_band" in str(e) else "counting.template")
+        # every message names the field first ("SequentialCountingConfig.<field> ..."); the prompts' keys differ
+        field = str(e).split()[0].rpartition(".")[2]
+        key = {"template": "counting.template", "system_template": "counting.system_prompt"}.get(
+            field, f"counting.{field}")
         raise ConfigError(f"config key '{key}': {e}") from None
 
 

@@ -256,3 +256,14 @@ def test_qk_scale_multiplies_attention_logits():
     np.testing.assert_allclose(logits(), 2.5 * before, rtol=1e-5, atol=1e-5 * np.abs(before).max())
     for i in range(len(model.language_model.layers)):  # every layer, not only the one checked
         assert not np.allclose(np.asarray(model.language_model.layers[i].self_attn.q_norm.scale[...]), 1.0)
+
+
+@pytest.mark.parametrize("over, key", [({"counting.order": "random"}, "counting.order"),
+                                       ({"counting.set_band": 0.1}, "counting.set_band"),
+                                       ({"counting.template": "Count the {plural}."}, "counting.template")])
+def test_bad_counting_combination_names_its_key(tmp_path, over, key):
+    from coordexp_jax.train.config import ConfigError
+
+    cfg = _cfg(tmp_path, **over)
+    with pytest.raises(ConfigError, match=f"^config key '{key}': SequentialCountingConfig"):
+        CL.sequential_config(cfg)
