@@ -7,8 +7,11 @@ Two regimes:
   step is bound by memory bandwidth: every step reads all text weights (the tied 152k x 512 embedding as lm_head
   plus the layers). The bound is measured here: tok/s limit at batch 1 = read bandwidth / weight bytes per step.
 
-Run: python benchmarks/bench_rollout.py [--regimes tiny,100m] [--new_tokens 64] [--repeats 3] [--profile]
+Run: python benchmarks/bench_rollout.py [--regimes tiny,100m] [--new_tokens 64] [--repeats 3] [--rounds 5] [--profile]
 Prints a table and the ratios; end-to-end times include prefill (vision tower + prompt) for both sides.
+--rounds: the share of the limit at batch 1 from interleaved rounds of [read rate, decode-only], each round's
+decode against the read rate measured just before it; the median is the figure to quote. On a shared host the
+read rate moves by ~30% between runs and a limit measured once, minutes before the decode, does not describe it.
 --profile: one more batch-1 decode call under `jax.profiler`, then the ops that took the most time per decode step
 (XLA:CPU thunk names, e.g. `dot.N` = an Eigen matmul, `ynn_fusion.N` = a YNNPACK one) and how busy each XLA
 thread was (a single-threaded op keeps one thread busy).
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import functools
 import glob
 import os
 import sys
@@ -53,25 +57,41 @@ def best_time(f, *a, repeats: int = 3) -> float:
     return min(ts)
 
 
-def read_bandwidth(n_bytes: int = 1 << 30, repeats: int = 5) -> dict:
-    """Memory read rates in GB/s, best of `repeats`: a jitted full reduction over a 1 GiB float32 array, a jitted
-    matrix-vector product over a 1 GiB [N, 512] matrix (the access pattern of a decode step; Eigen uses every
-    core), and a numpy copy (read + write bytes; shown only). The limit uses the larger of the two pure-read rates;
-    the decode step's own pattern (matvec) is printed as a second reference."""
-
-    def best(f, *a):
-        return best_time(f, *a, repeats=repeats)
-
+def read_probe(n_bytes: int = 1 << 30):
+    """The pure-read probes, allocated and compiled once: a full reduction over a 1 GiB float32 array and a
+    matrix-vector product over a 1 GiB [N, 512] matrix (the access pattern of a decode step). Returns
+    probe(repeats, passes) -> {sum_GBps, gemv_GBps, read_GBps}: the best of `repeats` calls of a jitted loop that
+    reads the array `passes` times (each pass depends on the last, so none is hoisted or skipped); read_GBps is the
+    larger of the two, the rate the limit uses. passes=1: a burst of ~40 ms; ~25 passes last as long as a decode
+    call, the like-for-like comparison (`interleaved_share`)."""
     x = jnp.ones((n_bytes // 4,), jnp.float32)
-    r_sum = n_bytes / best(jax.jit(jnp.sum), x) / 1e9
     W = x.reshape(-1, 512)
     v = jnp.ones((512,), jnp.float32)
-    r_gemv = n_bytes / best(jax.jit(lambda w, u: w @ u), W, v) / 1e9
-    del x, W
+
+    @functools.partial(jax.jit, static_argnums=1)
+    def f_sum(x, passes):
+        return jax.lax.fori_loop(0, passes, lambda i, acc: jnp.sum(x + acc * 1e-30), 0.0)
+
+    @functools.partial(jax.jit, static_argnums=2)
+    def f_gemv(w, u, passes):
+        return jax.lax.fori_loop(0, passes, lambda i, u: u + 1e-30 * (w @ u)[:512], u)
+
+    def probe(repeats: int = 5, passes: int = 1) -> dict:
+        r_sum = passes * n_bytes / best_time(f_sum, x, passes, repeats=repeats) / 1e9
+        r_gemv = passes * n_bytes / best_time(f_gemv, W, v, passes, repeats=repeats) / 1e9
+        return {"sum_GBps": r_sum, "gemv_GBps": r_gemv, "read_GBps": max(r_sum, r_gemv)}
+
+    return probe
+
+
+def read_bandwidth(n_bytes: int = 1 << 30, repeats: int = 5) -> dict:
+    """Memory read rates in GB/s (`read_probe`, best of `repeats`) plus a numpy copy (read + write bytes; shown
+    only). The limit uses the larger of the two pure-read rates."""
+    out = read_probe(n_bytes)(repeats)
     a = np.ones(n_bytes // 4, np.float32)
     b = np.empty_like(a)
-    r_copy = 2 * n_bytes / best(lambda: np.copyto(b, a)) / 1e9
-    return {"sum_GBps": r_sum, "gemv_GBps": r_gemv, "copy_GBps": r_copy, "read_GBps": max(r_sum, r_gemv)}
+    out["copy_GBps"] = 2 * n_bytes / best_time(lambda: np.copyto(b, a), repeats=repeats) / 1e9
+    return out
 
 
 def config_100m():
@@ -140,13 +160,33 @@ def bench_ours(model, tid, inp, new_tokens, repeats):
         ts.append(time.perf_counter() - t0)
         # prefill and decode separately (decode-only tok/s)
         t0 = time.perf_counter()
-        carry = jax.block_until_ready(s._prefill(s.state, dev, jax.random.key(r)))
-        t1 = time.perf_counter()
-        jax.block_until_ready(s._decode(s.state, carry)["tokens"])
-        t2 = time.perf_counter()
-        tp.append(t1 - t0)
-        td.append(t2 - t1)
+        jax.block_until_ready(s._prefill(s.state, dev, jax.random.key(r)))
+        tp.append(time.perf_counter() - t0)
+        td.append(decode_seconds(s, dev, seed=r))
     return float(np.median(ts)), float(np.median(tp)), float(np.median(td)), out, (s, dev)
+
+
+def decode_seconds(s, dev, seed: int = 0) -> float:
+    """Seconds of one decode-only call of Sampler `s` (the while_loop over the cache) after an untimed prefill of the
+    device batch `dev` (the carry is donated, so every call needs a fresh prefill)."""
+    carry = jax.block_until_ready(s._prefill(s.state, dev, jax.random.key(seed)))
+    t0 = time.perf_counter()
+    jax.block_until_ready(s._decode(s.state, carry)["tokens"])
+    return time.perf_counter() - t0
+
+
+def interleaved_share(s, dev, probe, wbytes: int, steps: int, rounds: int) -> list[tuple[float, float, float]]:
+    """`rounds` rounds of [read rate, then one decode-only call at batch 1]: the limit and our rate measured back to
+    back and over the same length of time (the probe reads its 1 GiB as many times as the decode call reads the
+    weights), so that a change of the machine's memory speed (other tenants of a shared host) moves both. Returns
+    per round (read GB/s, decode tok/s, share of the limit = decode tok/s / (read rate / weight bytes per step))."""
+    passes = max(1, round(steps * wbytes / (1 << 30)))
+    out = []
+    for r in range(rounds):
+        rate = probe(1, passes)["read_GBps"]
+        tps = steps / decode_seconds(s, dev, seed=r)
+        out.append((rate, tps, tps / (rate * 1e9 / wbytes)))
+    return out
 
 
 def profile_decode(s, dev, new_tokens, top: int = 8):
@@ -184,7 +224,7 @@ def profile_decode(s, dev, new_tokens, top: int = 8):
         print(f"    {n:28s} {ms:7.3f} ms per step", flush=True)
 
 
-def run_regime(name, cfg, batches, new_tokens, repeats, bw, bw_gemv, profile=False):
+def run_regime(name, cfg, batches, new_tokens, repeats, bw, bw_gemv, profile=False, probe=None, rounds: int = 0):
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -213,6 +253,13 @@ def run_regime(name, cfg, batches, new_tokens, repeats, bw, bw_gemv, profile=Fal
               f"greedy tokens equal to transformers: {same:.3f}", flush=True)
         if profile and B == 1:
             profile_decode(sampler, dev, new_tokens)
+        if rounds and B == 1:
+            res = interleaved_share(sampler, dev, probe, wbytes, new_tokens - 1, rounds)
+            sh = sorted(x[2] for x in res)
+            print(f"[{name}] B=1 interleaved, {rounds} rounds of [sustained read rate, decode-only call]: read "
+                  f"{min(x[0] for x in res):.1f}-{max(x[0] for x in res):.1f} GB/s, decode-only "
+                  f"{min(x[1] for x in res):.1f}-{max(x[1] for x in res):.1f} tok/s, share of the limit per round "
+                  f"{' '.join(f'{100 * x[2]:.0f}%' for x in res)}; median {100 * float(np.median(sh)):.0f}%", flush=True)
     gl = bw_gemv * 1e9 / wbytes
     print(f"[{name}] against the matvec read rate ({bw_gemv:.1f} GB/s): limit {gl:.1f} tok/s, ours decode-only "
           f"at B=1 = {100 * rows[0][4] / gl:.0f}%", flush=True)
@@ -229,16 +276,20 @@ def main():
     p.add_argument("--new_tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--profile", action="store_true", help="trace one batch-1 decode call, print the top ops")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="interleaved rounds of [read rate, batch-1 decode-only] for the share of the limit (0: none)")
     a = p.parse_args()
     jax.config.update("jax_default_matmul_precision", "highest")
     bw = read_bandwidth()
+    probe = read_probe() if a.rounds else None
     print(f"machine: {os.cpu_count()} CPU cores, jax {jax.__version__} ({jax.default_backend()}); "
           f"memory read rates: jitted sum {bw['sum_GBps']:.1f} GB/s, jitted 1 GiB matvec {bw['gemv_GBps']:.1f} "
           f"GB/s, numpy copy {bw['copy_GBps']:.1f} GB/s (read + write); limit uses {bw['read_GBps']:.1f} GB/s", flush=True)
     batches = [int(x) for x in a.batches.split(",")]
     for r in a.regimes.split(","):
         cfg = {"tiny": tiny_config, "100m": config_100m}[r]()
-        run_regime(r, cfg, batches, a.new_tokens, a.repeats, bw["read_GBps"], bw["gemv_GBps"], a.profile)
+        run_regime(r, cfg, batches, a.new_tokens, a.repeats, bw["read_GBps"], bw["gemv_GBps"], a.profile, probe,
+                   a.rounds)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,16 @@
 """Softmax attention shared by the text decoder (GQA, causal/padding masks) and the ViT (segment masks).
 
 `attention(q, k, v, mask, dtype)` is what the layers call. `mask` is either a dense boolean array `[B,S,T]`
-(the KV-cache decode step: a few queries over the cache; always computed densely) or an `AttentionMask`, the
-structured mask of a self-attention pass (causal + key padding for the text decoder, segment ids for the ViT),
-which also carries the implementation chosen by `ModelConfig.attention`:
+(always computed densely) or an `AttentionMask`, the structured mask of a self-attention pass (causal + key
+padding for the text decoder, segment ids for the ViT), which also carries the implementation chosen by `ModelConfig.attention`:
 
 - "dense": `gqa_attention`, the reference (f32 scores `[B,nh,S,T]`); the default.
 - "blockwise": `blockwise_attention`, pure JAX, any backend: online softmax over key blocks, never more than one
   `[query block, key block]` tile of scores, with a custom VJP that recomputes the tiles in the backward pass.
 - "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")` (cuDNN flash attention; GPU, bf16/fp16).
 - "splash": the Pallas TPU splash attention kernel (TPU; runs in interpret mode on CPU for the tests).
+
+The KV-cache decode step (a few queries over the head-major cache) calls `cache_attention`, always dense.
 """
 
 from __future__ import annotations
@@ -88,6 +89,35 @@ def _attention_cpu_fwd_impl(q, k, v, mask, dtype):
     return _heads_last(out, S), (qh, kh, vh, keep, probs)
 
 
+def cache_attention(q, k_cache, v_cache, cache_mask, k_new, v_new, dtype):
+    """The KV-cache step: the S new queries (usually 1) over the cache and over the S new keys.
+
+    q [B,S,nh,hd]; k_cache, v_cache [B,nkv,L,hd] (kv head major, as `Qwen3VL.init_cache` stores them) as they
+    were before this step's write; cache_mask [B,S,L] bool, the slots query s sees (the earlier tokens); k_new, v_new
+    [B,S,nkv,hd], this step's keys and values, seen causally (query s sees new tokens 0..s) -> [B,S,nh*hd] in
+    `dtype`. The same float32 softmax as `gqa_attention` over the cache with the new keys written in (query head h
+    reads kv head h // (nh/nkv)), forward only.
+
+    Why the new keys come separately: the cache is read in its stored layout and before the caller's in-place
+    write, so XLA:CPU neither copies the cache into another layout nor duplicates the write into a second, fresh
+    buffer (both cost a copy of the whole cache per layer and step; tests/model/test_attention.py,
+    BENCHMARKS.md).
+    """
+    B, S, nh, hd = q.shape
+    nkv, L = k_cache.shape[1], k_cache.shape[2]
+    g = nh // nkv
+    qh = _heads_first(q, nkv)                                                  # [B,K,M,hd], M = g*S
+    kn, vn = k_new.transpose(0, 2, 1, 3), v_new.transpose(0, 2, 1, 3)          # [B,K,S,hd]
+    causal = jnp.broadcast_to(jnp.tril(jnp.ones((S, S), bool))[None], (B, S, S))
+    keep = jnp.concatenate([_grouped_mask(cache_mask, g), _grouped_mask(causal, g)], -1)     # [B,1,M,L+S]
+    scores = jnp.concatenate([jnp.einsum("bkmd,bktd->bkmt", qh, k_cache, preferred_element_type=jnp.float32),
+                              jnp.einsum("bkmd,bktd->bkmt", qh, kn, preferred_element_type=jnp.float32)], -1)
+    probs = jax.nn.softmax(jnp.where(keep, scores * (hd ** -0.5), NEG_INF), axis=-1).astype(dtype)
+    out = (jnp.einsum("bkmt,bktd->bkmd", probs[..., :L], v_cache.astype(dtype))
+           + jnp.einsum("bkmt,bktd->bkmd", probs[..., L:], vn.astype(dtype)))
+    return _heads_last(out, S)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _attention_cpu(q, k, v, mask, dtype):
     return _attention_cpu_fwd_impl(q, k, v, mask, dtype)[0]
@@ -161,9 +191,9 @@ class AttentionMask:
 def attention(q, k, v, mask, dtype):
     """q [B,S,nh,hd]; k, v [B,T,nkv,hd] -> [B,S,nh*hd] in `dtype` (softmax in float32).
 
-    `mask`: an `AttentionMask` (self-attention, S == T; computed by `mask.impl`) or a dense bool array [B,S,T] (the
-    KV-cache decode step, a few queries over the cache: always the dense reference, whatever the configured
-    implementation). Raises ValueError for an unknown implementation name.
+    `mask`: an `AttentionMask` (self-attention, S == T; computed by `mask.impl`) or a dense bool array [B,S,T]
+    (always the dense reference, whatever the configured implementation). Raises ValueError for an unknown
+    implementation name.
     """
     if not isinstance(mask, AttentionMask):
         return gqa_attention(q, k, v, mask, dtype)

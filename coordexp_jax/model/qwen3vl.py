@@ -5,8 +5,9 @@ see `coordexp_jax/weights/names.py`. The vocabulary inside the model is padded t
 logits of padded ids are `PAD_LOGIT` (finfo(float32).min: as good as -inf for softmax/argmax, but 0 * it is 0, not NaN).
 
 KV cache (a plain dict pytree, donate it to the jitted decode step):
-    k, v      : list (one per text layer) of [B, L, nkv, hd] arrays (keys after k_norm and RoPE, values raw);
-                with config.scan_layers one stacked array [n_layers, B, L, nkv, hd] each
+    k, v      : list (one per text layer) of [B, nkv, L, hd] arrays, kv head major (keys after k_norm and RoPE,
+                values raw); with config.scan_layers one stacked array [n_layers, B, nkv, L, hd] each. Head major,
+                so that the decode step's attention reads each head's keys as one contiguous [L, hd] block
     mask      : [B, L] int32, 1 where the key slot holds a real token (prompt padding and unwritten slots are 0)
     index     : int32 scalar, the next write slot, shared by the whole batch (prompts are left-padded)
     next_pos  : [B] int32, the rope position of the next token of each row (n_valid + rope_delta)
@@ -121,8 +122,8 @@ class Qwen3VL(nnx.Module):
             for i, layer in enumerate(self.language_model.layers):
                 h, k, v = call(layer, h, cos, sin, mask)
                 if cache is not None:
-                    ks.append(jax.lax.dynamic_update_slice(cache["k"][i], k.astype(cache["k"][i].dtype), (0, 0, 0, 0)))
-                    vs.append(jax.lax.dynamic_update_slice(cache["v"][i], v.astype(cache["v"][i].dtype), (0, 0, 0, 0)))
+                    ks.append(_write_prompt(cache["k"][i], k))
+                    vs.append(_write_prompt(cache["v"][i], v))
                 if i < n_ds:
                     h = h + ds_tok[i]
             return h if cache is None else (h, ks, vs)
@@ -132,8 +133,8 @@ class Qwen3VL(nnx.Module):
             h, ck, cv = carry
             h, k, v = layer(h, cos, sin, mask)
             if ck is not None:
-                ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (i, 0, 0, 0, 0))
-                cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (i, 0, 0, 0, 0))
+                ck = _write_prompt(ck, k, layer=i)
+                cv = _write_prompt(cv, v, layer=i)
             if ds is not None:
                 add = jax.lax.dynamic_index_in_dim(ds, jnp.minimum(i, n_ds - 1), keepdims=False)
                 h = h + jnp.where(i < n_ds, add, jnp.zeros_like(add))
@@ -193,7 +194,7 @@ class Qwen3VL(nnx.Module):
     def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:
         t = self.config.text
         dtype = dtype or self.dtype
-        shape = (batch, max_len, t.num_key_value_heads, t.head_dim)
+        shape = (batch, t.num_key_value_heads, max_len, t.head_dim)  # kv head major
         n = t.num_hidden_layers
         if self.config.scan_layers:
             k, v = jnp.zeros((n,) + shape, dtype), jnp.zeros((n,) + shape, dtype)
@@ -241,8 +242,8 @@ class Qwen3VL(nnx.Module):
         B = tokens.shape[0]
         h = self.language_model.embed_tokens(tokens[:, None])
         cos, sin = self._cos_sin(positions[:, :, None])
+        mask = (cache["mask"] > 0)[:, None, :]  # [B,1,L]: the earlier tokens (the new one is seen separately)
         kmask = jax.lax.dynamic_update_slice(cache["mask"], jnp.ones((B, 1), jnp.int32), (0, idx))
-        mask = (kmask > 0)[:, None, :]  # [B,1,L]
         if self.config.scan_layers:
             def body(layer, i, carry):
                 return layer(carry[0], cos, sin, mask, carry[1], carry[2], idx, layer=i)
@@ -257,6 +258,15 @@ class Qwen3VL(nnx.Module):
         logits = self.lm_logits(self.language_model.norm(h[:, 0]))
         cache = dict(k=new_k, v=new_v, mask=kmask, index=idx + 1, next_pos=positions[0] + 1)
         return logits, cache
+
+
+def _write_prompt(cache, kv, layer=None):
+    """cache [B,nkv,L,hd] with the prompt's keys or values kv [B,S,nkv,hd] written at slots [0, S); with `layer`
+    (int32 scalar) the stacked cache [n_layers,B,nkv,L,hd] with them written into that layer's slots [0, S)."""
+    kv = kv.transpose(0, 2, 1, 3).astype(cache.dtype)
+    if layer is None:
+        return jax.lax.dynamic_update_slice(cache, kv, (0, 0, 0, 0))
+    return jax.lax.dynamic_update_slice(cache, kv[None], (layer, 0, 0, 0, 0))
 
 
 def param_count(config: ModelConfig, *, padded: bool = False) -> int:

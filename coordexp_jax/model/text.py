@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
-from .attention import attention
+from .attention import attention, cache_attention
 from .config import TextConfig
 from .layers import Dense, RMSNorm
 from .rope import apply_rope
+
+def _after(xs, y):
+    """xs (a pytree of float arrays) unchanged, but computed from y: whatever consumes them runs after y.
+
+    The decode step reads the old cache (attention) and then writes the new keys into it. XLA:CPU runs independent
+    operations concurrently, so without a data dependency from the attention output to the write it cannot update
+    the cache in place and copies the whole cache, twice per layer and step (BENCHMARKS.md). The dependency is
+    exact: 0 * (y0 != y0) is +0.0 for every y0, NaN included, and x + 0.0 == x.
+    """
+    y0 = y.reshape(-1)[0]
+    zero = (y0 != y0).astype(jnp.float32) * 0.0
+    return jax.tree.map(lambda x: x + zero.astype(x.dtype), xs)
+
 
 class Attention(nnx.Module):
     def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs):
@@ -56,25 +70,32 @@ class DecoderLayer(nnx.Module):
     def __call__(self, x, cos, sin, mask, cache_k=None, cache_v=None, index=None, layer=None):
         """Without a cache: attention over x itself (mask [B,S,S]); returns (x, k, v) with k, v [B,S,nkv,hd].
 
-        With a cache (cache_k/v [B,L,nkv,hd], write position `index`, mask [B,S,L]): writes the new k, v at
-        `index` with one dynamic_update_slice shared by the batch, attends over the cache and returns the
-        updated cache arrays. With `layer` (an int32 scalar, under the layer scan) cache_k/v are the stacked caches
-        of all layers [n_layers, B, L, nkv, hd]: the new k, v go to layer `layer` (only the S new slots are
-        written), attention reads that layer's slice, and the updated stacked caches are returned.
+        With a cache (cache_k/v [B,nkv,L,hd], kv head major; write position `index`; mask [B,S,L], the cache slots
+        the new tokens see, i.e. the earlier tokens): attends over the cache and the S new keys
+        (`cache_attention`), then writes the new k, v at `index` with one dynamic_update_slice shared by the batch
+        and returns the updated cache arrays. With `layer` (an int32 scalar, under the layer scan) cache_k/v are the
+        stacked caches of all layers [n_layers, B, nkv, L, hd]: attention reads that layer's slice, the new k, v
+        go to layer `layer` (only the S new slots are written), and the updated stacked caches are returned.
         """
         h = self.input_layernorm(x)
         q, k, v = self.self_attn.qkv(h, cos, sin)
-        if cache_k is not None and layer is not None:
-            cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), (layer, 0, index, 0, 0))
-            cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), (layer, 0, index, 0, 0))
-            k = jax.lax.dynamic_index_in_dim(cache_k, layer, keepdims=False)
-            v = jax.lax.dynamic_index_in_dim(cache_v, layer, keepdims=False)
-        elif cache_k is not None:
-            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, index, 0, 0))
-            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
-        a = attention(q, k, v, mask, self.dtype)  # mask: AttentionMask (ModelConfig.attention) or [B,S,L] bool
+        if cache_k is None:
+            a = attention(q, k, v, mask, self.dtype)  # mask: an AttentionMask (ModelConfig.attention) or [B,S,S] bool
+        else:
+            old_k, old_v = cache_k, cache_v
+            if layer is not None:
+                old_k = jax.lax.dynamic_index_in_dim(cache_k, layer, keepdims=False)
+                old_v = jax.lax.dynamic_index_in_dim(cache_v, layer, keepdims=False)
+            k, v = k.astype(cache_k.dtype), v.astype(cache_v.dtype)  # attended as stored
+            a = cache_attention(q, old_k, old_v, mask, k, v, self.dtype)
+            k, v = _after((k, v), a)  # so the cache is written in place after attention has read it
+            kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+            if layer is not None:
+                k = jax.lax.dynamic_update_slice(cache_k, kt[None], (layer, 0, 0, index, 0))
+                v = jax.lax.dynamic_update_slice(cache_v, vt[None], (layer, 0, 0, index, 0))
+            else:
+                k = jax.lax.dynamic_update_slice(cache_k, kt, (0, 0, index, 0))
+                v = jax.lax.dynamic_update_slice(cache_v, vt, (0, 0, index, 0))
         x = x + self.self_attn.o_proj(a)
         x = x + self.mlp(self.post_attention_layernorm(x))
-        if layer is not None and cache_k is not None:
-            return x, cache_k, cache_v
         return x, k, v

@@ -4,7 +4,7 @@ Model interface (what `Sampler` calls; `coordexp_jax.model.qwen3vl.Qwen3VL` prov
 
     model.init_cache(batch_size, max_len) -> cache                      # preallocated, one shared write index
                                                                         # (layout opaque here: per-layer arrays, or
-                                                                        # stacked [L, B, T, nkv, hd] when scanned)
+                                                                        # stacked [L, B, nkv, T, hd] when scanned)
     model.prefill(input_ids [B,S], positions [3,B,S], attention_mask [B,S], vision: dict | None, cache=cache)
         -> (logits [B, V] float32 at the last prompt position, cache)
         (and `links=` when the batch has a `links` dict: the spatial-linking boxes, model/spatial_linking.py)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from coordexp_jax.model.attention import _attention_cpu, _attention_einsum, gqa_attention
+from coordexp_jax.model.attention import _attention_cpu, _attention_einsum, cache_attention, gqa_attention
 
 
 def _inputs(B=2, S=6, T=6, nh=4, nkv=2, hd=8, seed=0):
@@ -49,6 +49,41 @@ def test_cpu_attention_against_a_cache_longer_than_the_queries():
     want = np.asarray(_attention_einsum(q, k, v, mask, jnp.float32))  # float32: a few ulps of the largest output
     np.testing.assert_allclose(gqa_attention(q, k, v, mask, jnp.float32), want, rtol=1e-5,
                                atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("S,nh,nkv", [(1, 4, 2), (3, 4, 2), (1, 6, 1), (2, 4, 4)])
+def test_cache_attention_equals_attention_over_the_cache_with_the_new_keys_written_in(S, nh, nkv):
+    """`cache_attention` (the decode step: head-major cache read before the write, new keys apart) against the
+    einsum reference over the cache after the write, brute-force built in numpy: keys at slots [0, n_old) of each
+    row (row 1 left-padded by 3), the S new keys at slots n_old..n_old+S-1, seen causally."""
+    B, L, hd, n_old = 2, 11, 8, 6
+    rng = np.random.default_rng(S * 10 + nh + nkv)
+    q = rng.standard_normal((B, S, nh, hd)).astype(np.float32)
+    k_new = rng.standard_normal((B, S, nkv, hd)).astype(np.float32)
+    v_new = rng.standard_normal((B, S, nkv, hd)).astype(np.float32)
+    k_cache = np.zeros((B, nkv, L, hd), np.float32)
+    v_cache = np.zeros((B, nkv, L, hd), np.float32)
+    k_cache[:, :, :n_old] = rng.standard_normal((B, nkv, n_old, hd))
+    v_cache[:, :, :n_old] = rng.standard_normal((B, nkv, n_old, hd))
+    valid = np.zeros((B, L), bool)
+    valid[:, :n_old] = True
+    valid[1, :3] = False  # left padding
+    got = cache_attention(jnp.asarray(q), jnp.asarray(k_cache), jnp.asarray(v_cache),
+                          jnp.asarray(np.broadcast_to(valid[:, None], (B, S, L))), jnp.asarray(k_new),
+                          jnp.asarray(v_new), jnp.float32)
+    # the reference: write the new keys into slots n_old.., then every query sees the valid old slots and the new
+    # slots up to its own
+    k_full, v_full = k_cache.transpose(0, 2, 1, 3).copy(), v_cache.transpose(0, 2, 1, 3).copy()   # [B,L,nkv,hd]
+    k_full[:, n_old:n_old + S], v_full[:, n_old:n_old + S] = k_new, v_new
+    mask = np.zeros((B, S, L), bool)
+    for s in range(S):
+        mask[:, s] = valid
+        mask[:, s, n_old:n_old + s + 1] = True
+    want = np.asarray(_attention_einsum(jnp.asarray(q), jnp.asarray(k_full), jnp.asarray(v_full), jnp.asarray(mask),
+                                        jnp.float32))
+    assert got.shape == (B, S, nh * hd)
+    # float32, the same products summed in another order: a few ulps of the largest output
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
 def test_cpu_attention_bf16_matches_einsum_bf16():

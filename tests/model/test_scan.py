@@ -162,7 +162,7 @@ def test_kv_cache_decode(setup):
             tok = jnp.argmax(logits[:, : cfg.vocab_size], -1).astype(jnp.int32)
         out[name] = (steps, cache)
     (steps_l, cache_l), (steps_s, cache_s) = out["loop"], out["scan"]
-    assert cache_s["k"].shape == (cfg.text.num_hidden_layers,) + cache_l["k"][0].shape  # [L, B, T, nkv, hd]
+    assert cache_s["k"].shape == (cfg.text.num_hidden_layers,) + cache_l["k"][0].shape  # [L, B, nkv, T, hd]
     for i, (a, b) in enumerate(zip(steps_s, steps_l)):
         _close(a[:, : cfg.vocab_size], b[:, : cfg.vocab_size], f"step {i} logits")
     for key in ("k", "v"):
