@@ -285,9 +285,12 @@ class GRPOObjective:
         return {k: jnp.asarray(v, jnp.float32) for k, v in out.items()}
 
 
-def make_logp_fn(graphdef, temperature: float, chunk: int, reference: Reference | None = None):
+def make_logp_fn(graphdef, temperature: float, chunk: int, reference: Reference | None = None, mesh=None):
     """Jitted `(params, frozen, batch[, store]) -> [A, N, T]` completion log-probs without gradient, per
-    micro-batch of a `[A, ...]` batch; with `reference`, under the reference weights (store = `reference.store`)."""
+    micro-batch of a `[A, ...]` batch; with `reference`, under the reference weights (store = `reference.store`).
+    With `mesh` it is traced under that mesh (`jax.sharding.use_abstract_mesh`, as the train step), so the
+    vocabulary head runs vocabulary-parallel (`train/grpo.py:token_logprobs`): no device holds the whole `[V, H]`
+    output embedding."""
 
     def per_micro(params, frozen, micro):
         model = nnx.merge(graphdef, params, frozen)
@@ -300,7 +303,14 @@ def make_logp_fn(graphdef, temperature: float, chunk: int, reference: Reference 
         def fn(params, frozen, batch, store):
             ref = reference.params(params, store)
             return jax.lax.map(lambda m: per_micro(ref, frozen, m), batch)
-    return jax.jit(fn)
+    if mesh is None:
+        return jax.jit(fn)
+
+    def in_mesh(*args):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args)
+
+    return jax.jit(in_mesh)
 
 
 # --------------------------------------------------------------------------------------------------- rollouts
@@ -541,8 +551,8 @@ def build_parts(cfg, comps) -> GRPOParts:
                               epsilon_high=float(g.epsilon_high), beta=float(g.beta), aggregation=g.aggregation)
     step_fn = step_lib.jit_train_step(
         step_lib.make_train_step(graphdef, objective, tx, sched_box["s"], T.ema_decay), shardings, mesh)
-    old_fn = make_logp_fn(graphdef, objective.temperature, objective.chunk) if mu > 1 else None
-    ref_fn = make_logp_fn(graphdef, objective.temperature, objective.chunk, reference) if reference else None
+    old_fn = make_logp_fn(graphdef, objective.temperature, objective.chunk, mesh=mesh) if mu > 1 else None
+    ref_fn = make_logp_fn(graphdef, objective.temperature, objective.chunk, reference, mesh) if reference else None
     return GRPOParts(graphdef, state, shardings, objective, step_fn, old_fn, ref_fn, reference,
                      GRPORunner(cfg, comps, graphdef, mesh), mesh, mu, trainable_names)
 
