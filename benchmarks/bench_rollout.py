@@ -259,7 +259,8 @@ def run_regime(name, cfg, batches, new_tokens, repeats, bw, bw_gemv, profile=Fal
             print(f"[{name}] B=1 interleaved, {rounds} rounds of [sustained read rate, decode-only call]: read "
                   f"{min(x[0] for x in res):.1f}-{max(x[0] for x in res):.1f} GB/s, decode-only "
                   f"{min(x[1] for x in res):.1f}-{max(x[1] for x in res):.1f} tok/s, share of the limit per round "
-                  f"{' '.join(f'{100 * x[2]:.0f}%' for x in res)}; median {100 * float(np.median(sh)):.0f}%", flush=True)
+                  f"{' '.join(f'{100 * x[2]:.0f}%' for x in res)}; median {100 * float(np.median(sh)):.0f}%",
+                  flush=True)
     gl = bw_gemv * 1e9 / wbytes
     print(f"[{name}] against the matvec read rate ({bw_gemv:.1f} GB/s): limit {gl:.1f} tok/s, ours decode-only "
           f"at B=1 = {100 * rows[0][4] / gl:.0f}%", flush=True)

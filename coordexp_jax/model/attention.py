@@ -2,7 +2,8 @@
 
 `attention(q, k, v, mask, dtype)` is what the layers call. `mask` is either a dense boolean array `[B,S,T]`
 (always computed densely) or an `AttentionMask`, the structured mask of a self-attention pass (causal + key
-padding for the text decoder, segment ids for the ViT), which also carries the implementation chosen by `ModelConfig.attention`:
+padding for the text decoder, segment ids for the ViT), which also carries the implementation chosen by
+`ModelConfig.attention`:
 
 - "dense": `gqa_attention`, the reference (f32 scores `[B,nh,S,T]`); the default.
 - "blockwise": `blockwise_attention`, pure JAX, any backend: online softmax over key blocks, never more than one

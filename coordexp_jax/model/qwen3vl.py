@@ -230,9 +230,13 @@ class Qwen3VL(nnx.Module):
         )
         return logits, new
 
-    def decode_step(self, tokens, positions, cache: dict):
+    def decode_step(self, tokens, positions, cache: dict, layers: list | None = None):
         """One token per row. tokens [B] int; positions [B] or [3,B] (None: use cache["next_pos"]).
-        Returns (logits [B, padded_vocab] float32, updated cache). No DeepStack (text tokens only)."""
+        Returns (logits [B, padded_vocab] float32, updated cache). No DeepStack (text tokens only).
+
+        layers: with scan_layers, the per-layer modules `model.scan.unstack_module(self.language_model.layers)`,
+        sliced once outside the caller's decode loop; they run one by one (static weights) instead of the layer
+        scan, which would slice every layer's weights per step."""
         if positions is None:
             positions = cache["next_pos"]
         positions = jnp.asarray(positions, jnp.int32)
@@ -244,7 +248,11 @@ class Qwen3VL(nnx.Module):
         cos, sin = self._cos_sin(positions[:, :, None])
         mask = (cache["mask"] > 0)[:, None, :]  # [B,1,L]: the earlier tokens (the new one is seen separately)
         kmask = jax.lax.dynamic_update_slice(cache["mask"], jnp.ones((B, 1), jnp.int32), (0, idx))
-        if self.config.scan_layers:
+        if self.config.scan_layers and layers is not None:
+            new_k, new_v = cache["k"], cache["v"]
+            for i, layer in enumerate(layers):
+                h, new_k, new_v = layer(h, cos, sin, mask, new_k, new_v, idx, layer=i)
+        elif self.config.scan_layers:
             def body(layer, i, carry):
                 return layer(carry[0], cos, sin, mask, carry[1], carry[2], idx, layer=i)
 

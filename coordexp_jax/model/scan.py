@@ -63,6 +63,18 @@ def scan_apply(stacked: nnx.Module, body, carry, *, remat: bool = False, policy:
     return carry
 
 
+def unstack_module(stacked: nnx.Module) -> list[nnx.Module]:
+    """The L per-layer modules of a stacked module (every Variable sliced at i, LoRA adapters included).
+
+    For the rollout's decode loop (`Qwen3VL.decode_step(..., layers=...)`): sliced once per decode call, outside the
+    `while_loop`, the layers run with static weights. Inside the loop `scan_apply` would slice every layer's weights
+    per step, and XLA materialises those slices (a copy of the layer weights per generated token). Costs one copy
+    of the stacked weights while the decode runs."""
+    graphdef, state = nnx.split(stacked)
+    n = jax.tree.leaves(state)[0].shape[0]
+    return [nnx.merge(graphdef, jax.tree.map(lambda x, i=i: x[i], state)) for i in range(n)]
+
+
 # ------------------------------------------------------------------------------------------ layout conversion
 def _get(tree, path):
     for k in path:

@@ -272,6 +272,11 @@ class Sampler:
     def _decode_impl(self, state, carry):
         model = nnx.merge(self.graphdef, state)
         T = self.config.max_new_tokens
+        step_kw = {}
+        if getattr(getattr(model, "config", None), "scan_layers", False):  # slice the stacked layers once, here
+            from coordexp_jax.model.scan import unstack_module
+
+            step_kw["layers"] = unstack_module(model.language_model.layers)
 
         def cond(c):
             return (c["step"] < T) & ~jnp.all(c["done"])
@@ -281,7 +286,7 @@ class Sampler:
             # feed token k-1 at n_valid + (k - 1) + rope_delta on all three axes (qwen3vl_spec.md §7)
             pos = c["n_valid"] + (k - 1) + c["delta"]
             positions = jnp.broadcast_to(pos[None, :], (3,) + pos.shape)
-            logits, cache = model.decode_step(c["last"], positions, c["cache"])
+            logits, cache = model.decode_step(c["last"], positions, c["cache"], **step_kw)
             c = dict(c, cache=cache)
             c = self._select(logits, c["key"], k, c)
             c["step"] = k + 1
