@@ -2,9 +2,7 @@
 simulated CPU devices equals the unsharded computation and never holds the whole `[V, H]` weight or gradient on a
 device; the head matmul runs in the compute dtype with float32 accumulation."""
 
-import json
 import os
-import subprocess
 import sys
 
 import jax
@@ -14,18 +12,12 @@ import numpy as np
 from coordexp_jax.coord import losses as L
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, os.path.dirname(HERE))
+from _simulated_devices import run_check  # noqa: E402
 
 
 def test_vocab_parallel_equals_unsharded_without_whole_weight():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
-    r = subprocess.run([sys.executable, os.path.join(HERE, "_vocab_parallel_check.py")], env=env,
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    res = json.loads(r.stdout.split("RESULT ", 1)[1])
+    res = run_check(os.path.join(HERE, "_vocab_parallel_check.py"))
     for shape, m in res["meshes"].items():
         # float32 log-sum-exps over 2304 ids reduced in another order (partial per device, then across devices):
         # ~1e-7 relative to the statistic's magnitude (~16 nats); gradients within ~1e-6 of their largest entry

@@ -2,24 +2,16 @@
 train step's mesh as `build_parts` does: equal to the single-device forward, and vocabulary-parallel (no device
 holds the whole `[V, H]` output embedding or whole-vocabulary logits)."""
 
-import json
 import os
-import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, os.path.dirname(HERE))
+from _simulated_devices import run_check  # noqa: E402
 
 
 def test_logp_forward_under_the_mesh_is_vocab_parallel_and_equal():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
-    r = subprocess.run([sys.executable, os.path.join(HERE, "_grpo_logp_mesh_check.py")], env=env,
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    res = json.loads(r.stdout.split("RESULT ", 1)[1])
+    res = run_check(os.path.join(HERE, "_grpo_logp_mesh_check.py"))
     for shape, m in res["meshes"].items():
         # float32 log-probs (~-7) from log-sum-exps reduced in another order (per device, then across): ~1e-7
         # relative; 1e-5 of the largest leaves a wide margin
