@@ -11,6 +11,7 @@ from .config import TextConfig
 from .layers import Dense, RMSNorm
 from .rope import apply_rope
 
+
 def _after(xs, y):
     """xs (a pytree of float arrays) unchanged, but computed from y: whatever consumes them runs after y.
 
